@@ -1,0 +1,1 @@
+"""Deep reinforcement learning planners (ACER) and their explanations; see the DRL issue."""

@@ -1,0 +1,1 @@
+"""Knowledge bases exported from successful plans (parameter-wise TPP distributions)."""

@@ -1,0 +1,1 @@
+"""LLM planning policies (knowledge-guided in-context TPP tuning); see the LLM policy issue."""

@@ -1,0 +1,117 @@
+"""The ``rtenv`` command line: a thin layer over the library.
+
+Commands::
+
+    rtenv cases list
+    rtenv cases show S1 [--cohort test] [--case 0] [--json]
+    rtenv dose S1 [--cohort test] [--case 0] --uniform --out DIR [--mode linear|binary|relative]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rtenv.evaluation import score_plan
+from rtenv.plots import plot_dose_slice, plot_dvh
+from rtenv.scenarios import COHORTS, SCENARIOS, load_case
+
+
+def _add_case_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", choices=sorted(SCENARIOS), help="scenario preset")
+    p.add_argument("--cohort", default="test", choices=sorted(COHORTS), help="patient cohort (default: test)")
+    p.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
+
+
+def _cases_list(args: argparse.Namespace) -> int:
+    print(f"{'scenario':<9}{'protocol':<12}{'Rx (Gy/fx)':<13}{'beams':<7}description")
+    for sc in SCENARIOS.values():
+        print(f"{sc.name:<9}{sc.protocol:<12}{f'{sc.prescription_gy:g}/{sc.fractions}':<13}{len(sc.beams):<7}{sc.description}")
+    print()
+    print(f"{'cohort':<11}{'cases':<10}phantom seeds")
+    for name, (size, first) in COHORTS.items():
+        count = "unbounded" if size is None else str(size)
+        last = "..." if size is None else str(first + size - 1)
+        print(f"{name:<11}{count:<10}{first}-{last}")
+    return 0
+
+
+def _cases_show(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    case = load_case(args.scenario, args.cohort, args.case, progress=True)
+    load_s = time.perf_counter() - t0
+    info = case.summary()
+    info["load_seconds"] = round(load_s, 3)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"case {case.name} ({case.site}), Rx {case.prescription_gy:g} Gy in {case.fractions} fx, "
+          f"protocol {case.protocol}")
+    print(f"grid {case.grid_shape} voxels of {case.voxel_mm} mm; {case.n_rows} dose rows x {case.n_beamlets} beamlets, "
+          f"nnz {case.dose_influence.nnz:,} ({case.dose_influence.nnz / case.n_rows:.1f} per row)")
+    print(f"matrix build {case.metadata.get('build_seconds', float('nan')):.2f} s; loaded in {load_s:.2f} s")
+    print(f"\n{'structure':<15}{'role':<8}{'voxels':>8}{'volume (cc)':>13}")
+    for s in case.structures:
+        print(f"{s.name:<15}{s.role:<8}{s.n_voxels:>8}{s.volume_cc:>13.1f}")
+    print(f"\n{'beam':>4}{'gantry':>8}{'couch':>7}{'beamlets':>10}")
+    shown = case.beams if len(case.beams) <= 12 else case.beams[:5] + case.beams[-2:]
+    for b in shown:
+        print(f"{case.beams.index(b):>4}{b.gantry_deg:>8g}{b.couch_deg:>7g}{b.n_beamlets:>10}")
+    if len(shown) < len(case.beams):
+        print(f"  ... {len(case.beams)} beams in all")
+    return 0
+
+
+def _dose(args: argparse.Namespace) -> int:
+    if not args.uniform:
+        print("rtenv dose: only --uniform is available (optimised plans: `rtenv plan`)", file=sys.stderr)
+        return 2
+    case = load_case(args.scenario, args.cohort, args.case, progress=True)
+    dose = case.dose(np.ones(case.n_beamlets, dtype=np.float32))
+    dose *= case.coverage_scale(dose)
+    result = score_plan(case, dose, mode=args.mode)
+    print(f"{case.name}: uniform fluence, normalised to PTV D95 = {case.prescription_gy:g} Gy")
+    print(result.table())
+    out = Path(args.out)
+    dvh = plot_dvh(case, dose, out / "dvh.png", title=f"{case.name}: uniform fluence (D95 = Rx)")
+    sl = plot_dose_slice(case, dose, out / "dose_slice.png", title=f"{case.name}: uniform fluence, axial dose")
+    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    print(f"wrote {dvh}, {sl}, {out / 'result.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtenv", description="Radiotherapy TPP-tuning toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cases = sub.add_parser("cases", help="built-in planning cases")
+    cases_sub = cases.add_subparsers(dest="cases_command", required=True)
+    cases_sub.add_parser("list", help="scenarios and cohorts").set_defaults(func=_cases_list)
+    show = cases_sub.add_parser("show", help="one case: structures, beams, matrix size, build time")
+    _add_case_args(show)
+    show.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    show.set_defaults(func=_cases_show)
+
+    dose = sub.add_parser("dose", help="dose of a fixed fluence, scored, with DVH and slice PNGs")
+    _add_case_args(dose)
+    dose.add_argument("--uniform", action="store_true", help="uniform fluence normalised to PTV D95 = Rx")
+    dose.add_argument("--mode", default=None, choices=["linear", "binary", "relative"],
+                      help="scoring mode (default: the protocol's)")
+    dose.add_argument("--out", required=True, help="output directory for PNGs and result.json")
+    dose.set_defaults(func=_dose)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Figures: DVH curves and axial dose slices, written as PNG files (never shown interactively)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rtenv.case import PlanningCase  # noqa: E402
+from rtenv.evaluation import cumulative_dvh  # noqa: E402
+
+STRUCTURE_COLORS = {
+    "PTV": "tab:red", "Bladder": "tab:olive", "Rectum": "tab:brown", "FemoralHead_L": "tab:purple",
+    "FemoralHead_R": "tab:pink", "Liver": "tab:orange", "Heart": "tab:blue",
+}
+
+
+def _color(name: str, i: int) -> str:
+    return STRUCTURE_COLORS.get(name, f"C{i % 10}")
+
+
+def plot_dvh(
+    case: PlanningCase, doses: Mapping[str, np.ndarray] | np.ndarray, path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Cumulative DVHs of every structure.
+
+    Args:
+        case: The case (for structure names and the prescription).
+        doses: One plan's dose (a vector over dose rows in Gy) or several, ``label -> vector``;
+            plans after the first are drawn dashed.
+        path: PNG file to write.
+        title: Figure title.
+    """
+    plans = {"plan": doses} if isinstance(doses, np.ndarray) else dict(doses)
+    rx = case.prescription_gy
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    top = max(float(np.nanmax(d)) for d in plans.values())
+    grid = np.linspace(0.0, max(top, rx) * 1.05, 400)
+    for p, dose in enumerate(plans.values()):
+        for i, (name, d) in enumerate(case.structure_doses(dose).items()):
+            ax.plot(grid, 100 * cumulative_dvh(d, grid), color=_color(name, i),
+                    ls=("-", "--", ":", "-.")[p % 4], label=name if p == 0 else None)
+    ax.axvline(rx, color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel("dose (Gy)")
+    ax.set_ylabel("volume (%)")
+    ax.set_ylim(0, 102)
+    ax.set_xlim(0, grid[-1])
+    ax.grid(alpha=0.3)
+    if len(plans) > 1:
+        for p, label in enumerate(plans):
+            ax.plot([], [], color="k", ls=("-", "--", ":", "-.")[p % 4], label=label)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title or f"{case.name}: DVH (Rx {rx:g} Gy)")
+    return _save(fig, path)
+
+
+def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, title: str | None = None) -> Path:
+    """Axial dose colour-wash (Gy) on the slice through the isocentre with structure outlines.
+
+    Only voxels that are dose rows carry dose; built-in cases include every body voxel of that
+    slice.
+    """
+    k = case.metadata.get("iso_slice")
+    if k is None:
+        k = int(np.argmax(case.mask(case.target.name).sum(axis=(1, 2))))
+    grid = case.dose_grid(dose)[k]
+    dz, dy, dx = case.voxel_mm
+    ny, nx = grid.shape
+    origin = case.metadata.get("grid_origin_mm", [0.0, 0.0, 0.0])
+    extent = (origin[0] - dx / 2, origin[0] + (nx - 0.5) * dx, origin[1] - dy / 2, origin[1] + (ny - 0.5) * dy)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    if case.density is not None:
+        ax.imshow(case.density[k], cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1.8)
+    rx = case.prescription_gy
+    masked = np.ma.masked_where(~np.isfinite(grid) | (grid < 0.1 * rx), grid)
+    im = ax.imshow(masked, cmap="jet", origin="lower", extent=extent, alpha=0.55, vmin=0, vmax=1.1 * rx)
+    xs = origin[0] + dx * np.arange(nx)
+    ys = origin[1] + dy * np.arange(ny)
+    for i, s in enumerate(case.structures):
+        m = case.mask(s.name)[k]
+        if m.any():
+            ax.contour(xs, ys, m.astype(float), levels=[0.5], colors=_color(s.name, i), linewidths=1.2)
+            ax.plot([], [], color=_color(s.name, i), label=s.name)
+    fig.colorbar(im, ax=ax, label="dose (Gy)")
+    ax.set_xlabel("x, patient left (mm)")
+    ax.set_ylabel("y, anterior (mm)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or f"{case.name}: axial dose at isocentre (slice {k})")
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

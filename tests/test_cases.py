@@ -1,0 +1,149 @@
+"""Phantoms, scenarios, cohorts and the case file format."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from rtenv.case import CaseFormatError, PlanningCase
+from rtenv.phantom import BONE, LUNG, make_phantom
+from rtenv.scenarios import COHORTS, SCENARIOS, case_seed, load_case
+
+
+@pytest.fixture(scope="module")
+def s1():
+    return load_case("S1", "test", 0)
+
+
+def test_phantom_is_deterministic_and_varies_by_seed():
+    a, b, c = make_phantom("prostate", 7), make_phantom("prostate", 7), make_phantom("prostate", 8)
+    assert np.array_equal(a.density, b.density)
+    for name in a.structures:
+        assert np.array_equal(a.structures[name][1], b.structures[name][1])
+    assert not np.array_equal(a.structures["PTV"][1], c.structures["PTV"][1])
+    assert a.body.sum() != c.body.sum()
+
+
+def test_prostate_anatomy_overlaps_and_tissues():
+    volumes = []
+    for seed in range(5):
+        p = make_phantom("prostate", seed)
+        ptv = p.structures["PTV"][1]
+        for oar in ("Bladder", "Rectum"):
+            overlap = (ptv & p.structures[oar][1]).sum() / p.structures[oar][1].sum()
+            assert 0.0 < overlap < 0.35, (seed, oar, overlap)
+        for head in ("FemoralHead_L", "FemoralHead_R"):
+            assert np.all(p.density[p.structures[head][1]] == BONE)
+            assert not (p.structures[head][1] & ptv).any()
+        assert p.centroid_mm("FemoralHead_L")[0] > 0 > p.centroid_mm("FemoralHead_R")[0]
+        assert p.centroid_mm("Bladder")[1] > p.centroid_mm("PTV")[1] > p.centroid_mm("Rectum")[1]
+        volumes.append(ptv.sum() * 0.125)
+    assert 40 < min(volumes) and max(volumes) < 200 and len(set(volumes)) == 5
+
+
+def test_liver_anatomy():
+    p = make_phantom("liver", 3)
+    ptv, liver, heart = (p.structures[n][1] for n in ("PTV", "Liver", "Heart"))
+    assert not (ptv & liver).any()  # Liver is normal liver: liver minus PTV
+    assert not (liver & heart).any()
+    assert (p.density == LUNG).sum() > 1000
+    assert p.centroid_mm("Heart")[2] > p.centroid_mm("PTV")[2]
+    assert 800 < liver.sum() * 0.125 < 2500
+
+
+def test_bad_phantom_arguments():
+    with pytest.raises(ValueError, match="unknown site 'lung'"):
+        make_phantom("lung", 0)
+    with pytest.raises(ValueError, match=r"voxel_mm = 1.0 .* \[2.5, 10\]"):
+        make_phantom("prostate", 0, voxel_mm=1.0)
+
+
+def test_cohorts_are_disjoint_and_checked():
+    seeds = {c: {case_seed(c, i) for i in range(20 if n is None else n)} for c, (n, _) in COHORTS.items()}
+    assert len(seeds["knowledge"]) == 20 and len(seeds["test"]) == 10
+    assert not (seeds["knowledge"] & seeds["test"]) and not (seeds["train"] & (seeds["knowledge"] | seeds["test"]))
+    with pytest.raises(ValueError, match=r"index 10 is outside cohort 'test'.*\[0, 9\]"):
+        case_seed("test", 10)
+    with pytest.raises(ValueError, match="unknown cohort"):
+        case_seed("validation", 0)
+
+
+def test_scenario_presets():
+    assert [len(SCENARIOS[s].beams) for s in ("S1", "S2", "S3")] == [7, 180, 7]
+    assert [g for g, _ in SCENARIOS["S1"].beams] == [0, 32, 64, 96, 264, 296, 328]
+    assert SCENARIOS["S3"].beams[4] == (216.0, 32.0)
+    assert SCENARIOS["S2"].structures[-2:] == ("FemoralHead_L", "FemoralHead_R")
+
+
+def test_s1_case_and_cache(s1):
+    assert s1.structure_names == ["PTV", "Bladder", "Rectum"]
+    assert s1.dose_influence.dtype == np.float32 and s1.dose_influence.nnz > 10_000
+    assert all(b.n_beamlets > 10 for b in s1.beams)
+    assert s1.metadata["build_seconds"] > 0
+    again = load_case("S1", "test", 0)  # from the cache
+    assert (again.dose_influence != s1.dose_influence).nnz == 0
+    dose = s1.dose(np.ones(s1.n_beamlets))
+    dose *= s1.coverage_scale(dose)
+    ptv = np.sort(dose[s1.target.rows])[::-1]
+    assert ptv[int(np.ceil(0.95 * ptv.size)) - 1] == pytest.approx(79.2, rel=1e-5)
+
+
+def test_case_roundtrip(s1, tmp_path):
+    path = s1.save(tmp_path / "c.rtcase")
+    back = PlanningCase.load(path)
+    assert back.summary() == s1.summary()
+    assert np.array_equal(back.density, s1.density)
+    for a, b in zip(back.beams, s1.beams, strict=True):
+        assert np.array_equal(a.beamlet_uv_mm, b.beamlet_uv_mm)
+    assert (back.dose_influence != s1.dose_influence).nnz == 0
+
+
+def _rewrite(src, dst, edit):
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    edit(arrays)
+    with open(dst, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def test_corrupt_and_mismatched_files(s1, tmp_path):
+    good = s1.save(tmp_path / "good.rtcase")
+    junk = tmp_path / "junk.rtcase"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(CaseFormatError, match="not a readable rtenv case"):
+        PlanningCase.load(junk)
+    truncated = tmp_path / "trunc.rtcase"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CaseFormatError):
+        PlanningCase.load(truncated)
+    with pytest.raises(FileNotFoundError):
+        PlanningCase.load(tmp_path / "missing.rtcase")
+
+    def header(arrays, **change):
+        h = json.loads(arrays["header"].tobytes())
+        h.update(change)
+        arrays["header"] = np.frombuffer(json.dumps(h).encode(), dtype=np.uint8)
+
+    cases = {
+        "version": (lambda a: header(a, version=99), "format version 99"),
+        "format": (lambda a: header(a, format="other"), "format is 'other'"),
+        "array": (lambda a: a.pop("structure_1_rows"), "missing array 'structure_1_rows'"),
+        "rows": (lambda a: a.__setitem__("structure_0_rows", a["structure_0_rows"] + 10**7), "structure 'PTV' rows"),
+        "matrix": (lambda a: a.__setitem__("D_indptr", a["D_indptr"][:-5]), "matrix|dose_influence"),
+    }
+    for key, (edit, message) in cases.items():
+        bad = tmp_path / f"{key}.rtcase"
+        _rewrite(good, bad, edit)
+        with pytest.raises(CaseFormatError, match=message):
+            PlanningCase.load(bad)
+    assert zipfile.is_zipfile(good)
+
+
+def test_dose_input_checks(s1):
+    with pytest.raises(ValueError, match=r"fluence has shape \(3,\)"):
+        s1.dose(np.ones(3))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        s1.dose(-np.ones(s1.n_beamlets))
+    with pytest.raises(ValueError, match="dose has shape"):
+        s1.structure_doses(np.ones(4))

@@ -1,0 +1,330 @@
+"""Tests for rtenv.evaluation: metrics, protocol loading/validation and scoring."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtenv.evaluation import (
+    Protocol,
+    available_protocols,
+    criterion_score,
+    cumulative_dvh,
+    dola_reward,
+    dose_at_volume_cc,
+    dose_at_volume_percent,
+    max_dose,
+    mean_dose,
+    volume_at_dose_percent,
+)
+
+ONE_TO_TEN = np.arange(1.0, 11.0)
+RX9 = 79.2  # prostate9 prescription, Gy
+
+
+def voxels(n_hot: int, hot: float, n_total: int = 100, cold: float = 10.0) -> np.ndarray:
+    """``n_total`` voxels, ``n_hot`` of them at ``hot`` Gy and the rest at ``cold`` Gy."""
+    return np.array([hot] * n_hot + [cold] * (n_total - n_hot))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_dose_at_volume_percent():
+    assert dose_at_volume_percent(ONE_TO_TEN, 20) == 9.0
+    assert dose_at_volume_percent(ONE_TO_TEN, 0) == 10.0
+    assert dose_at_volume_percent(ONE_TO_TEN, 100) == 1.0
+    assert dose_at_volume_percent(ONE_TO_TEN, 25) == 8.0  # ceil(2.5) = 3 hottest voxels
+    assert dose_at_volume_percent(np.arange(100.0), 7) == 93.0  # 7 % of 100 is exactly 7 voxels
+
+
+def test_dose_at_volume_cc():
+    assert dose_at_volume_cc(ONE_TO_TEN, 0.03, 0.125) == 10.0
+    assert dose_at_volume_cc(ONE_TO_TEN, 0.3, 0.1) == 8.0
+    assert dose_at_volume_cc(ONE_TO_TEN, 1.1, 0.1) == 1.0  # more than the structure: minimum
+    assert max_dose(ONE_TO_TEN, "cc", voxel_cc=0.125) == 10.0
+
+
+def test_volume_mean_and_max():
+    assert volume_at_dose_percent(ONE_TO_TEN, 5) == 60.0
+    assert volume_at_dose_percent(ONE_TO_TEN, 5.5) == 50.0
+    assert volume_at_dose_percent(ONE_TO_TEN, 11) == 0.0
+    assert mean_dose(ONE_TO_TEN) == 5.5
+    assert max_dose(ONE_TO_TEN) == 9.0  # mean of 10, 9, 8
+    assert max_dose(ONE_TO_TEN, "max") == 10.0
+    assert max_dose(ONE_TO_TEN, "hottest_voxels", n_voxels=2) == 9.5
+    assert max_dose(np.array([4.0, 2.0]), n_voxels=3) == 3.0  # fewer voxels than n
+
+
+def test_cumulative_dvh():
+    dvh = cumulative_dvh(ONE_TO_TEN, [0, 1, 5.5, 10, 11])
+    np.testing.assert_allclose(dvh, [1.0, 1.0, 0.5, 0.1, 0.0])
+    rng = np.random.default_rng(0)
+    curve = cumulative_dvh(rng.gamma(4.0, 10.0, 500), np.linspace(0, 150, 301))
+    assert np.all(np.diff(curve) <= 0) and curve[0] == 1.0 and curve[-1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: dose_at_volume_percent(ONE_TO_TEN, 120), r"120.*\[0, 100\]"),
+        (lambda: dose_at_volume_percent(ONE_TO_TEN, -1), r"-1.*\[0, 100\]"),
+        (lambda: dose_at_volume_cc(ONE_TO_TEN, 1.0, 0.0), "voxel_cc"),
+        (lambda: max_dose(ONE_TO_TEN, "peak"), "peak.*hottest_voxels"),
+        (lambda: max_dose(ONE_TO_TEN, "cc"), "voxel_cc"),
+        (lambda: max_dose(ONE_TO_TEN, n_voxels=0), "n_voxels"),
+        (lambda: mean_dose(np.array([])), "empty"),
+        (lambda: mean_dose(np.array([1.0, np.nan])), "NaN"),
+        (lambda: mean_dose(np.array([1.0, np.inf])), "inf"),
+        (lambda: mean_dose(np.ones((2, 2))), "1-D"),
+        (lambda: volume_at_dose_percent(ONE_TO_TEN, float("nan")), "dose_gy"),
+        (lambda: cumulative_dvh(ONE_TO_TEN, [1.0, np.nan]), "dose_points"),
+    ],
+)
+def test_metric_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- prostate9
+
+
+def prostate_doses(ptv_hot_gy: float = RX9, bladder_v80: int = 0) -> dict[str, np.ndarray]:
+    """PTV at Rx with 3 voxels at ``ptv_hot_gy``; ``bladder_v80`` of 100 bladder voxels at 80 Gy."""
+    return {
+        "PTV": np.concatenate([np.full(3, ptv_hot_gy), np.full(50, RX9)]),
+        "Bladder": voxels(bladder_v80, 80.0),
+        "Rectum": voxels(0, 80.0),
+        "Body": np.zeros(5),  # structures the protocol does not use are ignored
+    }
+
+
+def test_prostate9_full_score():
+    result = Protocol.load("prostate9").evaluate(prostate_doses(), voxel_cc=0.027)
+    assert result.total == 9.0 and result.max_score == 9.0
+    assert result.full_score and result.violated == []
+    assert [c.met for c in result.criteria] == [True] * 9
+
+
+def test_prostate9_linear_ramps():
+    result = Protocol.load("prostate9").evaluate(prostate_doses(1.085 * RX9, bladder_v80=17), 0.027)
+    by_name = {c.name: c for c in result.criteria}
+    ptv, v80 = by_name["PTV hot spot"], by_name["Bladder V80Gy"]
+    assert ptv.value == pytest.approx(85.932) and ptv.unit == "Gy"
+    assert (ptv.goal, ptv.limit) == pytest.approx((84.744, 87.12))
+    assert ptv.score == pytest.approx(0.5)
+    assert v80.value == 17.0 and v80.unit == "%" and v80.score == pytest.approx(0.6)
+    assert by_name["Bladder V75Gy"].score == 1.0  # 17 % <= 25 %
+    assert result.total == pytest.approx(8.1)
+    assert not result.full_score
+    assert [c.name for c in result.violated] == ["PTV hot spot", "Bladder V80Gy"]
+    assert ptv.margin == pytest.approx(1.188) and v80.margin == pytest.approx(2.0)
+    assert all(c.margin <= 0 for c in result.criteria if c.met)
+
+
+def test_prostate9_binary_and_relative_modes():
+    protocol = Protocol.load("prostate9")
+    doses = prostate_doses(1.085 * RX9, bladder_v80=17)
+    binary = protocol.evaluate(doses, 0.027, mode="binary")
+    assert [c.score for c in binary.criteria] == [0.0, 0.0] + [1.0] * 7
+    assert binary.total == 7.0
+    relative = protocol.evaluate(doses, 0.027, mode="relative")
+    assert relative.criteria[0].score == pytest.approx(1 - 1.188 / 84.744)
+    assert relative.criteria[1].score == pytest.approx(1 - 2 / 15)
+    assert relative.mode == "relative" and protocol.score_mode == "linear"
+
+
+def test_prescription_override_and_per_structure_voxels():
+    protocol = Protocol.load("prostate9")
+    result = protocol.evaluate(prostate_doses(), {"PTV": 0.027, "Bladder": 0.1, "Rectum": 0.1},
+                               prescription_gy=70.0)
+    ptv = result.criteria[0]
+    assert ptv.goal == pytest.approx(74.9) and ptv.limit == pytest.approx(77.0)
+    assert ptv.score == 0.0 and result.prescription_gy == 70.0  # 79.2 Gy > 77 Gy limit
+
+
+def test_result_table_and_dict():
+    result = Protocol.load("prostate9").evaluate(prostate_doses(1.085 * RX9, bladder_v80=17), 0.027)
+    lines = result.table().splitlines()
+    assert lines[0].split() == ["criterion", "value", "goal", "limit", "score", "met"]
+    assert len(lines) == 2 + 9 + 1 and len({len(line) for line in lines[:2]}) == 1
+    assert "Bladder V80Gy" in lines[3] and "17.00 %" in lines[3] and "0.60/1" in lines[3]
+    assert lines[-1].startswith("total") and "8.10/9" in lines[-1]
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["total"] == pytest.approx(8.1) and summary["max_score"] == 9.0
+    assert summary["criteria"][1]["name"] == "Bladder V80Gy" and summary["criteria"][1]["met"] is False
+
+
+# ----------------------------------------------------------------------------- profit60 / DOLA
+
+
+def profit_doses(ptv_covered: int = 100, bladder_v60: int = 0) -> dict[str, np.ndarray]:
+    return {"PTV": voxels(ptv_covered, 60.0, cold=50.0),
+            "Bladder": voxels(bladder_v60, 61.0, cold=0.0),
+            "Rectum": np.zeros(100)}
+
+
+def test_profit60_relative_score_and_dola_reward_ptv_missed():
+    protocol = Protocol.load("profit60")
+    assert protocol.score_mode == "relative" and protocol.prescription_gy == 60.0
+    result = protocol.evaluate(profit_doses(ptv_covered=90), voxel_cc=0.05)
+    ptv = result.criteria[0]
+    assert ptv.value == 90.0 and ptv.sense == "lower" and ptv.primary
+    assert ptv.score == pytest.approx(100 * 90 / 95) and not ptv.met
+    assert ptv.margin == pytest.approx(5.0)
+    assert result.total == pytest.approx(100 * 90 / 95 + 60)
+    assert dola_reward(result) == -50 + 6
+
+
+def test_dola_reward_ptv_met_with_one_oar_violation():
+    result = Protocol.load("profit60").evaluate(profit_doses(bladder_v60=4), voxel_cc=0.05)
+    bladder_v60 = result.criteria[1]
+    assert bladder_v60.name == "Bladder V60Gy" and bladder_v60.value == 4.0
+    assert bladder_v60.score == pytest.approx(10 * (1 - 1 / 3))
+    assert result.criteria[2].met  # V56.8Gy = 4 % <= 5 %
+    assert dola_reward(result) == 50 + 5
+    assert dola_reward(Protocol.load("profit60").evaluate(profit_doses(), 0.05)) == 56
+
+
+def test_dola_reward_needs_one_primary():
+    result = Protocol.load("prostate9").evaluate(prostate_doses(), 0.027)
+    with pytest.raises(ValueError, match="exactly one primary"):
+        dola_reward(result)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_shipped_protocols():
+    assert available_protocols() == ["liver4", "profit60", "prostate15", "prostate9"]
+    expected = {"prostate9": (79.2, 44, 9.0), "prostate15": (79.2, 44, 15.0),
+                "liver4": (50.0, 25, 4.0), "profit60": (60.0, 20, 160.0)}
+    for name, (rx, fractions, max_score) in expected.items():
+        protocol = Protocol.load(name)
+        assert protocol.name == name
+        assert (protocol.prescription_gy, protocol.fractions, protocol.max_score) == (rx, fractions, max_score)
+        assert Protocol.from_dict(protocol.to_dict()) == protocol
+    p15 = Protocol.load("prostate15")
+    assert p15.structures == ["PTV", "Bladder", "Rectum", "FemoralHead_L", "FemoralHead_R"]
+    assert all("Reconstructed" in c.note for c in p15.criteria if c.structure.startswith("FemoralHead"))
+    liver = Protocol.load("liver4")
+    assert [c.name for c in liver.criteria][1:] == ["Liver Dmean", "Liver V30Gy", "Heart V30Gy"]
+    assert liver.criteria[0].thresholds(liver.prescription_gy) == pytest.approx((55.0, 57.5))
+
+
+def test_liver4_mean_dose_ramp():
+    doses = {"PTV": np.full(10, 50.0), "Liver": np.full(10, 30.0), "Heart": np.zeros(10)}
+    result = Protocol.load("liver4").evaluate(doses, 0.1)
+    assert [c.score for c in result.criteria] == pytest.approx([1.0, 0.5, 0.0, 1.0])  # V30 = 100 %
+
+
+def test_load_from_path(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({k: v for k, v in Protocol.load("liver4").to_dict().items() if k != "name"}))
+    assert Protocol.load(path).name == "mine" and Protocol.load(str(path)).max_score == 4.0
+    with pytest.raises(ValueError, match="unknown protocol 'nope'.*prostate9"):
+        Protocol.load("nope")
+
+
+def test_portpy_style_dict_with_unknown_keys():
+    protocol = Protocol.from_dict({
+        "protocol_name": "Lung_2Gy_30Fx", "disease_site": "Lung", "num_of_fractions": 30,
+        "pres_per_fraction_gy": 2, "some_portpy_field": {"x": 1},
+        "criteria": [
+            {"type": "max_dose", "parameters": {"structure_name": "CORD", "structure_def": "CORD"},
+             "constraints": {"limit_dose_gy": 50}, "display_name": "cord"},
+            {"type": "dose_volume_V", "parameters": {"structure_name": "LUNGS_NOT_GTV", "dose_gy": 20},
+             "constraints": {"limit_volume_perc": 37, "goal_volume_perc": 30}},
+            {"type": "dose_volume_D", "parameters": {"structure_name": "PTV", "volume_perc": 95},
+             "constraints": {"goal_dose_perc": 100, "limit_dose_perc": 90}, "sense": "lower"},
+        ],
+    })
+    assert protocol.name == "Lung_2Gy_30Fx" and protocol.prescription_gy == 60.0
+    cord, lungs, ptv = protocol.criteria
+    assert (cord.name, cord.goal, cord.limit) == ("CORD Dmax(3 vox)", 50, 50)
+    assert cord.parameters == {"method": "hottest_voxels", "n_voxels": 3}
+    assert (lungs.name, lungs.goal, lungs.limit) == ("LUNGS_NOT_GTV V20Gy", 30, 37)
+    assert ptv.name == "PTV D95%" and ptv.thresholds(60.0) == pytest.approx((60.0, 54.0))
+    ptv_dose = np.linspace(55.0, 62.0, 100)
+    d95 = np.sort(ptv_dose)[::-1][94]  # 95 hottest of 100 voxels
+    doses = {"CORD": np.full(20, 52.0), "LUNGS_NOT_GTV": voxels(30, 25.0), "PTV": ptv_dose}
+    result = protocol.evaluate(doses, 0.1)
+    assert [c.score for c in result.criteria] == pytest.approx([0.0, 1.0, (d95 - 54.0) / 6.0])
+    assert result.criteria[2].margin == pytest.approx(60.0 - d95)
+
+
+def base_protocol(**criterion):
+    raw = {"type": "dose_volume_V", "parameters": {"structure_name": "Bladder", "dose_gy": 80},
+           "constraints": {"goal_volume_perc": 15, "limit_volume_perc": 20}}
+    raw.update(criterion)
+    return {"pres_per_fraction_gy": 2.0, "num_of_fractions": 30, "criteria": [raw]}
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (base_protocol(type="conformity_index"), r"criteria\[0\].*'conformity_index'.*dose_volume_D"),
+        (base_protocol(constraints={"goal_volume_perc": 20, "limit_volume_perc": 15}),
+         r"criteria\[0\].*limit_volume_perc \(15\) < goal_volume_perc \(20\)"),
+        (base_protocol(sense="lower", name="cov"), r"criteria\[0\] \('cov'\).*sense 'lower' needs limit <= goal"),
+        (base_protocol(constraints={"goal_volume_perc": -5}), r"goal_volume_perc = -5"),
+        (base_protocol(constraints={"goal_volume_perc": 150}), r"goal_volume_perc = 150.*\[0, 100\]"),
+        (base_protocol(constraints={"goal_dose_gy": 5}), r"goal_volume_perc, limit_volume_perc"),
+        (base_protocol(constraints={}), "no goal or limit"),
+        (base_protocol(type="mean_dose", constraints={"goal_dose_gy": 5, "limit_dose_perc": 9}), "mix units"),
+        (base_protocol(parameters={"structure_name": "Bladder", "dose_gy": -80}), r"dose_gy = -80"),
+        (base_protocol(parameters={"structure_name": "Bladder"}), "dose_gy / dose_perc"),
+        (base_protocol(parameters={"dose_gy": 80}), "structure_name"),
+        (base_protocol(sense="sideways"), "sideways.*upper, lower"),
+        (base_protocol(points=0), r"points = 0"),
+        (base_protocol(primary="yes"), "primary"),
+        ({"num_of_fractions": 30, "criteria": []}, "pres_per_fraction_gy"),
+        ({**base_protocol(), "num_of_fractions": 2.5}, "num_of_fractions"),
+        ({**base_protocol(), "score_mode": "fancy"}, "fancy.*linear, binary, relative"),
+        ({**base_protocol(), "criteria": []}, "non-empty"),
+    ],
+)
+def test_bad_protocols(data, match):
+    with pytest.raises(ValueError, match=match):
+        Protocol.from_dict(data)
+
+
+# ----------------------------------------------------------------------------- bad plan inputs
+
+
+@pytest.mark.parametrize(
+    "change, kwargs, match",
+    [
+        (lambda d: d.pop("Rectum"), {}, r"'Rectum'.*available: 'PTV', 'Bladder', 'Body'"),
+        (lambda d: d.__setitem__("Bladder", np.array([1.0, np.nan])), {}, "'Bladder' contains NaN"),
+        (lambda d: d.__setitem__("Rectum", np.ones((10, 10))), {}, "'Rectum' must be a 1-D"),
+        (lambda d: d.__setitem__("PTV", np.array([])), {}, "'PTV' is empty"),
+        (lambda d: None, {"mode": "fancy"}, "'fancy'.*linear, binary, relative"),
+        (lambda d: None, {"prescription_gy": -1.0}, "prescription_gy"),
+        (lambda d: None, {"voxel_cc": {"PTV": 0.1}}, "voxel_cc.*'Bladder'"),
+    ],
+)
+def test_bad_evaluate_inputs(change, kwargs, match):
+    doses = prostate_doses()
+    change(doses)
+    kwargs = {"voxel_cc": 0.027, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Protocol.load("prostate9").evaluate(doses, **kwargs)
+
+
+# ----------------------------------------------------------------------------- properties
+
+finite = st.floats(0.0, 1e4, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(goal=finite, width=finite, points=st.floats(0.1, 100.0), v1=finite, v2=finite)
+def test_linear_score_bounded_and_monotone(goal, width, points, v1, v2):
+    limit = goal + width
+    lo, hi = sorted((v1, v2))
+    s_lo = criterion_score(lo, goal, limit, points, "upper", "linear")
+    s_hi = criterion_score(hi, goal, limit, points, "upper", "linear")
+    assert 0.0 <= s_hi <= s_lo <= points
+    assert (criterion_score(lo, goal, limit, points, "upper", "binary") == points) == (lo <= goal)
