@@ -5,6 +5,7 @@ Commands::
     rtenv cases list
     rtenv cases show S1 [--cohort test] [--case 0] [--json]
     rtenv dose S1 [--cohort test] [--case 0] --uniform --out DIR [--mode linear|binary|relative]
+    rtenv plan S1 [--cohort test] [--case 0] [--tpp FILE.json] [--device cpu|cuda] --out DIR
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
 from rtenv.scenarios import COHORTS, SCENARIOS, load_case
+from rtenv.tpp import TPP
+from rtenv.tps import TPS
 
 
 def _add_case_args(p: argparse.ArgumentParser) -> None:
@@ -86,6 +89,35 @@ def _dose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    case = load_case(args.scenario, args.cohort, args.case, progress=True)
+    tpp = TPP.load(args.tpp, case.structure_names) if args.tpp else TPP.default(case.structure_names)
+    tps = TPS(case, device=args.device)
+    plan = tps.optimize(tpp)
+    result = score_plan(case, plan.dose[0], mode=args.mode)
+    status = "converged" if plan.converged[0] else f"NOT converged (max_iter {tps.settings.max_iter})"
+    print(f"{case.name}: TPPs {'from ' + args.tpp if args.tpp else 'SPEC default'}")
+    print("  ".join(f"{k}={v:.4g}" for k, v in tpp.to_dict().items()))
+    print(result.table())
+    print(f"optimised in {1000 * plan.seconds:.1f} ms on {plan.device}: {plan.iterations[0]} ADMM iterations, {status}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "case": case.name, "scenario": args.scenario, "cohort": args.cohort, "index": args.case,
+        "tpp": tpp.to_dict(), "score": result.to_dict(), "objective": float(plan.objective[0]),
+        "iterations": int(plan.iterations[0]), "converged": bool(plan.converged[0]),
+        "seconds": plan.seconds, "device": plan.device,
+        "active_voxels": {k: int(v[0]) for k, v in plan.active_voxels.items()},
+        "fluence": plan.fluence[0].tolist(),
+    }
+    (out / "plan.json").write_text(json.dumps(record, indent=2))
+    title = f"{case.name}: optimised plan, score {result.total:g}/{result.max_score:g}"
+    dvh = plot_dvh(case, plan.dose[0], out / "dvh.png", title=title)
+    sl = plot_dose_slice(case, plan.dose[0], out / "dose_slice.png", title=title)
+    print(f"wrote {out / 'plan.json'}, {dvh}, {sl}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtenv", description="Radiotherapy TPP-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,12 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="scoring mode (default: the protocol's)")
     dose.add_argument("--out", required=True, help="output directory for PNGs and result.json")
     dose.set_defaults(func=_dose)
+
+    plan = sub.add_parser("plan", help="optimise a plan with the ADMM TPS, score it, write JSON and PNGs")
+    _add_case_args(plan)
+    plan.add_argument("--tpp", default=None, help="TPP JSON file (default: the SPEC default start)")
+    plan.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
+    plan.add_argument("--mode", default=None, choices=["linear", "binary", "relative"],
+                      help="scoring mode (default: the protocol's)")
+    plan.add_argument("--out", required=True, help="output directory for plan.json and PNGs")
+    plan.set_defaults(func=_plan)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; bad input (invalid values, missing files) prints ``rtenv: error: ...`` and returns 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"rtenv: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

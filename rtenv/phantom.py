@@ -29,7 +29,11 @@ SOFT_TISSUE = 1.0
 BONE = 1.4  # femoral head / vertebral body: trabecular bone inside a cortical shell, averaged
 LUNG = 0.25
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+# centre distance of bladder / rectum from the PTV, as a fraction of the touching distance:
+# below 1 the organ presses into the PTV (overlap), as the bladder base and anterior rectal wall do
+BLADDER_GAP = (0.72, 0.92)
+RECTUM_GAP = (0.68, 0.86)
 SITES = ("prostate", "liver")
 
 
@@ -104,19 +108,19 @@ def _prostate(rng: np.random.Generator, seed: int, voxel_mm: float) -> Phantom:
     body = (X / ax) ** 2 + (Y / ay) ** 2 <= 1.0
 
     c_ptv = np.array([rng.uniform(-5, 5), rng.uniform(-30, -15), rng.uniform(-5, 5)])
-    a_ptv = np.array([rng.uniform(25, 33), rng.uniform(20, 27), rng.uniform(22, 30)])
+    a_ptv = np.array([rng.uniform(27, 37), rng.uniform(22, 30), rng.uniform(25, 34)])
     ptv = _ellipsoid(X, Y, Z, c_ptv, a_ptv)
 
     # bladder: anterior-superior, overlapping the PTV by a seed-dependent depth
     a_bl = np.array([rng.uniform(32, 46), rng.uniform(24, 33), rng.uniform(24, 33)])
     ang = np.radians(rng.uniform(30, 60))  # from the anterior axis towards superior
     d = np.array([0.0, np.cos(ang), np.sin(ang)])
-    dist = rng.uniform(0.80, 0.95) * (_radius_along(a_ptv, d) + _radius_along(a_bl, d))
+    dist = rng.uniform(BLADDER_GAP[0], BLADDER_GAP[1]) * (_radius_along(a_ptv, d) + _radius_along(a_bl, d))
     bladder = _ellipsoid(X, Y, Z, c_ptv + dist * d + [rng.uniform(-5, 5), 0, 0], a_bl)
 
     # rectum: a tube posterior to the PTV, curving posteriorly above the PTV centre
     r_re = rng.uniform(13, 18)
-    y_re = c_ptv[1] - rng.uniform(0.80, 0.95) * (a_ptv[1] + r_re)
+    y_re = c_ptv[1] - rng.uniform(RECTUM_GAP[0], RECTUM_GAP[1]) * (a_ptv[1] + r_re)
     x_re = c_ptv[0] + rng.uniform(-4, 4)
     curve = rng.uniform(0.003, 0.008)
     z_lo, z_hi = c_ptv[2] - rng.uniform(30, 45), c_ptv[2] + rng.uniform(50, 70)

@@ -39,3 +39,28 @@ def test_bad_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["cases", "show", "S9"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_plan_writes_json_and_figures(capsys, tmp_path):
+    tpp = tmp_path / "tpp.json"
+    tpp.write_text(json.dumps({"structures": ["PTV", "Bladder", "Rectum"], "tpp": {
+        "t_PTV": 1.05, "t_bladder": 0.8, "t_rectum": 0.8, "lambda_PTV": 2.0, "lambda_bladder": 1.0,
+        "lambda_rectum": 1.0, "V_PTV": 0.2, "V_bladder": 0.7, "V_rectum": 0.7}}))
+    out = tmp_path / "plan"
+    assert main(["plan", "S1", "--case", "2", "--tpp", str(tpp), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ADMM iterations" in text and "Rectum V75Gy" in text
+    record = json.loads((out / "plan.json").read_text())
+    assert record["tpp"]["t_PTV"] == 1.05 and len(record["fluence"]) > 100
+    assert 0 <= record["score"]["total"] <= 9
+    assert (out / "dvh.png").stat().st_size > 10_000 and (out / "dose_slice.png").stat().st_size > 10_000
+
+
+def test_plan_rejects_bad_tpp_file(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"structures": ["PTV", "Bladder", "Rectum"], "tpp": {
+        "t_PTV": 1.5, "t_bladder": 0.8, "t_rectum": 0.8, "lambda_PTV": 2.0, "lambda_bladder": 1.0,
+        "lambda_rectum": 1.0, "V_PTV": 0.2, "V_bladder": 0.7, "V_rectum": 0.7}}))
+    assert main(["plan", "S1", "--tpp", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "rtenv: error: TPP t_PTV = 1.5 is outside its valid range [1, 1.2]" in capsys.readouterr().err
+    assert main(["plan", "S1", "--tpp", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2

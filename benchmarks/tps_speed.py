@@ -1,0 +1,196 @@
+"""TPS speed: our ADMM (single, warm, batched) against reference solvers and the SpMV bound.
+
+    python -m benchmarks.tps_speed --scenario S1 --json OUT.json [--device cpu|cuda] [--repeats 5]
+
+Side by side in one run, on the scenario's default case (test cohort, case 0):
+
+(a) ADMM, one plan: cold start and warm start (from the cold solution), median of repeats, for
+    the benchmark TPPs (every structure active) and the SPEC default TPPs;
+(b) ADMM batched at B = 8, 32, 64 random-start TPP vectors, per-plan time, against the same
+    vectors solved one by one;
+(c) the frozen convex sub-problem (active sets and covered voxels fixed at our solution): our
+    ADMM at the default settings and run to convergence, CVXPY + Clarabel, CVXPY + OSQP and scipy
+    L-BFGS-B (coverage as a penalty), with objectives and the relative gap to Clarabel;
+(d) the sparse-matvec bound: the timed cold solve's outer iterations x 2 SpMV (one D x and one
+    D^T y product of the optimisation matrix), and the same for every product the solver makes.
+
+The JSON is rewritten after each stage, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtenv.reference import solve_reference
+from rtenv.scenarios import SCENARIOS, load_case
+from rtenv.tpp import TPP
+from rtenv.tps import TPS, ADMMSettings
+
+# a moderately aggressive TPP vector: every structure has an active set
+S1_LIKE = {"t": (1.03, 0.7), "lambda": (5.0, 3.0), "V": (0.15, 0.5)}
+
+
+def benchmark_tpp(structures: tuple[str, ...]) -> TPP:
+    """The benchmark's fixed TPPs: target (t, lambda, V) = (1.03, 5, 0.15), OARs (0.7, 3, 0.5)."""
+    n = len(structures)
+    values = [S1_LIKE[k][0] if i == 0 else S1_LIKE[k][1] for k in ("t", "lambda", "V") for i in range(n)]
+    return TPP(structures, np.array(values))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median wall time (ms) of ``fn()`` over ``repeats`` runs after one warm-up, and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times), out
+
+
+def run(scenario: str, device: str, repeats: int, json_path: Path | None, batches: tuple[int, ...]) -> dict:
+    case = load_case(scenario, "test", 0)
+    tps = TPS(case, device=device)
+    dev = tps.device
+    tpp = benchmark_tpp(tuple(case.structure_names))
+    res: dict = {
+        "scenario": scenario, "case": case.name, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(), "beamlets": case.n_beamlets, "opt_voxels": tps.n_opt,
+        "nnz_opt": int(tps._D.values().numel()), "tpp": tpp.to_dict(), "settings": vars(tps.settings).copy(),
+    }
+
+    def save() -> None:
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(res, indent=2))
+
+    # (a) single plan, cold and warm
+    res["admm_ms"], cold = _time(lambda: tps.optimize(tpp), repeats, dev)
+    res["admm_iterations"] = int(cold.iterations[0])
+    res["admm_converged"] = bool(cold.converged[0])
+    res["admm_warm_ms"], warm = _time(lambda: tps.optimize(tpp, x0=cold.fluence[0]), repeats, dev)
+    res["admm_warm_iterations"] = int(warm.iterations[0])
+    default = TPP.default(case.structure_names)
+    res["admm_default_ms"], dcold = _time(lambda: tps.optimize(default), repeats, dev)
+    res["admm_default_iterations"] = int(dcold.iterations[0])
+    res["admm_default_warm_ms"], dwarm = _time(lambda: tps.optimize(default, x0=dcold.fluence[0]), repeats, dev)
+    res["admm_default_warm_iterations"] = int(dwarm.iterations[0])
+    save()
+
+    # (b) batches of random-start TPPs against the same vectors one by one
+    rng = np.random.default_rng(0)
+    pool = [TPP.random(case.structure_names, rng) for _ in range(max(batches))]
+    singles = []
+    for t in pool[: max(batches)]:
+        _sync(dev)
+        t0 = time.perf_counter()
+        tps.optimize(t)
+        _sync(dev)
+        singles.append(1000 * (time.perf_counter() - t0))
+    res["single_ms_per_plan"] = statistics.mean(singles)
+    res["batch_ms_per_plan"], res["batch_speedup"] = {}, {}
+    for b in batches:
+        ms, _ = _time(lambda b=b: tps.optimize(pool[:b]), max(1, repeats // 2), dev)
+        res["batch_ms_per_plan"][str(b)] = ms / b
+        res["batch_speedup"][str(b)] = res["single_ms_per_plan"] / (ms / b)
+    save()
+
+    # (c) the frozen convex sub-problem
+    frozen = tps.freeze(tpp, cold.fluence[0])
+    sub = tps.subproblem(tpp, frozen)
+    res["reference_ms"], res["reference_objective"], res["reference_coverage_violation"] = {}, {}, {}
+    for solver in ("clarabel", "osqp", "lbfgsb"):
+        sol = solve_reference(sub, solver)
+        res["reference_ms"][solver] = 1000 * sol.seconds
+        res["reference_objective"][solver] = sol.objective
+        res["reference_coverage_violation"][solver] = sol.coverage_violation
+    best = res["reference_objective"]["clarabel"]
+    res["admm_frozen_ms"], frz = _time(lambda: tps.optimize(tpp, frozen=frozen), repeats, dev)
+    res["admm_frozen_objective"] = tps.objective_of(frz.fluence[0], sub)
+    long = TPS(case, device=device, settings=ADMMSettings(max_iter=1000, tol=1e-7))
+    res["admm_frozen_1000_ms"], frz_long = _time(lambda: long.optimize(tpp, frozen=frozen), 1, dev)
+    res["admm_frozen_1000_objective"] = tps.objective_of(frz_long.fluence[0], sub)
+    res["speedup_vs_reference"] = {s: ms / res["admm_frozen_ms"] for s, ms in res["reference_ms"].items()}
+    res["objective_gap"] = (res["admm_frozen_objective"] - best) / best
+    res["objective_gap_1000_iterations"] = (res["admm_frozen_1000_objective"] - best) / best
+    res["objective_gap_reference"] = {s: (o - best) / best for s, o in res["reference_objective"].items()}
+    save()
+
+    # (d) the sparse-matvec bound
+    x = torch.rand(case.n_beamlets, 1, device=dev)
+    r = torch.rand(tps.n_opt, 1, device=dev)
+    spmv_ms, _ = _time(lambda: (tps._D @ x, tps._Dt @ r), 50, dev)
+    res["spmv_pair_ms"] = spmv_ms
+    res["spmv_bound_ms"] = res["admm_iterations"] * spmv_ms
+    products = tps.settings.cg_steps + 1  # pairs per outer iteration: CG steps + residual/preconditioner
+    res["sparse_pairs_per_iteration"] = products
+    res["spmv_all_products_ms"] = res["admm_iterations"] * products * spmv_ms
+    res["admm_over_spmv_bound"] = res["admm_ms"] / res["spmv_bound_ms"]
+    res["admm_over_all_products"] = res["admm_ms"] / res["spmv_all_products_ms"]
+    save()
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [f"TPS speed: {res['case']} on {res['device_name']} ({res['beamlets']} beamlets, "
+             f"{res['opt_voxels']} optimisation voxels, nnz {res['nnz_opt']:,})", ""]
+    lines.append(f"ADMM single plan, cold      {res['admm_ms']:9.2f} ms  ({res['admm_iterations']} iterations)")
+    lines.append(f"ADMM single plan, warm      {res['admm_warm_ms']:9.2f} ms  "
+                 f"({res['admm_warm_iterations']} iterations)")
+    lines.append(f"ADMM default TPPs, cold     {res['admm_default_ms']:9.2f} ms  "
+                 f"({res['admm_default_iterations']} iterations)")
+    lines.append(f"ADMM default TPPs, warm     {res['admm_default_warm_ms']:9.2f} ms  "
+                 f"({res['admm_default_warm_iterations']} iterations)")
+    lines.append(f"ADMM one by one (random)    {res['single_ms_per_plan']:9.2f} ms/plan")
+    for b, ms in res["batch_ms_per_plan"].items():
+        lines.append(f"ADMM batched B={b:<3}         {ms:9.2f} ms/plan  ({res['batch_speedup'][b]:.1f}x)")
+    lines.append("")
+    lines.append("frozen convex sub-problem      time (ms)   objective    gap vs Clarabel")
+    lines.append(f"  ADMM, default settings     {res['admm_frozen_ms']:10.2f}   {res['admm_frozen_objective']:.4e}"
+                 f"   {100 * res['objective_gap']:+.2f} %")
+    lines.append(f"  ADMM, 1000 iterations      {res['admm_frozen_1000_ms']:10.2f}   "
+                 f"{res['admm_frozen_1000_objective']:.4e}   {100 * res['objective_gap_1000_iterations']:+.2f} %")
+    for s in res["reference_ms"]:
+        lines.append(f"  {s:<26} {res['reference_ms'][s]:10.2f}   {res['reference_objective'][s]:.4e}"
+                     f"   {100 * res['objective_gap_reference'][s]:+.2f} %"
+                     f"  (ADMM {res['speedup_vs_reference'][s]:.0f}x faster)")
+    lines.append("")
+    lines.append(f"SpMV pair (D x + D^T y)     {res['spmv_pair_ms']:9.4f} ms")
+    lines.append(f"bound: iterations x 2 SpMV  {res['spmv_bound_ms']:9.2f} ms  "
+                 f"(ADMM {res['admm_over_spmv_bound']:.1f}x)")
+    lines.append(f"all sparse products         {res['spmv_all_products_ms']:9.2f} ms  "
+                 f"(ADMM {res['admm_over_all_products']:.1f}x; {res['sparse_pairs_per_iteration']} pairs/iteration)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", default="8,32,64", help="comma-separated batch sizes")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here (JSON)")
+    args = p.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    res = run(args.scenario, args.device, args.repeats, args.json, batches)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Treatment planning parameters (TPPs): the upper-level decision of every planning agent.
+
+Each planned structure ``s`` has three TPPs (SPEC section 1):
+
+* ``lambda_s``: objective weight (relative to ``lambda_PTV`` in the TPS objective);
+* ``t_s``: dose threshold as a fraction of the prescription: voxels above ``t_s * Rx`` are
+  penalised (for the target: the hot-spot threshold);
+* ``V_s``: volume fraction: only the hottest ``V_s`` of the structure may be penalised.
+
+Names join the kind and the structure key: the target keeps its name (``t_PTV``, ``lambda_PTV``,
+``V_PTV``), OARs are lower-cased (``t_bladder``, ``lambda_rectum``, ``V_femoralhead_l``).
+
+The flat vector order is fixed and documented: all thresholds, then all weights, then all volume
+fractions, each in the case's structure order (target first)::
+
+    [t_PTV, t_bladder, t_rectum, lambda_PTV, lambda_bladder, lambda_rectum, V_PTV, V_bladder, V_rectum]
+
+Valid ranges (:data:`RANGES`): ``t_PTV`` in [1, 1.2], ``t_OAR`` in (0, 1], ``lambda`` in
+(0, 10000], ``V_PTV`` in (0, 0.3], ``V_OAR`` in (0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("t", "lambda", "V")
+
+# (kind, is_target) -> (low, high, low_inclusive)
+RANGES: dict[tuple[str, bool], tuple[float, float, bool]] = {
+    ("t", True): (1.0, 1.2, True),
+    ("t", False): (0.0, 1.0, False),
+    ("lambda", True): (0.0, 1e4, False),
+    ("lambda", False): (0.0, 1e4, False),
+    ("V", True): (0.0, 0.3, False),
+    ("V", False): (0.0, 1.0, False),
+}
+
+# SPEC section 1 default start and random-start distributions (uniform low, high)
+DEFAULTS = {("t", True): 1.0, ("t", False): 1.0, ("lambda", True): 1.0, ("lambda", False): 1.0,
+            ("V", True): 0.1, ("V", False): 1.0}
+RANDOM_START = {("t", True): (1.0, 1.2), ("t", False): (0.0, 1.0), ("lambda", True): (0.0, 30.0),
+                ("lambda", False): (0.0, 30.0), ("V", True): (0.0, 0.3), ("V", False): (0.0, 1.0)}
+_TINY = 1e-3  # random starts stay this far inside open lower bounds
+
+
+def structure_key(name: str, is_target: bool) -> str:
+    """The key a structure contributes to TPP names (``PTV`` or a lower-cased OAR name)."""
+    return name if is_target else name.lower()
+
+
+def tpp_names(structures: Sequence[str]) -> list[str]:
+    """TPP names in vector order for ``structures`` (the first is the target)."""
+    keys = [structure_key(s, i == 0) for i, s in enumerate(structures)]
+    return [f"{kind}_{k}" for kind in KINDS for k in keys]
+
+
+def tpp_range(kind: str, is_target: bool) -> tuple[float, float, bool]:
+    """``(low, high, low_inclusive)`` of a TPP kind (``high`` is always inclusive)."""
+    return RANGES[(kind, is_target)]
+
+
+@dataclass(frozen=True)
+class TPP:
+    """A validated TPP vector for an ordered list of structures (target first).
+
+    Attributes:
+        structures: Structure names, target first.
+        values: Flat float64 vector in :func:`tpp_names` order.
+    """
+
+    structures: tuple[str, ...]
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.structures) < 1:
+            raise ValueError("a TPP needs at least the target structure")
+        v = np.asarray(self.values, dtype=np.float64)
+        if v.shape != (3 * len(self.structures),):
+            raise ValueError(
+                f"TPP vector has {v.size} values; {len(self.structures)} structures need "
+                f"{3 * len(self.structures)} ({', '.join(self.names)})"
+            )
+        v = v.copy()
+        v.setflags(write=False)
+        object.__setattr__(self, "values", v)
+        object.__setattr__(self, "structures", tuple(self.structures))
+        check_tpp_vector(v, self.structures)
+
+    # ---------------------------------------------------------------- access
+    @property
+    def names(self) -> list[str]:
+        return tpp_names(self.structures)
+
+    def __getitem__(self, name: str) -> float:
+        try:
+            return float(self.values[self.names.index(name)])
+        except ValueError:
+            raise KeyError(f"no TPP {name!r}; valid names: {self.names}") from None
+
+    def kind(self, kind: str) -> np.ndarray:
+        """The ``"t"``, ``"lambda"`` or ``"V"`` values, one per structure."""
+        n = len(self.structures)
+        i = KINDS.index(kind)
+        return self.values[i * n:(i + 1) * n]
+
+    def replace(self, **changes: float) -> TPP:
+        """A copy with some TPPs changed by name, e.g. ``tpp.replace(lambda_PTV=2.0)``."""
+        v = self.values.copy()
+        for name, value in changes.items():
+            if name not in self.names:
+                raise KeyError(f"no TPP {name!r}; valid names: {self.names}")
+            v[self.names.index(name)] = value
+        return TPP(self.structures, v)
+
+    # --------------------------------------------------------- constructors
+    @classmethod
+    def default(cls, structures: Sequence[str]) -> TPP:
+        """SPEC default start: all t = 1, all lambda = 1, V_PTV = 0.1, V_OAR = 1."""
+        return cls(tuple(structures), _per_kind(structures, lambda k, tgt: DEFAULTS[(k, tgt)]))
+
+    @classmethod
+    def random(cls, structures: Sequence[str], rng: np.random.Generator) -> TPP:
+        """SPEC random start: t_PTV ~ U(1, 1.2), t_OAR ~ U(0, 1), lambda ~ U(0, 30),
+        V_PTV ~ U(0, 0.3), V_OAR ~ U(0, 1) (kept inside open lower bounds)."""
+        def draw(kind: str, tgt: bool) -> float:
+            lo, hi = RANDOM_START[(kind, tgt)]
+            low_inclusive = RANGES[(kind, tgt)][2]
+            return float(rng.uniform(lo if low_inclusive else max(lo, _TINY * hi), hi))
+        return cls(tuple(structures), _per_kind(structures, draw))
+
+    @classmethod
+    def from_dict(cls, structures: Sequence[str], data: Mapping[str, float]) -> TPP:
+        """From ``{name: value}``; every TPP of ``structures`` is required, no others allowed."""
+        names = tpp_names(structures)
+        missing = [n for n in names if n not in data]
+        extra = [k for k in data if k not in names]
+        if missing or extra:
+            raise ValueError(f"TPP dict must have exactly {names}; missing {missing}, unexpected {extra}")
+        values = []
+        for n in names:
+            value = data[n]
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ValueError(f"TPP {n} = {value!r} is not a number")
+            values.append(float(value))
+        return cls(tuple(structures), np.array(values))
+
+    def to_dict(self) -> dict[str, float]:
+        return {n: float(v) for n, v in zip(self.names, self.values, strict=True)}
+
+    def to_json(self) -> str:
+        return json.dumps({"structures": list(self.structures), "tpp": self.to_dict()}, indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path, structures: Sequence[str] | None = None) -> TPP:
+        """Read a JSON file: ``{"structures": [...], "tpp": {name: value}}`` or a bare
+        ``{name: value}`` (then ``structures`` must be given)."""
+        data = json.loads(Path(path).read_text())
+        if "tpp" in data:
+            file_structures = data.get("structures")
+            if structures is not None and file_structures is not None and list(file_structures) != list(structures):
+                raise ValueError(f"{path}: TPPs are for structures {file_structures}, the case has {list(structures)}")
+            structures = file_structures or structures
+            data = data["tpp"]
+        if structures is None:
+            raise ValueError(f"{path}: no 'structures' in the file; pass the case's structures")
+        return cls.from_dict(structures, data)
+
+
+def _per_kind(structures: Sequence[str], value) -> np.ndarray:
+    return np.array([value(kind, i == 0) for kind in KINDS for i in range(len(structures))], dtype=np.float64)
+
+
+def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first TPP that is NaN, infinite or out of range.
+
+    ``values`` may be one vector ``(3 n,)`` or a batch ``(B, 3 n)``.
+    """
+    v = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    names = tpp_names(structures)
+    if v.shape[1] != len(names):
+        raise ValueError(f"TPP vectors have {v.shape[1]} values; expected {len(names)} ({', '.join(names)})")
+    n = len(structures)
+    for j, name in enumerate(names):
+        kind, tgt = KINDS[j // n], (j % n) == 0
+        lo, hi, lo_inc = RANGES[(kind, tgt)]
+        col = v[:, j]
+        bad = ~np.isfinite(col) | (col > hi) | ((col < lo) if lo_inc else (col <= lo))
+        if bad.any():
+            b = int(np.argmax(bad))
+            where = f" (plan {b})" if v.shape[0] > 1 else ""
+            interval = f"{'[' if lo_inc else '('}{lo:g}, {hi:g}]"
+            raise ValueError(f"TPP {name} = {float(col[b])!r}{where} is outside its valid range {interval}")
+

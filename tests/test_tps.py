@@ -1,0 +1,170 @@
+"""The TPP type and the ADMM TPS: optimality on the frozen sub-problem, D95, batching, warm start."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from rtenv.evaluation import dose_at_volume_percent
+from rtenv.phantom import make_phantom
+from rtenv.reference import solve_reference
+from rtenv.scenarios import SCENARIOS, build_case, load_case
+from rtenv.tpp import TPP, tpp_names
+from rtenv.tps import TPS, ADMMSettings
+
+S1_NAMES = ["t_PTV", "t_bladder", "t_rectum", "lambda_PTV", "lambda_bladder", "lambda_rectum",
+            "V_PTV", "V_bladder", "V_rectum"]
+TUNED = [1.03, 0.7, 0.6, 5.0, 3.0, 3.0, 0.15, 0.5, 0.5]  # OARs pushed below Rx: active sets everywhere
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    """3 beams of 15 mm beamlets on an 8 mm phantom: 100 beamlets, a QP small enough to solve tightly."""
+    sc = replace(SCENARIOS["S1"], beams=((0.0, 0.0), (120.0, 0.0), (240.0, 0.0)), beamlet_mm=15.0, voxel_mm=8.0)
+    return build_case(make_phantom("prostate", 5, 8.0), sc, "small")
+
+
+@pytest.fixture(scope="module")
+def s1():
+    return load_case("S1", "test", 1)
+
+
+def tuned(case):
+    return TPP(tuple(case.structure_names), np.array(TUNED))
+
+
+# ----------------------------------------------------------------------------- TPP
+def test_tpp_names_order_and_defaults():
+    assert tpp_names(["PTV", "Bladder", "Rectum"]) == S1_NAMES
+    d = TPP.default(["PTV", "Bladder", "Rectum"])
+    assert d.to_dict() == {"t_PTV": 1.0, "t_bladder": 1.0, "t_rectum": 1.0, "lambda_PTV": 1.0,
+                           "lambda_bladder": 1.0, "lambda_rectum": 1.0, "V_PTV": 0.1, "V_bladder": 1.0,
+                           "V_rectum": 1.0}
+    assert d["V_PTV"] == 0.1 and list(d.kind("lambda")) == [1.0, 1.0, 1.0]
+    assert tpp_names(SCENARIOS["S2"].structures)[4] == "t_femoralhead_r"
+
+
+def test_tpp_random_within_spec_ranges_and_seeded():
+    names = ["PTV", "Liver", "Heart"]
+    a = np.stack([TPP.random(names, np.random.default_rng(s)).values for s in range(200)])
+    b = TPP.random(names, np.random.default_rng(3)).values
+    assert np.array_equal(a[3], b)
+    assert a[:, 0].min() >= 1.0 and a[:, 0].max() <= 1.2
+    assert a[:, 3:6].max() <= 30.0 and a[:, 3:6].min() > 0
+    assert a[:, 6].max() <= 0.3 and a[:, 7:].max() <= 1.0
+
+
+def test_tpp_json_roundtrip(tmp_path):
+    t = TPP(("PTV", "Bladder", "Rectum"), np.array(TUNED))
+    path = tmp_path / "tpp.json"
+    path.write_text(t.to_json())
+    assert np.array_equal(TPP.load(path).values, t.values)
+    bare = tmp_path / "bare.json"
+    bare.write_text('{"t_PTV": 1.1}')
+    with pytest.raises(ValueError, match="missing"):
+        TPP.load(bare, ["PTV", "Bladder", "Rectum"])
+    with pytest.raises(ValueError, match="structures"):
+        TPP.load(path, ["PTV", "Liver", "Heart"])
+
+
+@pytest.mark.parametrize("index,value,pattern", [
+    (0, np.nan, r"t_PTV = nan is outside its valid range \[1, 1.2\]"),
+    (0, 1.3, r"t_PTV = 1.3 .*\[1, 1.2\]"),
+    (1, 0.0, r"t_bladder = 0.0 .*\(0, 1\]"),
+    (4, -2.0, r"lambda_bladder = -2.0 .*\(0, 10000\]"),
+    (3, np.inf, r"lambda_PTV = inf"),
+    (6, 0.5, r"V_PTV = 0.5 .*\(0, 0.3\]"),
+    (8, 1.5, r"V_rectum = 1.5 .*\(0, 1\]"),
+])
+def test_bad_tpps_raise_naming_parameter_and_range(index, value, pattern):
+    v = np.array(TUNED)
+    v[index] = value
+    with pytest.raises(ValueError, match=pattern):
+        TPP(("PTV", "Bladder", "Rectum"), v)
+
+
+def test_tps_rejects_bad_batches(s1):
+    tps = TPS(s1)
+    with pytest.raises(ValueError, match="8 values; expected 9"):
+        tps.optimize(np.ones((2, 8)))
+    bad = np.tile(TUNED, (3, 1))
+    bad[2, 5] = -1
+    with pytest.raises(ValueError, match=r"lambda_rectum = -1.0 \(plan 2\)"):
+        tps.optimize(bad)
+    with pytest.raises(ValueError, match="structures"):
+        tps.optimize(TPP.default(["PTV", "Liver", "Heart"]))
+    with pytest.raises(ValueError, match="x0 has shape"):
+        tps.optimize(tuned(s1), x0=np.ones(3))
+    with pytest.raises(ValueError, match="max_iter"):
+        ADMMSettings(max_iter=0)
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(s1):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TPS(s1, device="cuda")
+
+
+# ----------------------------------------------------------------------------- TPS
+def test_admm_matches_clarabel_on_frozen_subproblem(small_case):
+    tps = TPS(small_case)
+    tpp = tuned(small_case)
+    plan = tps.optimize(tpp)
+    frozen = tps.freeze(tpp, plan.fluence[0])
+    sub = tps.subproblem(tpp, frozen)
+    assert all(frozen.active[s].any() for s in small_case.structure_names)
+    ref = solve_reference(sub, "clarabel")
+    converged = TPS(small_case, settings=ADMMSettings(max_iter=1500, tol=1e-8)).optimize(tpp, frozen=frozen)
+    x = converged.fluence[0]
+    assert tps.objective_of(x, sub) == pytest.approx(ref.objective, rel=0.01)
+    assert (sub["D_cover"] @ x).min() >= 1 - 1e-3  # the linearised coverage holds
+    assert x.min() >= 0
+    # the reported objective is the same quantity
+    assert converged.objective[0] == pytest.approx(tps.objective_of(x, sub), rel=1e-3)
+
+
+def test_plan_is_rescaled_to_exact_d95(s1):
+    for tpp in (TPP.default(s1.structure_names), tuned(s1)):
+        plan = TPS(s1).optimize(tpp)
+        d95 = dose_at_volume_percent(plan.dose[0][s1.target.rows], 95)
+        assert d95 == pytest.approx(s1.prescription_gy, rel=1e-3)
+        assert plan.fluence.min() >= 0
+
+
+def test_batched_equals_sequential(s1):
+    rng = np.random.default_rng(0)
+    tpps = [tuned(s1), TPP.default(s1.structure_names)] + [TPP.random(s1.structure_names, rng) for _ in range(4)]
+    tps = TPS(s1)
+    batch = tps.optimize(tpps)
+    for b, tpp in enumerate(tpps):
+        one = tps.optimize(tpp)
+        assert batch.iterations[b] == one.iterations[0]
+        assert batch.converged[b] == one.converged[0]
+        np.testing.assert_allclose(batch.dose[b], one.dose[0], rtol=2e-3, atol=1e-3 * s1.prescription_gy)
+        assert batch.objective[b] == pytest.approx(one.objective[0], rel=1e-2, abs=1e-7)
+
+
+def test_warm_start_reaches_the_same_plan_faster(s1):
+    tps = TPS(s1)
+    tpp = TPP.default(s1.structure_names)
+    cold = tps.optimize(tpp)
+    assert cold.converged[0]
+    warm = tps.optimize(tpp, x0=cold.fluence[0])
+    assert warm.iterations[0] < cold.iterations[0]
+    np.testing.assert_allclose(warm.dose[0], cold.dose[0], atol=0.02 * s1.prescription_gy)
+
+
+def test_non_convergence_is_reported(s1):
+    plan = TPS(s1, settings=ADMMSettings(max_iter=2)).optimize(tuned(s1))
+    assert plan.iterations[0] == 2 and not plan.converged[0]
+
+
+def test_underdose_term_raises_cold_ptv_dose(s1):
+    tpp = tuned(s1).replace(lambda_bladder=30.0, lambda_rectum=30.0, t_bladder=0.3, t_rectum=0.3)
+    base = TPS(s1).optimize(tpp)
+    under = TPS(s1, settings=ADMMSettings(ptv_underdose=True, underdose_weight=20.0)).optimize(tpp)
+    cold = lambda p: dose_at_volume_percent(p.dose[0][s1.target.rows], 99)  # noqa: E731
+    assert cold(under) > cold(base)
