@@ -7,10 +7,13 @@ Stages, each knowing only those before it: planning cases (:mod:`rtenv.case`,
 
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.evaluation import Protocol, ProtocolResult, score_plan
+from rtenv.registration import ENV_IDS, register_envs
 from rtenv.scenarios import COHORTS, SCENARIOS, Scenario, get_scenario, load_case
+
+register_envs()
 
 __version__ = "0.1.0"
 __all__ = [
     "Beam", "CaseFormatError", "PlanningCase", "Structure", "Protocol", "ProtocolResult", "score_plan",
-    "COHORTS", "SCENARIOS", "Scenario", "get_scenario", "load_case",
+    "COHORTS", "SCENARIOS", "Scenario", "get_scenario", "load_case", "ENV_IDS",
 ]

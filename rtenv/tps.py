@@ -30,8 +30,9 @@ the optimum of the convex sub-problem and drifts away from it as the CG steps gr
 split converges to it.) Iteration stops when ``||z - z_old|| / ||z_old|| < tol`` or after
 ``max_iter`` outer iterations; the plan is ``z``, rescaled so that PTV D95 equals the
 prescription exactly. A batch of B TPP vectors shares every sparse product (one SpMM of the
-``(voxels, beamlets)`` matrix with a ``(beamlets, B)`` block); plans that converge are frozen
-while the rest continue, so a batched solve returns the same plans as B single solves.
+``(voxels, beamlets)`` matrix with a ``(beamlets, B)`` block); plans that converge leave the
+working set while the rest continue. Every per-plan operation is independent of the batch (on
+CPU, bitwise), so a batched solve returns the same plans as B single solves.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def _csr_tensor(m: sp.csr_matrix, device: torch.device) -> torch.Tensor:
         )
 
 
+def colsum(x: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``(n, B)``, summed in the same order whatever B is (``x.sum(0)`` is not), so
+    a plan solved in a batch takes exactly the path it takes alone."""
+    return x.t().contiguous().sum(1)
+
+
 def kth_largest(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The ``k[b]``-th largest value of each column ``x[:, b]`` (``1 <= k <= len(x)``), ``(B,)``.
 
@@ -228,7 +235,16 @@ class TPS:
         k = torch.full((d_ptv.shape[1],), self._cover_k, dtype=torch.long, device=d_ptv.device)
         return kth_largest(d_ptv, k)
 
-    def _active_weights(self, d: torch.Tensor, t: torch.Tensor, w: torch.Tensor, v: torch.Tensor,
+    def _volume_ranks(self, v: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per structure, the rank ``ceil(V n)`` of the coolest voxel that may be penalised, one per
+        plan; ``None`` where every plan has V = 1 (all voxels admitted, no sort needed)."""
+        ranks: list[torch.Tensor | None] = []
+        for s, rows in enumerate(self._rows):
+            k = torch.ceil(v[s] * rows.numel()).clamp(1, rows.numel()).long()
+            ranks.append(None if bool((k == rows.numel()).all()) else k)
+        return ranks
+
+    def _active_weights(self, d: torch.Tensor, t: torch.Tensor, w: torch.Tensor, ranks: list[torch.Tensor | None],
                         frozen: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Per-row quadratic weights ``a`` and ``a * target`` sums ``c`` of the objective terms."""
         a = torch.zeros_like(d)
@@ -239,8 +255,9 @@ class TPS:
             if frozen is not None:
                 mask = frozen[s]
             else:
-                k = torch.ceil(v[s] * rows.numel()).clamp(1, rows.numel()).long()
-                mask = (ds >= kth_largest(ds, k)) & (ds > t[s])
+                mask = ds > t[s]
+                if ranks[s] is not None:
+                    mask &= ds >= kth_largest(ds, ranks[s])
             masks.append(mask)
             ws = mask * (w[s] / mask.sum(0).clamp(min=1))
             a.index_add_(0, rows, ws)
@@ -257,7 +274,7 @@ class TPS:
         total = torch.zeros(d.shape[1], dtype=d.dtype, device=d.device)
         for s, rows in enumerate(self._rows):
             r = (d[rows] - t[s]) * masks[s]
-            total += w[s] * (r * r).sum(0) / (2 * masks[s].sum(0).clamp(min=1))
+            total += w[s] * colsum(r * r) / (2 * masks[s].sum(0).clamp(min=1))
         return total
 
     # -------------------------------------------------------------------- solve
@@ -304,50 +321,66 @@ class TPS:
         y = self._project(d[ptv], cover_rows)
         g = torch.zeros_like(y)
         rho_y, rho_z = self._rho_y, self._rho_z
-        running = torch.ones(B, dtype=torch.bool, device=dev)
-        iterations = torch.zeros(B, dtype=torch.long, device=dev)
-        for _ in range(cfg.max_iter):
-            a, c, _ = self._active_weights(d, t, w, vol, frozen_masks)
+        # the working set holds the plans still running; a plan that converges leaves it (its
+        # fluence goes to `out`), so later iterations cost only what the remaining plans need
+        t_all, w_all, vol_all, frozen_all = t, w, vol, frozen_masks
+        cols = torch.arange(B, device=dev)
+        out = torch.empty_like(Z)
+        iterations = torch.full((B,), cfg.max_iter, dtype=torch.long, device=dev)
+        converged = torch.zeros(B, dtype=torch.bool, device=dev)
+        ranks = self._volume_ranks(vol)
+        for it in range(1, cfg.max_iter + 1):
+            a, c, _ = self._active_weights(d, t, w, ranks, frozen_masks)
             a[ptv] += rho_y
             c[ptv] += rho_y * (y - g)
             # x-update: Jacobi-preconditioned CG on (D^T diag(a) D + rho_z I) x = D^T c + rho_z (z - h),
             # from the current x; the dose d = D x is carried along without extra products
             precond = self._Dt_sq @ a + rho_z
-            Xn, dn = X.clone(), d.clone()
             r = Dt @ (c - a * d) + rho_z * (Z - H - X)
             s_ = r / precond
             p = s_.clone()
-            rs = (r * s_).sum(0)
+            rs = colsum(r * s_)
             for _ in range(cfg.cg_steps):
                 q = D @ p
                 Ap = Dt @ (a * q) + rho_z * p
-                alpha = rs / (p * Ap).sum(0).clamp(min=1e-30)
-                Xn += alpha * p
-                dn += alpha * q
+                alpha = rs / colsum(p * Ap).clamp(min=1e-30)
+                X = X + alpha * p
+                d = d + alpha * q
                 r -= alpha * Ap
                 s_ = r / precond
-                rs_new = (r * s_).sum(0)
+                rs_new = colsum(r * s_)
                 p = s_ + (rs_new / rs.clamp(min=1e-30)) * p
                 rs = rs_new
-            Zn = (Xn + H).clamp(min=0.0)
-            Hn = H + Xn - Zn
-            yn = self._project(dn[ptv] + g, cover_rows)
-            gn = g + dn[ptv] - yn
-            change = torch.linalg.vector_norm(Zn - Z, dim=0) / torch.linalg.vector_norm(Z, dim=0).clamp(min=1e-30)
-            keep = running[None]
-            X, d, Z, H = (torch.where(keep, new, old) for new, old in ((Xn, X), (dn, d), (Zn, Z), (Hn, H)))
-            y, g = torch.where(keep, yn, y), torch.where(keep, gn, g)
-            iterations += running.long()
-            running = running & (change >= cfg.tol)
-            if not bool(running.any()):
-                break
+            Zn = (X + H).clamp(min=0.0)
+            H = H + X - Zn
+            y = self._project(d[ptv] + g, cover_rows)
+            g = g + d[ptv] - y
+            done = colsum((Zn - Z) ** 2).sqrt() < cfg.tol * colsum(Z**2).sqrt().clamp(min=1e-30)
+            Z = Zn
+            if bool(done.any()):
+                finished = cols[done]
+                out[:, finished] = Z[:, done]
+                iterations[finished] = it
+                converged[finished] = True
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                cols = cols[keep]
+                X, d, Z, H, y, g = (v[:, keep] for v in (X, d, Z, H, y, g))
+                t, w, vol = t[:, keep], w[:, keep], vol[:, keep]
+                ranks = self._volume_ranks(vol)
+                if frozen_masks is not None:
+                    frozen_masks = [m[:, keep] for m in frozen_masks]
+                    cover_rows = cover_rows[:, keep]
+        else:
+            out[:, cols] = Z
 
-        X = Z  # the plan is the non-negative fluence
+        X = out  # the plan is the non-negative fluence
         d = D @ X
         scale = 1.0 / self._coverage_dose(d[ptv]).clamp(min=1e-12)
         X, d = X * scale, d * scale
-        _, _, masks = self._active_weights(d, t, w, vol, frozen_masks)
-        objective = self._objective(d, t, w, masks)
+        _, _, masks = self._active_weights(d, t_all, w_all, self._volume_ranks(vol_all), frozen_all)
+        objective = self._objective(d, t_all, w_all, masks)
         dose = (self._D_full @ X).T
         return PlanResult(
             tpps=batch,
@@ -356,7 +389,7 @@ class TPS:
             objective=objective.cpu().numpy().astype(np.float64),
             active_voxels={s: m.sum(0).cpu().numpy() for s, m in zip(self.structures, masks, strict=True)},
             iterations=iterations.cpu().numpy(),
-            converged=(~running).cpu().numpy(),
+            converged=converged.cpu().numpy(),
             seconds=time.perf_counter() - t0,
             device=str(dev),
             names=list(self.names),
@@ -391,7 +424,7 @@ class TPS:
         t, lam, vol = tv[:, :n].T, tv[:, n:2 * n].T, tv[:, 2 * n:].T
         X = torch.as_tensor(np.asarray(fluence, dtype=np.float32)[:, None], device=self.device)
         d = self._D @ X
-        _, _, masks = self._active_weights(d, t, lam / lam[0], vol, None)
+        _, _, masks = self._active_weights(d, t, lam / lam[0], self._volume_ranks(vol), None)
         d_ptv = d[self._rows[0]]
         cover = d_ptv >= self._coverage_dose(d_ptv)
         return FrozenSets({s: m[:, 0].cpu().numpy() for s, m in zip(self.structures, masks, strict=True)},

@@ -1,0 +1,91 @@
+"""Environment throughput: the single env against the batched vector env, side by side.
+
+    python -m benchmarks.env_speed --scenario S1 --json OUT.json [--envs 8,32] [--steps 16] [--device cpu]
+
+Env ``i`` takes a fixed stream of uniformly random discrete actions on the training case (episodes
+end at full score or after 20 steps and restart), seeded ``i``. The vector env runs streams
+``0..N-1`` together; the single env replays the same streams one after another, so both sides
+solve identical plans (vector sub-envs equal single envs step for step). Steps per second count
+transitions, each including the TPS solve, the DVH observation and scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtenv.env import TPPTuningEnv, TPPTuningVectorEnv
+from rtenv.scenarios import SCENARIOS
+
+
+def _workload(num_envs: int, calls: int, n_actions: int) -> np.ndarray:
+    """The random discrete actions ``(calls, num_envs)``: env ``i`` always gets column ``i``."""
+    return np.random.default_rng(0).integers(n_actions, size=(calls, num_envs))
+
+
+def single_env_seconds(scenario: str, actions: np.ndarray, device: str) -> list[float]:
+    """Wall time of each env's action sequence replayed through a single env (seed = env index)."""
+    times = []
+    for i in range(actions.shape[1]):
+        env = TPPTuningEnv(scenario, device=device)
+        env.reset(seed=i)
+        t0 = time.perf_counter()
+        for a in actions[:, i]:
+            _, _, term, trunc, _ = env.step(int(a))
+            if term or trunc:
+                env.reset()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def vector_env_seconds(scenario: str, actions: np.ndarray, device: str) -> float:
+    venv = TPPTuningVectorEnv(num_envs=actions.shape[1], scenario=scenario, device=device)
+    venv.reset(seed=0)  # env i gets seed i, as its single-env replay
+    t0 = time.perf_counter()
+    for row in actions:
+        venv.step(row)
+    return time.perf_counter() - t0
+
+
+def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path: Path | None) -> dict:
+    """Both sides run identical episodes (vector sub-envs equal single envs step for step)."""
+    probe = TPPTuningEnv(scenario, device=device)
+    probe.reset(seed=0)  # build and cache the case first
+    actions = _workload(max(envs), calls, int(probe.action_space.n))
+    single = single_env_seconds(scenario, actions, device)
+    res: dict = {"scenario": scenario, "device": device, "torch_threads": torch.get_num_threads(),
+                 "steps_per_env": calls, "single_steps_per_s": actions.size / sum(single),
+                 "vector_steps_per_s": {}, "vector_speedup": {}}
+    for n in envs:
+        sps = n * calls / vector_env_seconds(scenario, actions[:, :n], device)
+        res["vector_steps_per_s"][str(n)] = sps
+        res["vector_speedup"][str(n)] = sps / (n * calls / sum(single[:n]))  # same episodes on both sides
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
+    p.add_argument("--envs", default="8,32")
+    p.add_argument("--steps", type=int, default=16, help="steps per env (the same episodes on both sides)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    res = run(args.scenario, tuple(int(n) for n in args.envs.split(",")), args.steps, args.device, args.json)
+    print(f"env speed {res['scenario']} on {res['device']}: single env {res['single_steps_per_s']:.1f} steps/s "
+          f"({res['steps_per_env']} steps of each of {max(map(int, res['vector_steps_per_s']))} episode streams)")
+    for n, sps in res["vector_steps_per_s"].items():
+        print(f"  vector env, {n:>3} envs: {sps:8.1f} steps/s  ({res['vector_speedup'][n]:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,501 @@
+"""TPP tuning as Gymnasium environments: a single env and a batched vector env.
+
+Both share :class:`TuningCore`, which holds the scenario's cases and their TPS, maps actions to
+TPP vectors, solves plans (one batched TPS call per case for any number of episodes), and builds
+observations, rewards and infos.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector.utils import batch_space
+
+from rtenv.case import PlanningCase
+from rtenv.evaluation import CriterionResult, ProtocolResult, cumulative_dvh, score_plan
+from rtenv.scenarios import COHORTS, get_scenario, load_case
+from rtenv.tpp import KINDS, RANGES, TPP, tpp_names
+from rtenv.tps import TPS, ADMMSettings
+
+DVH_POINTS = 100
+TARGET_DVH_RANGE = (1.00, 1.15)  # fraction of Rx (SPEC section 3)
+OAR_DVH_RANGE = (0.60, 1.10)
+
+# SPEC section 3: (up factor, down factor) per (kind, is_target); results are clamped to range
+ACTION_FACTORS = {
+    ("t", True): (1.01, 0.91), ("t", False): (1.25, 0.6),
+    ("lambda", True): (1.65, 0.6), ("lambda", False): (1.65, 0.6),
+    ("V", True): (1.25, 0.8), ("V", False): (1.25, 0.8),
+}
+# bounds of the continuous action map (the weights on a log10 scale)
+CONTINUOUS_BOUNDS = {
+    ("t", True): (1.0, 1.2), ("t", False): (0.01, 1.0),
+    ("lambda", True): (-2.0, 3.0), ("lambda", False): (-2.0, 3.0),
+    ("V", True): (0.001, 0.3), ("V", False): (0.01, 1.0),
+}
+_FLOOR = 1e-3  # discrete steps keep open lower bounds (t_OAR, lambda, V) at least this far from 0
+
+RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
+
+
+def fine_score(result: ProtocolResult) -> float:
+    """SPEC's ScoreFine: the linear score with each target hot-spot (``max_dose`` on the primary
+    structure of the target) ramp replaced by a smooth arctan ramp that keeps a gradient beyond
+    the goal and the limit: ``points * (1/2 - arctan(2 (v - m) / h) / pi)`` with ``m`` the ramp's
+    midpoint and ``h`` its half-width (reconstructed: the seed lost the formula)."""
+    total = 0.0
+    for c in result.criteria:
+        if c.type == "max_dose" and c.structure == result.criteria[0].structure and c.limit > c.goal:
+            mid, half = (c.goal + c.limit) / 2, (c.limit - c.goal) / 2
+            total += c.points * (0.5 - math.atan(2 * (c.value - mid) / half) / math.pi)
+        else:
+            total += _linear(c)
+    return total
+
+
+def _linear(c: CriterionResult) -> float:
+    if c.limit == c.goal:
+        return c.points * float(c.met)
+    frac = (c.limit - c.value) / (c.limit - c.goal) if c.sense == "upper" else (c.value - c.limit) / (c.goal - c.limit)
+    return c.points * min(max(frac, 0.0), 1.0)
+
+
+def spec_reward(prev: ProtocolResult, new: ProtocolResult) -> float:
+    """SPEC section 3: ``(ScoreFine' - ScoreFine) + 4 (Score' - Score)``."""
+    return (fine_score(new) - fine_score(prev)) + 4.0 * (new.total - prev.total)
+
+
+def score_reward(prev: ProtocolResult, new: ProtocolResult) -> float:
+    """The change of the plan score."""
+    return new.total - prev.total
+
+
+REWARDS: dict[str, RewardFn] = {"spec": spec_reward, "score": score_reward}
+
+
+@dataclass
+class EpisodeState:
+    """One episode's state: its case, current TPPs, last fluence and evaluation."""
+
+    case_key: tuple[str, int]
+    tpp: np.ndarray
+    fluence: np.ndarray | None = None
+    dose: np.ndarray | None = None
+    result: ProtocolResult | None = None
+    steps: int = 0
+    initial_score: float = 0.0
+    tps_converged: bool = True
+    tps_iterations: int = 0
+
+
+class TuningCore:
+    """Cases, TPS, action maps, observations and rewards shared by the single and vector envs.
+
+    Args:
+        scenario: ``"S1"``, ``"S2"``, ``"S3"``.
+        action_mode: ``"discrete"`` or ``"continuous"``.
+        cohort: Cohort episodes draw their case from (``"train"``, ``"knowledge"``, ``"test"``).
+        cases: Number of cases of the cohort (its first ``n``) or explicit indices; ``None``: the
+            whole cohort (``train``: 1 case, as the ACER planner was trained on one).
+        start: ``"default"`` (SPEC default TPPs) or ``"random"`` (SPEC random start).
+        reward: ``"spec"``, ``"score"`` or a callable ``(previous, new ProtocolResult) -> float``.
+        scoring_mode: Score used by the reward and info: ``"linear"``, ``"binary"``, ``"relative"``
+            or ``None`` for the protocol's own.
+        max_steps: Steps before truncation.
+        device: Torch device of the TPS.
+        tps_settings: ADMM settings.
+    """
+
+    def __init__(self, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
+                 cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
+                 scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
+                 tps_settings: ADMMSettings | None = None) -> None:
+        self.scenario = get_scenario(scenario)
+        if action_mode not in ("discrete", "continuous"):
+            raise ValueError(f"action_mode {action_mode!r} is invalid; valid: 'discrete', 'continuous'")
+        if cohort not in COHORTS:
+            raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
+        if start not in ("default", "random"):
+            raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"max_steps = {max_steps!r} must be an integer >= 1")
+        if isinstance(reward, str) and reward not in REWARDS:
+            raise ValueError(f"unknown reward {reward!r}; valid: {sorted(REWARDS)} or a callable")
+        self.action_mode, self.cohort, self.start, self.max_steps = action_mode, cohort, start, max_steps
+        self.reward_fn: RewardFn = REWARDS[reward] if isinstance(reward, str) else reward
+        self.scoring_mode = scoring_mode
+        size = COHORTS[cohort][0]
+        if cases is None:
+            cases = 1 if size is None else size
+        self.case_indices = list(range(cases)) if isinstance(cases, int) else [int(i) for i in cases]
+        if not self.case_indices:
+            raise ValueError("cases must name at least one case")
+        self.device, self.tps_settings = device, tps_settings
+        self.structures = self.scenario.structures
+        self.names = tpp_names(self.structures)
+        self.n_tpp = len(self.names)
+        self._tps: dict[tuple[str, int], TPS] = {}
+        n = len(self.structures)
+        self._kinds = [(KINDS[j // n], j % n == 0) for j in range(self.n_tpp)]
+
+    # ------------------------------------------------------------------ spaces
+    @property
+    def observation_space(self) -> spaces.Box:
+        return spaces.Box(0.0, 1.0, shape=(DVH_POINTS * len(self.structures),), dtype=np.float32)
+
+    @property
+    def action_space(self) -> spaces.Space:
+        if self.action_mode == "discrete":
+            return spaces.Discrete(2 * self.n_tpp)
+        return spaces.Box(-1.0, 1.0, shape=(self.n_tpp,), dtype=np.float32)
+
+    # ------------------------------------------------------------------- cases
+    def tps(self, key: tuple[str, int]) -> TPS:
+        if key not in self._tps:
+            self._tps[key] = TPS(load_case(self.scenario, key[0], key[1]), device=self.device,
+                                 settings=self.tps_settings)
+        return self._tps[key]
+
+    def case(self, key: tuple[str, int]) -> PlanningCase:
+        return self.tps(key).case
+
+    def new_episode(self, rng: np.random.Generator, options: dict[str, Any] | None) -> EpisodeState:
+        """Pick the case and the start TPPs (``options``: ``cohort``, ``index``, ``start``, ``tpp``)."""
+        options = dict(options or {})
+        unknown = set(options) - {"cohort", "index", "start", "tpp"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; valid: cohort, index, start, tpp")
+        cohort = options.get("cohort", self.cohort)
+        index = options.get("index")
+        if index is None:
+            index = self.case_indices[int(rng.integers(len(self.case_indices)))]
+        key = (cohort, int(index))
+        start = options.get("start", self.start)
+        if "tpp" in options:
+            tpp = options["tpp"]
+            if isinstance(tpp, TPP):
+                tpp = tpp.values
+            elif isinstance(tpp, dict):
+                tpp = TPP.from_dict(self.structures, tpp).values
+            tpp = TPP(self.structures, np.asarray(tpp, dtype=np.float64)).values
+        elif start == "random":
+            tpp = TPP.random(self.structures, rng).values
+        elif start == "default":
+            tpp = TPP.default(self.structures).values
+        else:
+            raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
+        self.tps(key)  # build (or load) the case now, so errors surface at reset
+        return EpisodeState(case_key=key, tpp=np.array(tpp))
+
+    # ----------------------------------------------------------------- actions
+    def apply_action(self, tpp: np.ndarray, action: Any) -> np.ndarray:
+        """The TPP vector after ``action`` (discrete: one TPP up or down; continuous: a new vector)."""
+        if self.action_mode == "discrete":
+            a = int(action)
+            if not 0 <= a < 2 * self.n_tpp:
+                raise ValueError(f"action {action!r} is outside [0, {2 * self.n_tpp - 1}]")
+            j, down = divmod(a, 2)
+            kind, target = self._kinds[j]
+            new = tpp.copy()
+            new[j] *= ACTION_FACTORS[(kind, target)][down]
+            lo, hi, lo_inclusive = RANGES[(kind, target)]
+            new[j] = min(max(new[j], lo if lo_inclusive else max(lo, _FLOOR)), hi)
+            return new
+        return self.action_to_tpp(action)
+
+    def action_to_tpp(self, action: np.ndarray) -> np.ndarray:
+        """Continuous action in [-1, 1]^n -> TPP vector (weights on a log10 scale)."""
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (self.n_tpp,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"continuous action must be {self.n_tpp} finite values, got shape {a.shape}")
+        a = np.clip(a, -1.0, 1.0)
+        out = np.empty(self.n_tpp)
+        for j, key in enumerate(self._kinds):
+            lo, hi = CONTINUOUS_BOUNDS[key]
+            v = lo + (a[j] + 1.0) * 0.5 * (hi - lo)
+            out[j] = 10.0**v if key[0] == "lambda" else v
+        return out
+
+    def tpp_to_action(self, tpp: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`action_to_tpp` (values outside the map's bounds clip to +-1)."""
+        tpp = np.asarray(tpp, dtype=np.float64)
+        out = np.empty(self.n_tpp, dtype=np.float32)
+        for j, key in enumerate(self._kinds):
+            lo, hi = CONTINUOUS_BOUNDS[key]
+            v = math.log10(tpp[j]) if key[0] == "lambda" else tpp[j]
+            out[j] = 2.0 * (v - lo) / (hi - lo) - 1.0
+        return np.clip(out, -1.0, 1.0)
+
+    # ------------------------------------------------------------------- solve
+    def solve(self, episodes: Sequence[EpisodeState], warm: Sequence[bool]) -> None:
+        """Optimise every episode's current TPPs, one batched TPS call per case; updates in place."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, ep in enumerate(episodes):
+            groups.setdefault(ep.case_key, []).append(i)
+        for key, idx in groups.items():
+            tps = self.tps(key)
+            x0 = np.stack([episodes[i].fluence if warm[k] and episodes[i].fluence is not None
+                           else np.ones(tps.n_beamlets, dtype=np.float32) for k, i in enumerate(idx)])
+            plans = tps.optimize(np.stack([episodes[i].tpp for i in idx]), x0=x0)
+            for b, i in enumerate(idx):
+                ep = episodes[i]
+                ep.fluence = plans.fluence[b]
+                ep.result = score_plan(tps.case, plans.dose[b], mode=self.scoring_mode)
+                ep.tps_converged = bool(plans.converged[b])
+                ep.tps_iterations = int(plans.iterations[b])
+                ep.dose = plans.dose[b]
+
+    def observe(self, ep: EpisodeState) -> np.ndarray:
+        """Cumulative DVH of each structure at 100 dose points (SPEC section 3 ranges), float32."""
+        case = self.case(ep.case_key)
+        doses = case.structure_doses(ep.dose)
+        parts = []
+        for i, name in enumerate(self.structures):
+            lo, hi = TARGET_DVH_RANGE if i == 0 else OAR_DVH_RANGE
+            points = np.linspace(lo, hi, DVH_POINTS) * case.prescription_gy
+            parts.append(cumulative_dvh(doses[name], points))
+        return np.concatenate(parts).astype(np.float32)
+
+    def info(self, ep: EpisodeState) -> dict[str, Any]:
+        r = ep.result
+        assert r is not None
+        return {
+            "score": r.total, "max_score": r.max_score, "full_score": r.full_score,
+            "initial_score": ep.initial_score, "fine_score": fine_score(r),
+            "criteria": {c.name: {"value": c.value, "unit": c.unit, "goal": c.goal, "limit": c.limit,
+                                  "score": c.score, "met": c.met} for c in r.criteria},
+            "violated": [c.name for c in r.violated],
+            "dv_metrics": {c.name: c.value for c in r.criteria},
+            "tpp": dict(zip(self.names, (float(v) for v in ep.tpp), strict=True)),
+            "case": f"{self.scenario.name}-{ep.case_key[0]}-{ep.case_key[1]}",
+            "steps": ep.steps, "tps_converged": ep.tps_converged, "tps_iterations": ep.tps_iterations,
+        }
+
+    def reset_batch(self, episodes: list[EpisodeState]) -> None:
+        self.solve(episodes, warm=[False] * len(episodes))
+        for ep in episodes:
+            ep.initial_score = ep.result.total  # type: ignore[union-attr]
+
+    def step_batch(self, episodes: list[EpisodeState], actions: Sequence[Any]) -> list[tuple[float, bool, bool]]:
+        """Apply actions, solve, and return ``(reward, terminated, truncated)`` per episode."""
+        previous = [ep.result for ep in episodes]
+        for ep, a in zip(episodes, actions, strict=True):
+            ep.tpp = self.apply_action(ep.tpp, a)
+            ep.steps += 1
+        self.solve(episodes, warm=[True] * len(episodes))
+        out = []
+        for ep, prev in zip(episodes, previous, strict=True):
+            terminated = bool(ep.result.full_score)  # type: ignore[union-attr]
+            truncated = not terminated and ep.steps >= self.max_steps
+            out.append((float(self.reward_fn(prev, ep.result)), terminated, truncated))  # type: ignore[arg-type]
+        return out
+
+
+_DOC = """
+
+    ## Description
+    Tune the treatment-planning parameters (TPPs) of one radiotherapy plan. Each step changes the
+    TPPs; the in-house ADMM TPS (:mod:`rtenv.tps`) re-optimises the fluence (warm-started from
+    the previous step) and the plan is scored with the scenario's clinical protocol. Scenarios:
+    ``S1`` prostate 7 beams (9 TPPs, max score 9), ``S2`` prostate + femoral heads 180 beams (15
+    TPPs, max 15), ``S3`` liver 7 non-coplanar beams (9 TPPs, max 4).
+
+    ## Action Space
+    ``discrete``: ``Discrete(2 n_tpp)``; action ``2 j`` raises TPP ``j`` (order of
+    :func:`rtenv.tpp.tpp_names`), ``2 j + 1`` lowers it, by SPEC section 3's factors (t_PTV x1.01
+    / x0.91, t_OAR x1.25 / x0.6, lambda x1.65 / x0.6, V x1.25 / x0.8), clamped to the valid ranges.
+    ``continuous``: ``Box(-1, 1, (n_tpp,))`` sets the whole TPP vector: thresholds and volume
+    fractions linearly over t_PTV [1, 1.2], t_OAR [0.01, 1], V_PTV [0.001, 0.3], V_OAR [0.01, 1],
+    weights as log10 lambda in [-2, 3].
+
+    ## Observation Space
+    ``Box(0, 1, (100 n_structures,), float32)``: each structure's cumulative DVH (volume fraction)
+    at 100 dose points, PTV from 1.00 to 1.15 Rx, OARs from 0.6 to 1.1 Rx.
+
+    ## Rewards
+    ``spec`` (default): (ScoreFine' - ScoreFine) + 4 (Score' - Score), ScoreFine being the score
+    with a smooth arctan PTV hot-spot term. ``score``: Score' - Score. Or any callable of the
+    previous and new :class:`~rtenv.evaluation.ProtocolResult`.
+
+    ## Starting State
+    A case of the env's cohort (``reset(options={"cohort": ..., "index": ...})`` picks one) and
+    the SPEC default TPPs (``start="default"``), SPEC random TPPs (``start="random"``) or given
+    TPPs (``options={"tpp": ...}``).
+
+    ## Episode End
+    Terminated when every criterion's goal is met (full score); truncated after ``max_steps``
+    steps (default 20), which learners must bootstrap, not treat as terminal.
+
+    ## Arguments
+    ``scenario``, ``action_mode``, ``cohort``, ``cases``, ``start``, ``reward``,
+    ``scoring_mode``, ``max_steps``, ``device``, ``tps_settings`` (see :class:`TuningCore`),
+    ``render_mode`` (``"rgb_array"``: DVH figure; ``"ansi"``: score table).
+
+    ## Version History
+    * v0: initial version.
+"""
+
+
+class TPPTuningEnv(gym.Env):
+    __doc__ = "TPP tuning of one plan as a Gymnasium environment." + _DOC
+    metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 2}
+
+    def __init__(self, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
+                 cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
+                 scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
+                 tps_settings: ADMMSettings | None = None, render_mode: str | None = None) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode {render_mode!r} is invalid; valid: {self.metadata['render_modes']}")
+        self.core = TuningCore(scenario, action_mode, cohort, cases, start, reward, scoring_mode, max_steps,
+                               device, tps_settings)
+        self.observation_space = self.core.observation_space
+        self.action_space = self.core.action_space
+        self.render_mode = render_mode
+        self._ep: EpisodeState | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._ep = self.core.new_episode(self.np_random, options)
+        self.core.reset_batch([self._ep])
+        return self.core.observe(self._ep), self.core.info(self._ep)
+
+    def step(self, action):
+        if self._ep is None:
+            raise RuntimeError("call reset() before step()")
+        (reward, terminated, truncated), = self.core.step_batch([self._ep], [action])
+        return self.core.observe(self._ep), reward, terminated, truncated, self.core.info(self._ep)
+
+    @property
+    def case(self) -> PlanningCase:
+        """The current episode's case."""
+        if self._ep is None:
+            raise RuntimeError("call reset() first")
+        return self.core.case(self._ep.case_key)
+
+    @property
+    def dose(self) -> np.ndarray:
+        """The current plan's dose over the case's dose rows (Gy)."""
+        if self._ep is None:
+            raise RuntimeError("call reset() first")
+        return self._ep.dose
+
+    def render(self):
+        if self.render_mode is None or self._ep is None:
+            return None
+        if self.render_mode == "ansi":
+            return self._ep.result.table()  # type: ignore[union-attr]
+        return _dvh_rgb(self.core, self._ep)
+
+
+class TPPTuningVectorEnv(gym.vector.VectorEnv):
+    __doc__ = ("A batch of TPP tuning episodes stepped together (same-step autoreset); all episodes on "
+               "one case share one batched TPS solve." + _DOC)
+    metadata = {"render_modes": ["rgb_array", "ansi"], "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(self, num_envs: int = 8, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
+                 cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
+                 scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
+                 tps_settings: ADMMSettings | None = None, render_mode: str | None = None) -> None:
+        if not (isinstance(num_envs, int) and num_envs >= 1):
+            raise ValueError(f"num_envs = {num_envs!r} must be an integer >= 1")
+        self.core = TuningCore(scenario, action_mode, cohort, cases, start, reward, scoring_mode, max_steps,
+                               device, tps_settings)
+        self.num_envs = num_envs
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.render_mode = render_mode
+        self._eps: list[EpisodeState] = []
+        self._rngs: list[np.random.Generator] = []
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        else:
+            if len(seed) != self.num_envs:
+                raise ValueError(f"got {len(seed)} seeds for {self.num_envs} envs")
+            seeds = list(seed)
+        self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]  # as the single env seeds
+        self._eps = [self.core.new_episode(rng, options) for rng in self._rngs]
+        self.core.reset_batch(self._eps)
+        infos: dict[str, Any] = {}
+        for i, ep in enumerate(self._eps):
+            infos = self._add_info(infos, self.core.info(ep), i)
+        return np.stack([self.core.observe(ep) for ep in self._eps]), infos
+
+    def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
+        """Step every episode; finished ones restart at once. Returns the batched observations,
+        rewards, terminations, truncations, one info dict per env, and each finished env's final
+        observation (``None`` for the others)."""
+        if not self._eps:
+            raise RuntimeError("call reset() before step()")
+        actions = list(actions) if self.core.action_mode == "discrete" else list(np.asarray(actions))
+        outcomes = self.core.step_batch(self._eps, actions)
+        obs = [self.core.observe(ep) for ep in self._eps]
+        infos = [self.core.info(ep) for ep in self._eps]
+        finals: list[np.ndarray | None] = [None] * self.num_envs
+        done = [i for i, (_, term, trunc) in enumerate(outcomes) if term or trunc]
+        if done:
+            new = [self.core.new_episode(self._rngs[i], None) for i in done]
+            self.core.reset_batch(new)
+            for i, ep in zip(done, new, strict=True):
+                finals[i] = obs[i]
+                infos[i] = {**self.core.info(ep), "final_info": infos[i]}
+                obs[i] = self.core.observe(ep)
+                self._eps[i] = ep
+        rewards = np.array([o[0] for o in outcomes], dtype=np.float64)
+        terms = np.array([o[1] for o in outcomes], dtype=bool)
+        truncs = np.array([o[2] for o in outcomes], dtype=bool)
+        return np.stack(obs), rewards, terms, truncs, infos, finals
+
+    def step(self, actions):
+        obs, rewards, terms, truncs, per_env, finals = self.step_episodes(actions)
+        infos: dict[str, Any] = {}
+        for i, info in enumerate(per_env):
+            info = dict(info)
+            info.pop("final_info", None)
+            infos = self._add_info(infos, info, i)
+        if any(f is not None for f in finals):
+            infos["final_obs"] = np.array(finals, dtype=object)
+            infos["_final_obs"] = np.array([f is not None for f in finals])
+            infos["final_info"] = np.array([info.get("final_info") for info in per_env], dtype=object)
+            infos["_final_info"] = infos["_final_obs"].copy()
+        return obs, rewards, terms, truncs, infos
+
+    def render(self):
+        if self.render_mode is None or not self._eps:
+            return None
+        if self.render_mode == "ansi":
+            return [ep.result.table() for ep in self._eps]  # type: ignore[union-attr]
+        return [_dvh_rgb(self.core, ep) for ep in self._eps]
+
+
+def _dvh_rgb(core: TuningCore, ep: EpisodeState) -> np.ndarray:
+    """The current plan's DVH as an RGB array ``(H, W, 3)`` uint8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    case = core.case(ep.case_key)
+    doses = case.structure_doses(ep.dose)
+    fig = Figure(figsize=(6, 4), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    grid = np.linspace(0, 1.25 * case.prescription_gy, 200)
+    for name, d in doses.items():
+        ax.plot(grid, 100 * cumulative_dvh(d, grid), label=name)
+    ax.set_xlabel("dose (Gy)")
+    ax.set_ylabel("volume (%)")
+    ax.set_title(f"{case.name}: step {ep.steps}, score {ep.result.total:.2f}")  # type: ignore[union-attr]
+    ax.legend(fontsize=7)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -1,0 +1,78 @@
+"""Adapter from :class:`rtenv.env.TPPTuningVectorEnv` to stable-baselines3's ``VecEnv``.
+
+SB3 does not accept Gymnasium vector envs. :class:`SB3VecEnv` hands SB3 what it expects: reset
+returns observations only, finished sub-environments restart in the same step, and each finished
+one's info carries ``terminal_observation`` and ``TimeLimit.truncated`` (True when the episode hit
+``max_steps`` without reaching full score), so SB3 bootstraps truncated episodes.
+
+    from rtenv.sb3 import make_sb3_vec_env
+    venv = make_sb3_vec_env("S1", num_envs=8)
+    PPO("MlpPolicy", venv).learn(2048)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv
+
+from rtenv.env import TPPTuningVectorEnv
+
+
+class SB3VecEnv(VecEnv):
+    """stable-baselines3 view of a :class:`~rtenv.env.TPPTuningVectorEnv`."""
+
+    def __init__(self, venv: TPPTuningVectorEnv) -> None:
+        self.venv = venv
+        super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
+        self._actions: Any = None
+        self._seed: int | None = None
+
+    def reset(self) -> np.ndarray:
+        obs, _ = self.venv.reset(seed=self._seed)
+        self._seed = None
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = actions
+
+    def step_wait(self):
+        obs, rewards, terms, truncs, infos, finals = self.venv.step_episodes(self._actions)
+        out = []
+        for i, info in enumerate(infos):
+            info = dict(info)
+            if finals[i] is not None:
+                info["terminal_observation"] = finals[i]
+                info["TimeLimit.truncated"] = bool(truncs[i] and not terms[i])
+            out.append(info)
+        return obs, rewards.astype(np.float32), terms | truncs, out
+
+    def seed(self, seed: int | None = None) -> list[int | None]:
+        self._seed = seed
+        return [None if seed is None else seed + i for i in range(self.num_envs)]
+
+    def close(self) -> None:
+        self.venv.close()
+
+    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+        return [getattr(self.venv, attr_name) for _ in self._indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+        setattr(self.venv, attr_name, value)
+
+    def env_method(self, method_name: str, *args, indices=None, **kwargs) -> list[Any]:
+        return [getattr(self.venv, method_name)(*args, **kwargs) for _ in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+        return [False for _ in self._indices(indices)]
+
+    def _indices(self, indices) -> list[int]:
+        if indices is None:
+            return list(range(self.num_envs))
+        return [indices] if isinstance(indices, int) else list(indices)
+
+
+def make_sb3_vec_env(scenario: str = "S1", num_envs: int = 8, **kwargs: Any) -> SB3VecEnv:
+    """An SB3 ``VecEnv`` of ``num_envs`` batched episodes (kwargs as for the vector env)."""
+    return SB3VecEnv(TPPTuningVectorEnv(num_envs=num_envs, scenario=scenario, **kwargs))

@@ -1,0 +1,64 @@
+"""The CMA-ES search baseline, and the benchmark scripts run end to end on small settings."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import calibration, env_speed, tps_speed
+from rtenv.env import EpisodeState, TuningCore
+from rtenv.search import cma_search
+from rtenv.tpp import TPP
+
+
+def test_cma_search_reaches_full_score_and_is_seeded():
+    core = TuningCore("S1", action_mode="continuous", cohort="test", scoring_mode="binary")
+    start = TPP.default(core.structures).values
+    a = cma_search(core, ("test", 4), start, budget=200, seed=3)
+    b = cma_search(core, ("test", 4), start, budget=200, seed=3)
+    assert a.success and a.best_score == 9 and a.evaluations <= 200
+    assert a.evaluations == b.evaluations and np.array_equal(a.best_tpp, b.best_tpp)
+    ep = EpisodeState(("test", 4), a.best_tpp)
+    core.solve([ep], warm=[False])
+    assert ep.result.full_score
+
+
+def test_cma_search_budget_is_respected_and_checked():
+    core = TuningCore("S1", action_mode="continuous", cohort="test", scoring_mode="binary")
+    start = TPP.default(core.structures).values
+    r = cma_search(core, ("test", 4), start, budget=5, popsize=4, sigma0=1e-6)
+    assert r.evaluations <= 5
+    with pytest.raises(ValueError, match="budget"):
+        cma_search(core, ("test", 4), start, budget=0)
+
+
+@pytest.mark.slow
+def test_calibration_writes_resumable_json(tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    assert calibration.main(["--scenario", "S1", "--json", str(out), "--budget", "64"]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["cases"]) == 10 and res["max_score"] == 9
+    for key in ("initial_score_mean", "initial_score_sd", "search_success_rate", "search_evaluations_mean"):
+        assert key in res
+    # a rerun resumes: nothing is recomputed, the figures stay
+    res["cases"][0]["seconds"] = -1.0
+    out.write_text(json.dumps(res))
+    calibration.main(["--scenario", "S1", "--json", str(out), "--budget", "64"])
+    assert json.loads(out.read_text())["cases"][0]["seconds"] == -1.0
+    assert "initial score" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
+    out = tmp_path / "env.json"
+    assert env_speed.main(["--scenario", "S1", "--envs", "4", "--steps", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["single_steps_per_s"] > 0 and res["vector_steps_per_s"]["4"] > 0 and res["device"] == "cpu"
+    out = tmp_path / "tps.json"
+    assert tps_speed.main(["--scenario", "S1", "--repeats", "1", "--batches", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("admm_ms", "admm_warm_ms", "batch_ms_per_plan", "reference_ms", "speedup_vs_reference",
+                "objective_gap", "spmv_bound_ms", "device"):
+        assert key in res
+    assert res["objective_gap_reference"]["clarabel"] == 0.0 and res["admm_frozen_objective"] > 0
+    assert "TPS speed" in capsys.readouterr().out
