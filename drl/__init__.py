@@ -1,1 +1,2 @@
-"""Deep reinforcement learning planners (ACER) and their explanations; see the DRL issue."""
+"""Deep reinforcement learning planners: ACER (:mod:`drl.acer`, SB3-compatible) and its estimators
+(:mod:`drl.acer_math`)."""
