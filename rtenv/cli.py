@@ -6,6 +6,8 @@ Commands::
     rtenv cases show S1 [--cohort test] [--case 0] [--json]
     rtenv dose S1 [--cohort test] [--case 0] --uniform --out DIR [--mode linear|binary|relative]
     rtenv plan S1 [--cohort test] [--case 0] [--tpp FILE.json] [--device cpu|cuda] --out DIR
+    rtenv train acer --scenario S1 --train-cases 1 --timesteps N --out DIR [--num-envs 16] [--seed 0]
+    rtenv evaluate --policy acer:DIR/model.zip --scenario S1 [--cohort test] --json OUT.json
 """
 
 from __future__ import annotations
@@ -118,6 +120,63 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from drl.train import train_acer  # the DRL stage sits above rtenv; import it only when asked
+
+    path = train_acer(args.scenario, args.out, args.timesteps, train_cases=args.train_cases, num_envs=args.num_envs,
+                      seed=args.seed, checkpoint_every=args.checkpoint_every, resume=not args.fresh,
+                      device=args.device, progress=True)
+    print(f"wrote {path} (checkpoints and logs under {args.out})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from drl.train import as_policy, load_policy
+    from rtenv.rollout import evaluate_cohort
+
+    model = load_policy(args.policy, device=args.device)
+    res = evaluate_cohort(as_policy(model), args.scenario, cohort=args.cohort, cases=args.cases, start=args.start,
+                          max_steps=args.max_steps, seed=args.seed, device=args.device)
+    res["policy"] = args.policy
+    print(f"{'case':<16}{'initial':>9}{'final':>8}{'steps':>7}  full")
+    for c in res["cases"]:
+        print(f"{c['case']:<16}{c['initial_score']:>9.2f}{c['final_score']:>8.2f}{c['steps']:>7}  "
+              f"{'yes' if c['full_score'] else 'no'}")
+    print(f"initial {res['initial_score_mean']:.2f} +- {res['initial_score_sd']:.2f} -> final "
+          f"{res['final_score_mean']:.2f} +- {res['final_score_sd']:.2f} (max {res['max_score']:g}); "
+          f"full score {100 * res['full_score_rate']:.0f} %; steps {res['steps_mean']:.1f} +- {res['steps_sd']:.1f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _knowledge(args: argparse.Namespace) -> int:
+    from knowledge_extraction.analysis import plot_tpp_distributions
+    from knowledge_extraction.knowledge import export_knowledge, knowledge_table, load_knowledge, save_knowledge
+
+    if args.knowledge_command == "export":
+        from drl.train import as_policy, load_policy
+
+        kb, summary = export_knowledge(as_policy(load_policy(args.policy)), args.policy, args.scenario, args.cohort,
+                                       max_steps=args.max_steps, seed=args.seed)
+        save_knowledge(kb, args.out)
+        print(knowledge_table(kb))
+        print(f"wrote {args.out} ({summary['full_score_rate'] * 100:.0f} % of {args.cohort} plans at full score)")
+        return 0
+    kb = load_knowledge(args.path)
+    if args.knowledge_command == "show":
+        print(knowledge_table(kb))
+        return 0
+    label = f"{kb['source'].get('policy')} ({kb['source'].get('scenario')})"
+    title = f"knowledge base: final TPPs of {kb['source'].get('successful')} full-score plans"
+    path = plot_tpp_distributions({label: {n: p["values"] for n, p in kb["parameters"].items()}},
+                                  Path(args.out) / "knowledge_tpp_distributions.png", title=title)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtenv", description="Radiotherapy TPP-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +205,49 @@ def build_parser() -> argparse.ArgumentParser:
                       help="scoring mode (default: the protocol's)")
     plan.add_argument("--out", required=True, help="output directory for plan.json and PNGs")
     plan.set_defaults(func=_plan)
+
+    train = sub.add_parser("train", help="train a DRL planner")
+    train.add_argument("algorithm", choices=["acer"])
+    train.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
+    train.add_argument("--train-cases", type=int, default=1, help="first N cases of the train cohort (default 1)")
+    train.add_argument("--timesteps", type=int, required=True)
+    train.add_argument("--num-envs", type=int, default=16)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=25_000, help="steps between checkpoints")
+    train.add_argument("--fresh", action="store_true", help="ignore checkpoints already in --out")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--out", required=True)
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="run a policy on every case of a cohort and summarise")
+    ev.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
+    ev.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
+    ev.add_argument("--cohort", default="test", choices=sorted(COHORTS))
+    ev.add_argument("--cases", type=int, default=None, help="first N cases (default: the whole cohort)")
+    ev.add_argument("--start", default="default", choices=["default", "random"])
+    ev.add_argument("--max-steps", type=int, default=20)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(func=_evaluate)
+
+    kn = sub.add_parser("knowledge", help="export, show and plot knowledge bases")
+    kn_sub = kn.add_subparsers(dest="knowledge_command", required=True)
+    ex = kn_sub.add_parser("export", help="run a policy on a cohort; keep the final TPPs of full-score plans")
+    ex.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
+    ex.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
+    ex.add_argument("--cohort", default="knowledge", choices=sorted(COHORTS))
+    ex.add_argument("--max-steps", type=int, default=20)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--out", required=True, help="knowledge-base JSON to write")
+    ex.set_defaults(func=_knowledge)
+    show = kn_sub.add_parser("show", help="print a knowledge base as a table")
+    show.add_argument("path", help="knowledge-base JSON")
+    show.set_defaults(func=_knowledge)
+    kplot = kn_sub.add_parser("plot", help="distribution figure of a knowledge base")
+    kplot.add_argument("path", help="knowledge-base JSON")
+    kplot.add_argument("--out", required=True, help="output directory")
+    kplot.set_defaults(func=_knowledge)
     return parser
 
 

@@ -86,6 +86,7 @@ class EpisodeState:
     case_key: tuple[str, int]
     tpp: np.ndarray
     fluence: np.ndarray | None = None
+    warm_start: np.ndarray | None = None
     dose: np.ndarray | None = None
     result: ProtocolResult | None = None
     steps: int = 0
@@ -240,12 +241,13 @@ class TuningCore:
             groups.setdefault(ep.case_key, []).append(i)
         for key, idx in groups.items():
             tps = self.tps(key)
-            x0 = np.stack([episodes[i].fluence if warm[k] and episodes[i].fluence is not None
-                           else np.ones(tps.n_beamlets, dtype=np.float32) for k, i in enumerate(idx)])
+            x0 = np.stack([episodes[i].warm_start if warm[k] and episodes[i].warm_start is not None
+                           else tps.cold_start for k, i in enumerate(idx)])
             plans = tps.optimize(np.stack([episodes[i].tpp for i in idx]), x0=x0)
             for b, i in enumerate(idx):
                 ep = episodes[i]
                 ep.fluence = plans.fluence[b]
+                ep.warm_start = plans.warm_start[b]
                 ep.result = score_plan(tps.case, plans.dose[b], mode=self.scoring_mode)
                 ep.tps_converged = bool(plans.converged[b])
                 ep.tps_iterations = int(plans.iterations[b])

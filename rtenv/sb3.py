@@ -2,8 +2,9 @@
 
 SB3 does not accept Gymnasium vector envs. :class:`SB3VecEnv` hands SB3 what it expects: reset
 returns observations only, finished sub-environments restart in the same step, and each finished
-one's info carries ``terminal_observation`` and ``TimeLimit.truncated`` (True when the episode hit
-``max_steps`` without reaching full score), so SB3 bootstraps truncated episodes.
+one's info carries ``terminal_observation``, ``TimeLimit.truncated`` (True when the episode hit
+``max_steps`` without reaching full score, so SB3 bootstraps it) and ``episode`` (return, length,
+time: what SB3's ``Monitor`` records, so its logger reports ``ep_rew_mean``).
 
     from rtenv.sb3 import make_sb3_vec_env
     venv = make_sb3_vec_env("S1", num_envs=8)
@@ -12,6 +13,7 @@ one's info carries ``terminal_observation`` and ``TimeLimit.truncated`` (True wh
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -28,10 +30,15 @@ class SB3VecEnv(VecEnv):
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
         self._actions: Any = None
         self._seed: int | None = None
+        self._returns = np.zeros(self.num_envs)
+        self._lengths = np.zeros(self.num_envs, dtype=np.int64)
+        self._t0 = time.time()
 
     def reset(self) -> np.ndarray:
         obs, _ = self.venv.reset(seed=self._seed)
         self._seed = None
+        self._returns[:] = 0.0
+        self._lengths[:] = 0
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -39,12 +46,18 @@ class SB3VecEnv(VecEnv):
 
     def step_wait(self):
         obs, rewards, terms, truncs, infos, finals = self.venv.step_episodes(self._actions)
+        self._returns += rewards
+        self._lengths += 1
         out = []
         for i, info in enumerate(infos):
             info = dict(info)
             if finals[i] is not None:
                 info["terminal_observation"] = finals[i]
                 info["TimeLimit.truncated"] = bool(truncs[i] and not terms[i])
+                # what SB3's Monitor wrapper would record: episode return, length, wall time
+                info["episode"] = {"r": float(self._returns[i]), "l": int(self._lengths[i]),
+                                   "t": round(time.time() - self._t0, 6)}
+                self._returns[i], self._lengths[i] = 0.0, 0
             out.append(info)
         return obs, rewards.astype(np.float32), terms | truncs, out
 

@@ -6,7 +6,9 @@ For one case and a TPP vector (``t_s``, ``lambda_s``, ``V_s`` per structure; see
     minimise_x  sum_s  w_s / (2 |A_s|) * || d_{A_s} - t_s ||^2
     subject to  x >= 0,   D95(d_PTV) >= 1
 
-with ``w_s = lambda_s / lambda_PTV`` and ``A_s`` the active set of structure ``s``: of its hottest
+with ``w_s = lambda_s / lambda_PTV`` (the solver itself scales all weights by one constant so the
+largest is 1, which leaves the minimiser unchanged and keeps float32 arithmetic well conditioned
+for extreme weight ratios) and ``A_s`` the active set of structure ``s``: of its hottest
 ``V_s`` fraction of voxels, those with ``d > t_s`` (for the PTV this is the hot-spot term). The
 active sets are recomputed from the current dose at every outer iteration, which makes the
 problem non-convex (SPEC section 1). OAR voxels inside the PTV belong to the PTV for the
@@ -101,7 +103,9 @@ class PlanResult:
 
     Attributes:
         tpps: The TPP vectors solved, ``(B, n_tpp)``.
-        fluence: Beamlet weights ``(B, n_beamlets)`` (the case's fluence units).
+        fluence: Beamlet weights ``(B, n_beamlets)`` (the case's fluence units), D95 = Rx.
+        warm_start: The ADMM iterates before the D95 rescale, ``(B, n_beamlets)``: the ``x0``
+            with which a next solve (e.g. the next tuning step) continues.
         dose: Dose over the case's dose rows ``(B, n_rows)`` in Gy.
         objective: Objective at the returned plan (relative-dose units), ``(B,)``.
         active_voxels: Active-set size per structure, ``name -> (B,)``.
@@ -113,6 +117,7 @@ class PlanResult:
 
     tpps: np.ndarray
     fluence: np.ndarray
+    warm_start: np.ndarray
     dose: np.ndarray
     objective: np.ndarray
     active_voxels: dict[str, np.ndarray]
@@ -205,12 +210,22 @@ class TPS:
         self._Dt = _csr_tensor(D.T.tocsr(), self.device)
         self._D_full = _csr_tensor(case.dose_influence.astype(np.float32).tocsr(), self.device)
         self._cover_k = max(math.ceil(self.settings.coverage * self._rows[0].numel()), 1)
+        self._cold_start: np.ndarray | None = None
         self._Dt_sq = _csr_tensor(D.multiply(D).T.tocsr(), self.device)  # Jacobi preconditioner
         # ADMM penalties: beta on the mean squared PTV consensus residual; the x = z split gets the
         # same strength per beamlet (beta/|PTV| times the mean PTV column norm of D)
         self._rho_y = self.settings.beta / self._rows[0].numel()
         ptv_col_sq = np.asarray(D[self._rows[0].cpu().numpy()].multiply(D[self._rows[0].cpu().numpy()]).sum(0)).ravel()
         self._rho_z = float(self._rho_y * ptv_col_sq.mean())
+
+    @property
+    def cold_start(self) -> np.ndarray:
+        """The default start: uniform fluence scaled so that PTV D95 = Rx, ``(n_beamlets,)``."""
+        if self._cold_start is None:
+            ones = torch.ones(self.n_beamlets, 1, device=self.device)
+            d_ptv = (self._D @ ones)[self._rows[0]]
+            self._cold_start = (ones / self._coverage_dose(d_ptv).clamp(min=1e-12))[:, 0].cpu().numpy()
+        return self._cold_start
 
     # ------------------------------------------------------------------ helpers
     def _tpp_batch(self, tpps: TPP | Sequence[TPP] | np.ndarray) -> np.ndarray:
@@ -285,8 +300,11 @@ class TPS:
         Args:
             tpps: One :class:`TPP`, a sequence of them, or an array ``(B, n_tpp)`` in
                 :func:`rtenv.tpp.tpp_names` order.
-            x0: Optional warm start ``(n_beamlets,)`` or ``(B, n_beamlets)`` (e.g. the last
-                step's fluence); default: uniform fluence. Either is first scaled to D95 = Rx.
+            x0: Optional warm start ``(n_beamlets,)`` or ``(B, n_beamlets)``, used as given:
+                pass the previous solve's ``warm_start`` (its ADMM iterate before the D95
+                rescale; restarting from rescaled plans would multiply beamlets that no active
+                term constrains by every step's rescale factor). Default: uniform fluence scaled
+                to D95 = Rx.
             frozen: Hold the active sets and the covered voxels fixed (the convex sub-problem).
 
         Returns:
@@ -299,11 +317,16 @@ class TPS:
         dev = self.device
         tv = torch.as_tensor(batch, dtype=torch.float32, device=dev)
         t, lam, vol = tv[:, :n].T, tv[:, n:2 * n].T, tv[:, 2 * n:].T  # (S, B)
-        w = lam / lam[0]
+        # the ADMM works with weights scaled by the largest lambda (all <= 1): a constant factor on
+        # the objective leaves its constrained minimiser unchanged but keeps float32 CG well
+        # conditioned against the fixed ADMM penalties when lambda_PTV is tiny; the reported
+        # objective uses SPEC's lambda_s / lambda_PTV
+        w = lam / lam.max(0).values
+        w_spec = lam / lam[0]
         frozen_masks, cover_rows = self._frozen(frozen, B)
 
         if x0 is None:
-            X = torch.ones(self.n_beamlets, B, device=dev)
+            X = torch.as_tensor(self.cold_start, device=dev)[:, None].repeat(1, B)
         else:
             x0 = np.asarray(x0, dtype=np.float32)
             if x0.shape == (self.n_beamlets,):
@@ -315,15 +338,13 @@ class TPS:
             X = torch.tensor(x0.T, device=dev)
         D, Dt, ptv = self._D, self._Dt, self._rows[0]
         d = D @ X
-        scale = 1.0 / self._coverage_dose(d[ptv]).clamp(min=1e-12)
-        X, d = X * scale, d * scale
         Z, H = X.clone(), torch.zeros_like(X)  # non-negative copy of x and its scaled dual
         y = self._project(d[ptv], cover_rows)
         g = torch.zeros_like(y)
         rho_y, rho_z = self._rho_y, self._rho_z
         # the working set holds the plans still running; a plan that converges leaves it (its
         # fluence goes to `out`), so later iterations cost only what the remaining plans need
-        t_all, w_all, vol_all, frozen_all = t, w, vol, frozen_masks
+        t_all, vol_all, frozen_all = t, vol, frozen_masks
         cols = torch.arange(B, device=dev)
         out = torch.empty_like(Z)
         iterations = torch.full((B,), cfg.max_iter, dtype=torch.long, device=dev)
@@ -376,15 +397,17 @@ class TPS:
             out[:, cols] = Z
 
         X = out  # the plan is the non-negative fluence
+        raw = X.T.cpu().numpy()
         d = D @ X
         scale = 1.0 / self._coverage_dose(d[ptv]).clamp(min=1e-12)
         X, d = X * scale, d * scale
-        _, _, masks = self._active_weights(d, t_all, w_all, self._volume_ranks(vol_all), frozen_all)
-        objective = self._objective(d, t_all, w_all, masks)
+        _, _, masks = self._active_weights(d, t_all, w_spec, self._volume_ranks(vol_all), frozen_all)
+        objective = self._objective(d, t_all, w_spec, masks)
         dose = (self._D_full @ X).T
         return PlanResult(
             tpps=batch,
             fluence=X.T.cpu().numpy(),
+            warm_start=raw,
             dose=dose.cpu().numpy(),
             objective=objective.cpu().numpy().astype(np.float64),
             active_voxels={s: m.sum(0).cpu().numpy() for s, m in zip(self.structures, masks, strict=True)},

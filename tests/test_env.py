@@ -186,3 +186,7 @@ def test_sb3_adapter_hands_over_terminal_observations():
     for info in infos:
         assert info["terminal_observation"].shape == (300,)
         assert info["TimeLimit.truncated"] == (not info["final_info"]["full_score"])
+        assert info["episode"]["l"] == 1
+    venv.step_async(np.array([2, 3]))
+    _, rewards, _, infos = venv.step_wait()
+    assert [info["episode"]["r"] for info in infos] == pytest.approx(rewards.tolist())

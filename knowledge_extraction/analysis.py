@@ -1,0 +1,91 @@
+"""The seed's analyses over sets of final plans: TPP distributions and Spearman correlations.
+
+Works on :class:`rtenv.rollout.EpisodeRecord` dicts (``final_tpp``, ``final_dv_metrics``), so any
+policy's results (DRL, LLM, baselines) can be compared. Figures are PNG files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+
+def spearman_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Spearman rho and p-value between every final TPP and every final dose-volume metric.
+
+    Returns ``{"tpps": [...], "metrics": [...], "rho": [[...]], "p": [[...]], "n": N}``; a pair
+    where either side is constant over the plans gets NaN.
+    """
+    if len(records) < 3:
+        raise ValueError(f"Spearman correlations need at least 3 plans, got {len(records)}")
+    tpps = list(records[0]["final_tpp"])
+    metrics = list(records[0]["final_dv_metrics"])
+    X = np.array([[r["final_tpp"][k] for k in tpps] for r in records], dtype=np.float64)
+    Y = np.array([[r["final_dv_metrics"][k] for k in metrics] for r in records], dtype=np.float64)
+    rho = np.full((len(tpps), len(metrics)), np.nan)
+    p = np.full_like(rho, np.nan)
+    for i in range(len(tpps)):
+        for j in range(len(metrics)):
+            if np.ptp(X[:, i]) > 0 and np.ptp(Y[:, j]) > 0:
+                res = spearmanr(X[:, i], Y[:, j])
+                rho[i, j], p[i, j] = float(res.statistic), float(res.pvalue)
+    return {"tpps": tpps, "metrics": metrics, "rho": rho.tolist(), "p": p.tolist(), "n": len(records)}
+
+
+def plot_spearman(table: Mapping[str, Any], path: str | Path, title: str = "Spearman correlation") -> Path:
+    """Heatmap of rho (TPPs x metrics), pairs with p < 0.05 marked with an asterisk."""
+    rho, p = np.array(table["rho"], dtype=float), np.array(table["p"], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(table["metrics"]), 1.0 + 0.4 * len(table["tpps"])), dpi=110)
+    im = ax.imshow(rho, cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(table["metrics"])), table["metrics"], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(table["tpps"])), table["tpps"], fontsize=7)
+    for i, j in zip(*np.nonzero(p < 0.05), strict=True):
+        ax.text(j, i, "*", ha="center", va="center", fontsize=9)
+    fig.colorbar(im, ax=ax, label="Spearman rho")
+    ax.set_title(f"{title} (n = {table['n']})", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
+                           title: str = "final TPP distributions") -> Path:
+    """Box plots of each TPP per group (e.g. policy -> {tpp name: values}), one panel per kind
+    (t, lambda on a log scale, V), as the seed's Fig. 2 and Fig. 5."""
+    kinds = ("t", "lambda", "V")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
+    labels = list(groups)
+    for ax, kind in zip(axes, kinds, strict=True):
+        names = [n for n in next(iter(groups.values())) if n.split("_", 1)[0] == kind]
+        width = 0.8 / max(len(labels), 1)
+        for g, label in enumerate(labels):
+            data = [list(groups[label].get(n, [])) or [np.nan] for n in names]
+            pos = np.arange(len(names)) + (g - (len(labels) - 1) / 2) * width
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True)
+            for box in bp["boxes"]:
+                box.set_facecolor(f"C{g}")
+                box.set_alpha(0.6)
+            ax.plot([], [], color=f"C{g}", lw=6, alpha=0.6, label=label)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        if kind == "lambda":
+            ax.set_yscale("log")
+        ax.set_title({"t": "dose thresholds t (x Rx)", "lambda": "weights lambda", "V": "volume fractions V"}[kind])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

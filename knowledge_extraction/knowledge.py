@@ -1,0 +1,128 @@
+"""Knowledge bases: the final TPPs of successful plans, stored parameter-wise.
+
+A knowledge base is a versioned JSON file::
+
+    {"format": "rtenv-knowledge", "version": 1,
+     "source": {"policy": ..., "scenario": ..., "cohort": ..., "seeds": [...], "episodes": N,
+                "successful": K, "created": ISO time},
+     "parameters": {"t_PTV": {"kind": "t", "values": [...K floats...], "median": ..., "q1": ...,
+                              "q3": ..., "min": ..., "max": ...}, ...,
+                    "lambda_bladder": {..., "geometric_mean": ..., "geometric_sd": ...}}}
+
+Values are kept per parameter and sorted, so no per-patient TPP vector can be read back from the
+file (the M2M seed's parameter-wise serialisation). Weights (``lambda_*``) also carry geometric
+statistics. :func:`load_knowledge` validates the schema and fails with a message naming the
+problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort
+
+FORMAT = "rtenv-knowledge"
+VERSION = 1
+
+
+class KnowledgeFormatError(ValueError):
+    """A knowledge-base file is not valid."""
+
+
+def _stats(values: list[float], kind: str) -> dict[str, Any]:
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    out: dict[str, Any] = {"kind": kind, "values": [float(x) for x in v], "median": float(np.median(v)),
+                           "q1": float(np.quantile(v, 0.25)), "q3": float(np.quantile(v, 0.75)),
+                           "min": float(v[0]), "max": float(v[-1])}
+    if kind == "lambda":
+        logs = np.log(v)
+        out["geometric_mean"] = float(np.exp(logs.mean()))
+        out["geometric_sd"] = float(np.exp(logs.std(ddof=1))) if v.size > 1 else 1.0
+    return out
+
+
+def build_knowledge(records: Sequence[EpisodeRecord], source: dict[str, Any]) -> dict[str, Any]:
+    """A knowledge base from episode records: the final TPPs of the full-score ones."""
+    good = [r for r in records if r.full_score]
+    if not good:
+        raise ValueError(f"no full-score plan among {len(records)} episodes: nothing to export")
+    names = list(good[0].final_tpp)
+    params = {n: _stats([r.final_tpp[n] for r in good], n.split("_", 1)[0]) for n in names}
+    src = {**source, "episodes": len(records), "successful": len(good),
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {"format": FORMAT, "version": VERSION, "source": src, "parameters": params}
+
+
+def save_knowledge(kb: dict[str, Any], path: str | Path) -> Path:
+    validate_knowledge(kb)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kb, indent=2))
+    return path
+
+
+def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
+    """Raise :class:`KnowledgeFormatError` naming the first problem."""
+    if not isinstance(kb, dict):
+        raise KnowledgeFormatError(f"{where}: top level must be an object")
+    if kb.get("format") != FORMAT:
+        raise KnowledgeFormatError(f"{where}: format is {kb.get('format')!r}, expected {FORMAT!r}")
+    if kb.get("version") != VERSION:
+        raise KnowledgeFormatError(f"{where}: version {kb.get('version')!r} is not supported (reads {VERSION})")
+    for key in ("source", "parameters"):
+        if not isinstance(kb.get(key), dict):
+            raise KnowledgeFormatError(f"{where}: missing object {key!r}")
+    if not kb["parameters"]:
+        raise KnowledgeFormatError(f"{where}: 'parameters' is empty")
+    for name, p in kb["parameters"].items():
+        if not isinstance(p, dict) or not isinstance(p.get("values"), list) or not p["values"]:
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} needs a non-empty 'values' list")
+        vals = p["values"]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in vals):
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} has non-finite or non-positive values")
+        for stat in ("median", "q1", "q3", "min", "max"):
+            if not isinstance(p.get(stat), (int, float)):
+                raise KnowledgeFormatError(f"{where}: parameter {name!r} lacks statistic {stat!r}")
+
+
+def load_knowledge(path: str | Path) -> dict[str, Any]:
+    """Load and validate a knowledge base."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no knowledge base at {file}")
+    try:
+        kb = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise KnowledgeFormatError(f"{file}: not valid JSON ({exc})") from exc
+    validate_knowledge(kb, str(file))
+    return kb
+
+
+def knowledge_table(kb: dict[str, Any]) -> str:
+    """A readable table: one row per TPP with its distribution."""
+    src = kb["source"]
+    lines = [f"knowledge base: {src.get('policy')} on {src.get('scenario')} {src.get('cohort')} "
+             f"({src.get('successful')}/{src.get('episodes')} full-score plans)",
+             f"{'parameter':<18}{'n':>4}{'min':>10}{'q1':>10}{'median':>10}{'q3':>10}{'max':>10}"]
+    for name, p in kb["parameters"].items():
+        lines.append(f"{name:<18}{len(p['values']):>4}" + "".join(f"{p[s]:>10.4g}" for s in
+                                                                 ("min", "q1", "median", "q3", "max")))
+    return "\n".join(lines)
+
+
+def export_knowledge(policy: Policy, policy_name: str, scenario: str = "S1", cohort: str = "knowledge",
+                     start: str = "default", max_steps: int = 20, seed: int = 0) -> tuple[dict[str, Any], dict]:
+    """Run ``policy`` on every case of ``cohort`` and build the knowledge base of its full-score
+    plans; returns the knowledge base and the evaluation summary."""
+    summary = evaluate_cohort(policy, scenario, cohort=cohort, start=start, max_steps=max_steps, seed=seed)
+    records = [EpisodeRecord(**c) for c in summary["cases"]]
+    kb = build_knowledge(records, {"policy": policy_name, "scenario": scenario, "cohort": cohort, "start": start,
+                                   "max_steps": max_steps, "seeds": [seed + i for i in range(len(records))]})
+    return kb, summary

@@ -1,0 +1,92 @@
+"""Running any policy on the environments: single episodes and whole cohorts, with summaries.
+
+A policy here is any callable ``policy(observation, info) -> action`` (an SB3 model adapts with
+``lambda obs, info: model.predict(obs, deterministic=True)[0]``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rtenv.env import TPPTuningEnv
+from rtenv.evaluation import score_plan
+from rtenv.scenarios import COHORTS
+
+Policy = Callable[[np.ndarray, dict[str, Any]], Any]
+
+
+@dataclass
+class EpisodeRecord:
+    """One tuning episode: scores (the env's scoring mode and binary), steps, final TPPs and metrics."""
+
+    case: str
+    initial_score: float
+    final_score: float
+    initial_binary_score: float
+    final_binary_score: float
+    max_score: float
+    steps: int
+    full_score: bool
+    final_tpp: dict[str, float]
+    final_dv_metrics: dict[str, float]
+    score_trajectory: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_episode(env: TPPTuningEnv, policy: Policy, seed: int | None = None,
+                options: dict[str, Any] | None = None) -> EpisodeRecord:
+    """Roll ``policy`` out for one episode (until full score or truncation)."""
+    obs, info = env.reset(seed=seed, options=options)
+    initial, initial_binary = info["score"], score_plan(env.case, env.dose, mode="binary").total
+    trajectory = [info["score"]]
+    terminated = truncated = info["full_score"]  # a start at full score needs no tuning
+    while not (terminated or truncated):
+        obs, _, terminated, truncated, info = env.step(policy(obs, info))
+        trajectory.append(info["score"])
+    return EpisodeRecord(
+        case=info["case"], initial_score=initial, final_score=info["score"], initial_binary_score=initial_binary,
+        final_binary_score=score_plan(env.case, env.dose, mode="binary").total, max_score=info["max_score"],
+        steps=info["steps"], full_score=bool(info["full_score"]), final_tpp=info["tpp"],
+        final_dv_metrics=info["dv_metrics"], score_trajectory=trajectory,
+    )
+
+
+def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: int | None = None,
+                    start: str = "default", max_steps: int = 20, seed: int = 0,
+                    **env_kwargs: Any) -> dict[str, Any]:
+    """Run ``policy`` once on every case of a cohort and summarise.
+
+    Returns a JSON-ready dict with ``cases`` (one :class:`EpisodeRecord` dict each) and the
+    summary keys ``initial_score_mean``, ``final_score_mean``, ``final_score_sd``, ``steps_mean``,
+    ``steps_sd``, ``full_score_rate`` (scores in the env's scoring mode; ``*_binary_*`` too).
+    """
+    size = COHORTS[cohort][0] if cohort in COHORTS else None
+    n = cases if cases is not None else (size or 1)
+    env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
+                       **env_kwargs)
+    records = [run_episode(env, policy, seed=seed + i, options={"index": i}) for i in range(n)]
+    return summarise(records, scenario=scenario, cohort=cohort, start=start, max_steps=max_steps)
+
+
+def summarise(records: list[EpisodeRecord], **meta: Any) -> dict[str, Any]:
+    """Mean +- sd summary of episode records (plus the records)."""
+    def ms(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    out: dict[str, Any] = dict(meta)
+    out["initial_score_mean"], out["initial_score_sd"] = ms([r.initial_score for r in records])
+    out["final_score_mean"], out["final_score_sd"] = ms([r.final_score for r in records])
+    out["initial_binary_score_mean"], out["initial_binary_score_sd"] = ms([r.initial_binary_score for r in records])
+    out["final_binary_score_mean"], out["final_binary_score_sd"] = ms([r.final_binary_score for r in records])
+    out["steps_mean"], out["steps_sd"] = ms([float(r.steps) for r in records])
+    out["full_score_rate"] = sum(r.full_score for r in records) / len(records)
+    out["max_score"] = records[0].max_score
+    out["cases"] = [r.to_dict() for r in records]
+    return out

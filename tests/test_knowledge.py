@@ -1,0 +1,75 @@
+"""Knowledge bases (parameter-wise export, validation) and the Spearman / distribution analyses."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from knowledge_extraction.analysis import plot_spearman, plot_tpp_distributions, spearman_table
+from knowledge_extraction.knowledge import (
+    KnowledgeFormatError,
+    build_knowledge,
+    knowledge_table,
+    load_knowledge,
+    save_knowledge,
+)
+from rtenv.rollout import EpisodeRecord
+
+
+def record(i, full=True):
+    tpp = {"t_PTV": 1.0 + 0.01 * i, "lambda_PTV": 2.0 ** i, "V_PTV": 0.1}
+    return EpisodeRecord(case=f"c{i}", initial_score=5, final_score=9 if full else 7, initial_binary_score=5,
+                         final_binary_score=9 if full else 7, max_score=9, steps=3, full_score=full, final_tpp=tpp,
+                         final_dv_metrics={"PTV hot spot": 84.0 - i, "Rectum V75Gy": 10.0 + (i % 2)})
+
+
+def test_build_keeps_full_score_plans_parameter_wise():
+    recs = [record(3), record(1), record(2), record(9, full=False)]
+    kb = build_knowledge(recs, {"policy": "acer:x", "scenario": "S1", "cohort": "knowledge"})
+    assert kb["source"]["episodes"] == 4 and kb["source"]["successful"] == 3
+    lam = kb["parameters"]["lambda_PTV"]
+    assert lam["values"] == [2.0, 4.0, 8.0]  # sorted: no per-patient vector survives
+    assert lam["median"] == 4.0 and lam["min"] == 2.0 and lam["max"] == 8.0
+    assert lam["geometric_mean"] == pytest.approx(4.0)
+    assert "geometric_mean" not in kb["parameters"]["t_PTV"]
+    assert kb["parameters"]["t_PTV"]["q1"] == pytest.approx(1.015)
+    with pytest.raises(ValueError, match="no full-score plan"):
+        build_knowledge([record(1, full=False)], {})
+
+
+def test_save_load_and_validation(tmp_path):
+    kb = build_knowledge([record(1), record(2)], {"policy": "p", "scenario": "S1", "cohort": "knowledge"})
+    path = save_knowledge(kb, tmp_path / "kb.json")
+    assert load_knowledge(path) == kb
+    assert "lambda_PTV" in knowledge_table(kb)
+    bad = {
+        "format": ({**kb, "format": "other"}, "format is 'other'"),
+        "version": ({**kb, "version": 7}, "version 7"),
+        "values": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [math.nan]}}}, "non-finite"),
+        "empty": ({**kb, "parameters": {}}, "empty"),
+    }
+    for name, (data, message) in bad.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(data))
+        with pytest.raises(KnowledgeFormatError, match=message):
+            load_knowledge(f)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(KnowledgeFormatError, match="not valid JSON"):
+        load_knowledge(tmp_path / "junk.json")
+    with pytest.raises(FileNotFoundError):
+        load_knowledge(tmp_path / "none.json")
+
+
+def test_spearman_by_construction(tmp_path):
+    recs = [record(i).to_dict() for i in range(6)]
+    table = spearman_table(recs)
+    i, j = table["tpps"].index("lambda_PTV"), table["metrics"].index("PTV hot spot")
+    assert table["rho"][i][j] == pytest.approx(-1.0)  # hot spot falls as lambda_PTV rises
+    assert table["p"][i][j] < 0.01
+    assert np.isnan(table["rho"][table["tpps"].index("V_PTV")][j])  # constant TPP: undefined
+    with pytest.raises(ValueError, match="at least 3"):
+        spearman_table(recs[:2])
+    assert plot_spearman(table, tmp_path / "s.png").stat().st_size > 5000
+    groups = {"guided": {k: [r["final_tpp"][k] for r in recs] for k in recs[0]["final_tpp"]}}
+    assert plot_tpp_distributions(groups, tmp_path / "d.png").stat().st_size > 5000
