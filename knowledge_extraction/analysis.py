@@ -10,12 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.stats import spearmanr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
+from rtenv.plots import save_figure  # sets the Agg backend: figures are files, never windows
 
 
 def spearman_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -51,7 +50,7 @@ def plot_spearman(table: Mapping[str, Any], path: str | Path, title: str = "Spea
         ax.text(j, i, "*", ha="center", va="center", fontsize=9)
     fig.colorbar(im, ax=ax, label="Spearman rho")
     ax.set_title(f"{title} (n = {table['n']})", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
@@ -79,13 +78,5 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
-
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

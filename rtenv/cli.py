@@ -34,6 +34,11 @@ def _add_case_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
 
 
+def _add_mode_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default=None, choices=["linear", "binary", "relative"],
+                   help="scoring mode (default: the protocol's)")
+
+
 def _cases_list(args: argparse.Namespace) -> int:
     print(f"{'scenario':<9}{'protocol':<12}{'Rx (Gy/fx)':<13}{'beams':<7}description")
     for sc in SCENARIOS.values():
@@ -192,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     dose = sub.add_parser("dose", help="dose of a fixed fluence, scored, with DVH and slice PNGs")
     _add_case_args(dose)
     dose.add_argument("--uniform", action="store_true", help="uniform fluence normalised to PTV D95 = Rx")
-    dose.add_argument("--mode", default=None, choices=["linear", "binary", "relative"],
-                      help="scoring mode (default: the protocol's)")
+    _add_mode_arg(dose)
     dose.add_argument("--out", required=True, help="output directory for PNGs and result.json")
     dose.set_defaults(func=_dose)
 
@@ -201,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(plan)
     plan.add_argument("--tpp", default=None, help="TPP JSON file (default: the SPEC default start)")
     plan.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
-    plan.add_argument("--mode", default=None, choices=["linear", "binary", "relative"],
-                      help="scoring mode (default: the protocol's)")
+    _add_mode_arg(plan)
     plan.add_argument("--out", required=True, help="output directory for plan.json and PNGs")
     plan.set_defaults(func=_plan)
 

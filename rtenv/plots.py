@@ -57,7 +57,7 @@ def plot_dvh(
             ax.plot([], [], color="k", ls=("-", "--", ":", "-.")[p % 4], label=label)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title or f"{case.name}: DVH (Rx {rx:g} Gy)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, title: str | None = None) -> Path:
@@ -92,10 +92,11 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
     ax.set_ylabel("y, anterior (mm)")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title or f"{case.name}: axial dose at isocentre (slice {k})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (creating parent folders), close it, and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
