@@ -267,8 +267,8 @@ class ACER(BaseAlgorithm):
         with torch.no_grad():
             for p_avg, p in zip(self.avg_policy.parameters(), self.policy.parameters(), strict=True):
                 p_avg.mul_(self.alpha).add_(p, alpha=1.0 - self.alpha)
-        return {"policy_loss": float(trunc_term + corr_term), "value_loss": float(value_loss),
-                "entropy": float(entropy), "grad_norm": float(grad_norm)}
+        return {"policy_loss": (trunc_term + corr_term).detach().item(), "value_loss": value_loss.detach().item(),
+                "entropy": entropy.detach().item(), "grad_norm": float(grad_norm)}
 
     # --------------------------------------------------------------------- learn
     def learn(self, total_timesteps: int, callback: MaybeCallback = None, log_interval: int = 10,

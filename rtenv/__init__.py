@@ -2,7 +2,11 @@
 
 Stages, each knowing only those before it: planning cases (:mod:`rtenv.case`,
 :mod:`rtenv.phantom`, :mod:`rtenv.dose_engine`, :mod:`rtenv.scenarios`) -> plan evaluation
-(:mod:`rtenv.evaluation`) -> figures (:mod:`rtenv.plots`) and the CLI (:mod:`rtenv.cli`).
+(:mod:`rtenv.evaluation`) -> the TPS (:mod:`rtenv.tpp`, :mod:`rtenv.tps`, reference solvers in
+:mod:`rtenv.reference`) -> environments (:mod:`rtenv.env`, :mod:`rtenv.sb3`; ids registered on
+import by :mod:`rtenv.registration`) -> search and rollouts (:mod:`rtenv.search`,
+:mod:`rtenv.rollout`). Figures: :mod:`rtenv.plots`; the CLI (:mod:`rtenv.cli`) is a thin layer
+over all of it, including the ``drl`` and ``knowledge_extraction`` packages.
 """
 
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
