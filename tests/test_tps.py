@@ -173,3 +173,19 @@ def test_underdose_term_raises_cold_ptv_dose(s1):
     under = TPS(s1, settings=ADMMSettings(ptv_underdose=True, underdose_weight=20.0)).optimize(tpp)
     cold = lambda p: dose_at_volume_percent(p.dose[0][s1.target.rows], 99)  # noqa: E731
     assert cold(under) > cold(base)
+
+
+def test_warm_started_chain_stays_bounded_at_extreme_weight_ratios(s1):
+    # lambda_PTV at 1e-3 against OAR weights of 1e4 (reachable by repeated x0.6 / x1.65 actions) made the
+    # float32 ADMM diverge before the weights were normalised inside the solver and warm starts
+    # continued the pre-rescale iterate
+    tps = TPS(s1)
+    tpp = TPP(tuple(s1.structure_names), np.array([1.0, 0.2, 0.15, 1e-3, 1e4, 1e4, 0.05, 0.05, 0.6]))
+    plan = tps.optimize(tpp)
+    for step in range(20):
+        t = tpp.replace(lambda_bladder=1e4 * 0.6 ** (step % 3), t_rectum=0.15 + 0.01 * (step % 5))
+        plan = tps.optimize(t, x0=plan.warm_start[0])
+        assert np.isfinite(plan.dose).all() and np.isfinite(plan.warm_start).all()
+    assert plan.fluence.max() < 1e3 * tps.cold_start.max()
+    d95 = dose_at_volume_percent(plan.dose[0][s1.target.rows], 95)
+    assert d95 == pytest.approx(s1.prescription_gy, rel=1e-3)
