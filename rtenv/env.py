@@ -18,9 +18,9 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
-from rtenv.evaluation import CriterionResult, ProtocolResult, cumulative_dvh, score_plan
+from rtenv.evaluation import ProtocolResult, criterion_score, cumulative_dvh, score_plan
 from rtenv.scenarios import COHORTS, get_scenario, load_case
-from rtenv.tpp import KINDS, RANGES, TPP, tpp_names
+from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
 
 DVH_POINTS = 100
@@ -55,15 +55,8 @@ def fine_score(result: ProtocolResult) -> float:
             mid, half = (c.goal + c.limit) / 2, (c.limit - c.goal) / 2
             total += c.points * (0.5 - math.atan(2 * (c.value - mid) / half) / math.pi)
         else:
-            total += _linear(c)
+            total += criterion_score(c.value, c.goal, c.limit, c.points, c.sense, "linear")
     return total
-
-
-def _linear(c: CriterionResult) -> float:
-    if c.limit == c.goal:
-        return c.points * float(c.met)
-    frac = (c.limit - c.value) / (c.limit - c.goal) if c.sense == "upper" else (c.value - c.limit) / (c.goal - c.limit)
-    return c.points * min(max(frac, 0.0), 1.0)
 
 
 def spec_reward(prev: ProtocolResult, new: ProtocolResult) -> float:
@@ -81,11 +74,11 @@ REWARDS: dict[str, RewardFn] = {"spec": spec_reward, "score": score_reward}
 
 @dataclass
 class EpisodeState:
-    """One episode's state: its case, current TPPs, last fluence and evaluation."""
+    """One episode's state: its case, current TPPs, the TPS iterate to warm-start from, the plan's
+    dose and its evaluation."""
 
     case_key: tuple[str, int]
     tpp: np.ndarray
-    fluence: np.ndarray | None = None
     warm_start: np.ndarray | None = None
     dose: np.ndarray | None = None
     result: ProtocolResult | None = None
@@ -142,8 +135,7 @@ class TuningCore:
         self.names = tpp_names(self.structures)
         self.n_tpp = len(self.names)
         self._tps: dict[tuple[str, int], TPS] = {}
-        n = len(self.structures)
-        self._kinds = [(KINDS[j // n], j % n == 0) for j in range(self.n_tpp)]
+        self._kinds = tpp_kinds(self.structures)
 
     # ------------------------------------------------------------------ spaces
     @property
@@ -246,7 +238,6 @@ class TuningCore:
             plans = tps.optimize(np.stack([episodes[i].tpp for i in idx]), x0=x0)
             for b, i in enumerate(idx):
                 ep = episodes[i]
-                ep.fluence = plans.fluence[b]
                 ep.warm_start = plans.warm_start[b]
                 ep.result = score_plan(tps.case, plans.dose[b], mode=self.scoring_mode)
                 ep.tps_converged = bool(plans.converged[b])

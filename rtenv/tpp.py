@@ -59,6 +59,11 @@ def tpp_names(structures: Sequence[str]) -> list[str]:
     return [f"{kind}_{k}" for kind in KINDS for k in keys]
 
 
+def tpp_kinds(structures: Sequence[str]) -> list[tuple[str, bool]]:
+    """``(kind, is_target)`` of each TPP in vector order, e.g. ``("lambda", False)``."""
+    return [(kind, i == 0) for kind in KINDS for i in range(len(structures))]
+
+
 def tpp_range(kind: str, is_target: bool) -> tuple[float, float, bool]:
     """``(low, high, low_inclusive)`` of a TPP kind (``high`` is always inclusive)."""
     return RANGES[(kind, is_target)]
@@ -172,7 +177,7 @@ class TPP:
 
 
 def _per_kind(structures: Sequence[str], value) -> np.ndarray:
-    return np.array([value(kind, i == 0) for kind in KINDS for i in range(len(structures))], dtype=np.float64)
+    return np.array([value(kind, target) for kind, target in tpp_kinds(structures)], dtype=np.float64)
 
 
 def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> None:
@@ -184,10 +189,8 @@ def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> None:
     names = tpp_names(structures)
     if v.shape[1] != len(names):
         raise ValueError(f"TPP vectors have {v.shape[1]} values; expected {len(names)} ({', '.join(names)})")
-    n = len(structures)
-    for j, name in enumerate(names):
-        kind, tgt = KINDS[j // n], (j % n) == 0
-        lo, hi, lo_inc = RANGES[(kind, tgt)]
+    for j, (name, key) in enumerate(zip(names, tpp_kinds(structures), strict=True)):
+        lo, hi, lo_inc = RANGES[key]
         col = v[:, j]
         bad = ~np.isfinite(col) | (col > hi) | ((col < lo) if lo_inc else (col <= lo))
         if bad.any():
