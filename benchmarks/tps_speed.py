@@ -12,7 +12,11 @@ Side by side in one run, on the scenario's default case (test cohort, case 0):
     ADMM at the default settings and run to convergence, CVXPY + Clarabel, CVXPY + OSQP and scipy
     L-BFGS-B (coverage as a penalty), with objectives and the relative gap to Clarabel;
 (d) the sparse-matvec bound: the timed cold solve's outer iterations x 2 SpMV (one D x and one
-    D^T y product of the optimisation matrix), and the same for every product the solver makes.
+    D^T y product of the optimisation matrix), and the same for every product the solver makes;
+(e) ``--scenario TG119`` only: pyRadPlan on the same phantom, beams and dose grid: its dose-influence
+    build and its own fluence optimisation (:data:`PYRADPLAN_OBJECTIVES`, its default solver),
+    the plan scored with our protocol; and our ADMM on the case built from that same pyRadPlan
+    matrix (rows restricted, truncated; :mod:`rtenv.tg119`).
 
 The JSON is rewritten after each stage, so an interrupted run keeps what it measured.
 """
@@ -143,7 +147,68 @@ def run(scenario: str, device: str, repeats: int, json_path: Path | None, batche
     res["admm_over_spmv_bound"] = res["admm_ms"] / res["spmv_bound_ms"]
     res["admm_over_all_products"] = res["admm_ms"] / res["spmv_all_products_ms"]
     save()
+
+    if scenario == "TG119":
+        res["pyradplan"] = pyradplan_stage(case, tpp, device, repeats)
+        save()
     return res
+
+
+# pyRadPlan objectives for (e), doses in Gy: (structure, objective class, priority, parameter)
+PYRADPLAN_OBJECTIVES = (("OuterTarget", "SquaredDeviation", 100.0, 50.0), ("Core", "SquaredOverdosing", 30.0, 20.0),
+                        ("BODY", "SquaredOverdosing", 10.0, 30.0))
+
+
+def pyradplan_stage(case, tpp: TPP, device: str, repeats: int) -> dict:
+    """(e): pyRadPlan's dose-influence build and fluence optimisation on TG119 (times in ms), and
+    our ADMM on the case built from the same pyRadPlan matrix."""
+    import warnings
+
+    from pyRadPlan import fluence_optimization
+    from pyRadPlan.optimization import objectives as objs
+    from pyRadPlan.optimization.solvers import get_available_solvers
+
+    from rtenv.evaluation import score_plan
+    from rtenv.scenarios import get_scenario
+    from rtenv.tg119 import build_tg119_case, pyradplan_row_order, run_pyradplan
+
+    sc = get_scenario("TG119")
+    run_ = run_pyradplan(sc)
+    M = run_.dij.physical_dose.flat[0]
+    out: dict = {"dij_ms": 1000 * run_.seconds, "voxels": int(M.shape[0]), "beamlets": int(M.shape[1]),
+                 "nnz": int(M.nnz), "objectives": [list(o) for o in PYRADPLAN_OBJECTIVES],
+                 "available_solvers": list(get_available_solvers())}
+    by_name = {v.name: v for v in run_.cst.vois}
+    for name, cls, priority, dose_gy in PYRADPLAN_OBJECTIVES:
+        kw = {"d_ref": dose_gy} if cls == "SquaredDeviation" else {"d_max": dose_gy}
+        by_name[name].objectives = [getattr(objs, cls)(priority=priority, **kw)]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fluence = np.asarray(fluence_optimization(run_.ct, run_.cst, run_.stf, run_.dij, run_.pln))
+    out["optimisation_ms"] = 1000 * (time.perf_counter() - t0)
+    # score their plan with our protocol on our case's rows (same grid), rescaled to PTV D95 = Rx
+    dose = np.asarray(M @ fluence, dtype=np.float32)[pyradplan_row_order(run_, _grid_of(case))][case.dose_rows]
+    dose *= case.coverage_scale(dose)
+    out["score"] = score_plan(case, dose).total
+    # our ADMM on the case built from the same pyRadPlan matrix
+    pcase = build_tg119_case(sc, engine="pyradplan", name="TG119-pyradplan", run=run_)
+    ptps = TPS(pcase, device=device)
+    out["case_nnz"] = int(pcase.dose_influence.nnz)
+    out["case_truncation"] = pcase.metadata["truncation"]
+    out["admm_ms"], cold = _time(lambda: ptps.optimize(tpp), repeats, ptps.device)
+    out["admm_iterations"] = int(cold.iterations[0])
+    out["admm_score"] = score_plan(pcase, cold.dose[0]).total
+    default = TPP.default(pcase.structure_names)
+    out["admm_default_ms"], dcold = _time(lambda: ptps.optimize(default), repeats, ptps.device)
+    out["admm_default_iterations"] = int(dcold.iterations[0])
+    return out
+
+
+def _grid_of(case):
+    from rtenv.dose_engine import Grid
+
+    return Grid(tuple(case.grid_shape), tuple(case.voxel_mm), tuple(case.metadata["grid_origin_mm"]))
 
 
 def table(res: dict) -> str:
@@ -175,6 +240,15 @@ def table(res: dict) -> str:
                  f"(ADMM {res['admm_over_spmv_bound']:.1f}x)")
     lines.append(f"all sparse products         {res['spmv_all_products_ms']:9.2f} ms  "
                  f"(ADMM {res['admm_over_all_products']:.1f}x; {res['sparse_pairs_per_iteration']} pairs/iteration)")
+    if "pyradplan" in res:
+        p = res["pyradplan"]
+        lines += ["", f"pyRadPlan on TG119 ({p['voxels']:,} voxels x {p['beamlets']} beamlets, nnz {p['nnz']:,})",
+                  f"  pyRadPlan dose influence   {p['dij_ms']:10.1f} ms",
+                  f"  pyRadPlan fluence opt.     {p['optimisation_ms']:10.1f} ms  (score {p['score']:.2f}, "
+                  f"ADMM cold on our case {p['optimisation_ms'] / res['admm_ms']:.0f}x faster)",
+                  f"  our ADMM, its matrix       {p['admm_ms']:10.1f} ms  ({p['admm_iterations']} iterations, "
+                  f"score {p['admm_score']:.2f}; case nnz {p['case_nnz']:,})",
+                  f"  our ADMM, its matrix, default TPPs {p['admm_default_ms']:8.1f} ms"]
     return "\n".join(lines)
 
 

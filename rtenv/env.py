@@ -19,7 +19,7 @@ from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
 from rtenv.evaluation import ProtocolResult, criterion_score, cumulative_dvh, score_plan
-from rtenv.scenarios import COHORTS, get_scenario, load_case
+from rtenv.scenarios import COHORTS, cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
 
@@ -124,7 +124,7 @@ class TuningCore:
         self.action_mode, self.cohort, self.start, self.max_steps = action_mode, cohort, start, max_steps
         self.reward_fn: RewardFn = REWARDS[reward] if isinstance(reward, str) else reward
         self.scoring_mode = scoring_mode
-        size = COHORTS[cohort][0]
+        size = cohort_size(self.scenario, cohort)
         if cases is None:
             cases = 1 if size is None else size
         self.case_indices = list(range(cases)) if isinstance(cases, int) else [int(i) for i in cases]

@@ -8,6 +8,7 @@ ENV_IDS = {
     "rtenv/Prostate7Beam-v0": "S1",
     "rtenv/Prostate180Beam-v0": "S2",
     "rtenv/Liver7Beam-v0": "S3",
+    "rtenv/TG119-v0": "TG119",  # single case; needs the pyradplan extra (TG-119 data)
 }
 
 
@@ -17,10 +18,11 @@ def register_envs() -> None:
         if env_id in gym.registry:
             continue
         start = "random" if scenario == "S3" else "default"  # the seed's S3 starts from random TPPs
+        kwargs = {"scenario": scenario, "start": start}
         gym.register(
             id=env_id,
             entry_point="rtenv.env:TPPTuningEnv",
             vector_entry_point="rtenv.env:TPPTuningVectorEnv",
-            kwargs={"scenario": scenario, "start": start},
+            kwargs=kwargs,
             disable_env_checker=False,
         )

