@@ -38,6 +38,8 @@ from torch import nn
 
 from drl.acer_math import acer_policy_loss_terms, retrace_targets, trust_region_step
 
+_MASKED_LOGIT = -1e9  # logit of a masked action: probability 0, and 0 * log-probability stays finite
+
 
 class ACERPolicy(BasePolicy):
     """Shared MLP torso -> policy logits and Q values, one of each per discrete action.
@@ -81,10 +83,26 @@ class ACERPolicy(BasePolicy):
     def _dummy_schedule(_: float) -> float:
         return 0.0
 
-    def evaluate(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities and Q values, each ``(batch, n_actions)``."""
+    def evaluate(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities and Q values, each ``(batch, n_actions)``. ``mask`` (bool, same shape;
+        True = allowed) gives disallowed actions probability 0 (log-probability about -1e9)."""
         h = self.torso(self.extract_features(obs, self.features_extractor))
-        return torch.log_softmax(self.pi_head(h), dim=-1), self.q_head(h)
+        logits = self.pi_head(h)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, _MASKED_LOGIT)
+        return torch.log_softmax(logits, dim=-1), self.q_head(h)
+
+    def predict_masked(self, observation: np.ndarray, mask: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Actions for a batch (or one) of observations, with disallowed actions (``mask`` False) excluded."""
+        obs = np.asarray(observation, dtype=np.float32)
+        single = obs.ndim == len(self.observation_space.shape)
+        obs_t = torch.as_tensor(obs[None] if single else obs, device=self.device)
+        mask_t = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.device).reshape(obs_t.shape[0], -1)
+        with torch.no_grad():
+            log_pi, _ = self.evaluate(obs_t, mask_t)
+            act = log_pi.argmax(-1) if deterministic else torch.distributions.Categorical(logits=log_pi).sample()
+        act = act.cpu().numpy()
+        return act[0] if single else act
 
     def _predict(self, observation: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         log_pi, _ = self.evaluate(observation)
@@ -131,6 +149,9 @@ class ACER(BaseAlgorithm):
         rms_alpha: RMSprop smoothing constant.
         rms_eps: RMSprop epsilon.
         max_grad_norm: Gradient-norm clip.
+        use_action_masks: Honour ``info["action_mask"]`` (bool per action, True = allowed; absent:
+            all allowed) when acting and learning, as the rtenv envs report for no-op actions.
+        reward_scale: Rewards are multiplied by this before learning (the logged returns are not).
         policy_kwargs: Extra policy arguments (``net_arch``, ``activation_fn``).
         tensorboard_log, verbose, seed, device: As in stable-baselines3.
     """
@@ -143,7 +164,7 @@ class ACER(BaseAlgorithm):
                  buffer_size: int = 5000, replay_ratio: float = 4.0, replay_start: int = 1000,
                  truncation: float = 10.0, trust_region: bool = True, delta: float = 1.0, alpha: float = 0.99,
                  rms_alpha: float = 0.99, rms_eps: float = 1e-5, max_grad_norm: float = 10.0,
-                 policy_kwargs: dict[str, Any] | None = None, tensorboard_log: str | None = None,
+                 use_action_masks: bool = True, reward_scale: float = 1.0, policy_kwargs: dict[str, Any] | None = None, tensorboard_log: str | None = None,
                  verbose: int = 0, seed: int | None = None, device: torch.device | str = "auto",
                  _init_setup_model: bool = True) -> None:
         super().__init__(policy, env, learning_rate, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
@@ -158,6 +179,10 @@ class ACER(BaseAlgorithm):
         self.buffer_size, self.replay_ratio, self.replay_start = buffer_size, replay_ratio, replay_start
         self.truncation, self.trust_region, self.delta, self.alpha = truncation, trust_region, delta, alpha
         self.rms_alpha, self.rms_eps, self.max_grad_norm = rms_alpha, rms_eps, max_grad_norm
+        if not reward_scale > 0:
+            raise ValueError(f"reward_scale = {reward_scale} must be > 0")
+        self.use_action_masks, self.reward_scale = use_action_masks, reward_scale
+        self._last_masks: np.ndarray | None = None
         if _init_setup_model:
             self._setup_model()
 
@@ -172,39 +197,63 @@ class ACER(BaseAlgorithm):
         self._replay = SegmentReplay(self.buffer_size // (self.n_steps * self.n_envs), self._rng)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_replay", "_rng", "avg_policy"]
+        return [*super()._excluded_save_params(), "_replay", "_rng", "avg_policy", "_last_masks"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "avg_policy", "policy.optimizer"], []
 
     # ------------------------------------------------------------------ rollouts
+    def _masks_from(self, infos: Any, final: bool = False) -> np.ndarray:
+        """``(n_envs, n_actions)`` bool masks from per-env infos (``final``: of the finished episode)."""
+        A = int(self.action_space.n)
+        masks = np.ones((self.n_envs, A), dtype=bool)
+        if not self.use_action_masks or infos is None:
+            return masks
+        for i, info in enumerate(infos):
+            info = (info or {}).get("final_info", {}) if final else (info or {})
+            m = info.get("action_mask") if isinstance(info, dict) else None
+            if m is not None:
+                masks[i] = np.asarray(m, dtype=bool)
+                if not masks[i].any():
+                    masks[i] = True
+        return masks
+
     def _collect_segment(self, callback: BaseCallback) -> dict[str, np.ndarray] | None:
         """``n_steps`` steps of every env with the current policy; None if a callback stops."""
         env, T, N = self.env, self.n_steps, self.n_envs
+        A = int(self.action_space.n)
         obs_shape = self.observation_space.shape
         seg = {
             "obs": np.zeros((T + 1, N, *obs_shape), dtype=np.float32),
+            "masks": np.ones((T + 1, N, A), dtype=bool),
             "actions": np.zeros((T, N), dtype=np.int64),
             "rewards": np.zeros((T, N), dtype=np.float32),
-            "mu": np.zeros((T, N, int(self.action_space.n)), dtype=np.float32),
+            "mu": np.zeros((T, N, A), dtype=np.float32),
             "terminated": np.zeros((T, N), dtype=bool),
             "truncated": np.zeros((T, N), dtype=bool),
             "trunc_obs": np.zeros((T, N, *obs_shape), dtype=np.float32),
+            "trunc_masks": np.ones((T, N, A), dtype=bool),
         }
+        if self._last_masks is None:
+            self._last_masks = np.ones((N, A), dtype=bool)
         callback.on_rollout_start()
         for t in range(T):
-            seg["obs"][t] = self._last_obs
+            seg["obs"][t], seg["masks"][t] = self._last_obs, self._last_masks
             with torch.no_grad():
-                log_pi, _ = self.policy.evaluate(obs_as_tensor(self._last_obs, self.device))
-            probs = log_pi.exp().cpu().numpy()
-            actions = np.array([self._rng.choice(probs.shape[1], p=p / p.sum()) for p in probs])
+                log_pi, _ = self.policy.evaluate(obs_as_tensor(self._last_obs, self.device),
+                                                 torch.as_tensor(self._last_masks, device=self.device))
+            probs = log_pi.exp().cpu().numpy().astype(np.float64)
+            cum = np.cumsum(probs, axis=1)
+            u = self._rng.random(N) * cum[:, -1]
+            actions = np.minimum((cum < u[:, None]).sum(axis=1), A - 1)
             new_obs, rewards, dones, infos = env.step(actions)
             self.num_timesteps += N
             callback.update_locals(locals())
             if not callback.on_step():
                 return None
             self._update_info_buffer(infos, dones)
-            seg["actions"][t], seg["rewards"][t], seg["mu"][t] = actions, rewards, probs
+            seg["actions"][t], seg["rewards"][t], seg["mu"][t] = actions, rewards * self.reward_scale, probs
+            final_masks = self._masks_from(infos, final=True)
             for i, done in enumerate(dones):
                 if done:
                     truncated = bool(infos[i].get("TimeLimit.truncated", False))
@@ -212,8 +261,9 @@ class ACER(BaseAlgorithm):
                     seg["terminated"][t, i] = not truncated
                     if truncated:
                         seg["trunc_obs"][t, i] = infos[i]["terminal_observation"]
-            self._last_obs = new_obs
-        seg["obs"][T] = self._last_obs
+                        seg["trunc_masks"][t, i] = final_masks[i]
+            self._last_obs, self._last_masks = new_obs, self._masks_from(infos)
+        seg["obs"][T], seg["masks"][T] = self._last_obs, self._last_masks
         callback.on_rollout_end()
         return seg
 
@@ -223,7 +273,8 @@ class ACER(BaseAlgorithm):
         A = int(self.action_space.n)
         dev = self.device
         obs = torch.as_tensor(seg["obs"], device=dev)
-        log_pi, q = self.policy.evaluate(obs[:T].reshape(T * N, *obs.shape[2:]))
+        masks = torch.as_tensor(seg["masks"], device=dev)
+        log_pi, q = self.policy.evaluate(obs[:T].reshape(T * N, *obs.shape[2:]), masks[:T].reshape(T * N, A))
         log_pi, q = log_pi.reshape(T, N, A), q.reshape(T, N, A)
         pi = log_pi.exp()
         values = (pi * q).sum(-1)
@@ -233,11 +284,12 @@ class ACER(BaseAlgorithm):
         q_taken = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             boot = torch.zeros(T + 1, N, device=dev)
-            lp_last, q_last = self.policy.evaluate(obs[T])
+            lp_last, q_last = self.policy.evaluate(obs[T], masks[T])
             boot[T] = (lp_last.exp() * q_last).sum(-1)
             trunc = torch.as_tensor(seg["truncated"], device=dev)
             if trunc.any():
-                lp_tr, q_tr = self.policy.evaluate(torch.as_tensor(seg["trunc_obs"], device=dev)[trunc])
+                lp_tr, q_tr = self.policy.evaluate(torch.as_tensor(seg["trunc_obs"], device=dev)[trunc],
+                                                   torch.as_tensor(seg["trunc_masks"], device=dev)[trunc])
                 boot[:T][trunc] = (lp_tr.exp() * q_tr).sum(-1)
             q_ret = retrace_targets(torch.as_tensor(seg["rewards"], device=dev), q_taken.detach(), values.detach(),
                                     rho.gather(-1, actions.unsqueeze(-1)).squeeze(-1),
@@ -254,7 +306,7 @@ class ACER(BaseAlgorithm):
             objective = -(trunc_term + corr_term) + self.ent_coef * entropy
             (g,) = torch.autograd.grad(objective * T * N, probs)
             with torch.no_grad():
-                avg_lp, _ = self.avg_policy.evaluate(obs[:T].reshape(T * N, *obs.shape[2:]))
+                avg_lp, _ = self.avg_policy.evaluate(obs[:T].reshape(T * N, *obs.shape[2:]), masks[:T].reshape(T * N, A))
                 k = -(avg_lp.exp().reshape(T, N, A)) / probs.detach().clamp(min=1e-8)  # d KL(avg || pi) / d pi
             z = trust_region_step(g.reshape(T * N, A), k.reshape(T * N, A), self.delta).reshape(T, N, A)
             torch.autograd.backward([pi, self.q_coef * value_loss], [-z / (T * N), torch.ones_like(value_loss)])
@@ -275,6 +327,8 @@ class ACER(BaseAlgorithm):
               tb_log_name: str = "ACER", reset_num_timesteps: bool = True, progress_bar: bool = False) -> ACER:
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name,
                                                       progress_bar)
+        if reset_num_timesteps or self._last_masks is None:  # _setup_learn has just reset the env
+            self._last_masks = self._masks_from(getattr(self.env, "reset_infos", None))
         callback.on_training_start(locals(), globals())
         iteration = 0
         while self.num_timesteps < total_timesteps:

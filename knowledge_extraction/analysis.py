@@ -6,6 +6,7 @@ policy's results (DRL, LLM, baselines) can be compared. Figures are PNG files.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,31 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
     fig.suptitle(title)
     return save_figure(fig, path)
 
+
+
+def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
+                              title: str = "final dose-volume metrics") -> Path:
+    """Box plots of each dose-volume metric per group (e.g. policy -> {metric: values}), one panel
+    per unit (Gy, %), as the seed's Fig. 4 (organ dose-volume mean and spread per agent)."""
+    labels = list(groups)
+    metrics = list(next(iter(groups.values())))
+    percent = [m for m in metrics if re.search(r"\bV\d", m)]  # volume metrics (V70Gy ...) are in %
+    panels = {"Gy": [m for m in metrics if m not in percent], "%": percent}
+    panels = {k: v for k, v in panels.items() if v}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), dpi=110, squeeze=False)
+    for ax, (unit, names) in zip(axes[0], panels.items(), strict=True):
+        width = 0.8 / max(len(labels), 1)
+        for g, label in enumerate(labels):
+            data = [list(groups[label].get(n, [])) or [np.nan] for n in names]
+            pos = np.arange(len(names)) + (g - (len(labels) - 1) / 2) * width
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True)
+            for box in bp["boxes"]:
+                box.set_facecolor(f"C{g}")
+                box.set_alpha(0.6)
+            ax.plot([], [], color=f"C{g}", lw=6, alpha=0.6, label=label)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("Gy" if unit == "Gy" else "% of the structure volume")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)

@@ -11,6 +11,7 @@ Commands::
     rtenv evaluate --policy acer:DIR/model.zip --scenario S1 [--cohort test] --json OUT.json
     rtenv explain --policy acer:DIR/model.zip --scenario S1 [--case 0] --out DIR
     rtenv knowledge export|show|plot ...
+    rtenv bench table3 --scenarios S1,S2,S3 --policies default,random,search,... --out DIR
     rtenv llm plan S1 [--case 0] [--backend llama_cpp|transformers|openai] [--knowledge kb.json | --no-guidance]
                    [--cot] [--memory-k 3] [--max-steps 20] --out DIR
 """
@@ -254,6 +255,12 @@ def _llm_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_table3(args: argparse.Namespace) -> int:
+    from benchmarks.table3 import main as table3_main
+
+    return table3_main(args=args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtenv", description="Radiotherapy TPP-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -355,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     kplot.add_argument("path", help="knowledge-base JSON")
     kplot.add_argument("--out", required=True, help="output directory")
     kplot.set_defaults(func=_knowledge)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from benchmarks.table3 import build_parser as table3_parser  # argparse only; the run imports the rest
+
+    t3 = bench_sub.add_parser("table3", help="the seed's Table 3 for any set of policies (resumable)")
+    table3_parser(t3).set_defaults(func=_bench_table3)
 
     llm = sub.add_parser("llm", help="LLM planning agents")
     llm_sub = llm.add_subparsers(dest="llm_command", required=True)

@@ -187,6 +187,15 @@ class TuningCore:
         return EpisodeState(case_key=key, tpp=np.array(tpp))
 
     # ----------------------------------------------------------------- actions
+    def action_mask(self, tpp: np.ndarray) -> np.ndarray:
+        """Discrete actions only: ``(2 n_tpp,)`` bool, False where the action leaves ``tpp``
+        unchanged (a TPP already at the clamp of its range, e.g. ``t_PTV`` down at 1.0 or
+        ``t_OAR`` / ``V_OAR`` up at 1). Such no-ops cost a step and, for a deterministic policy
+        that sees only the DVH, repeat forever; learners may mask them (``info["action_mask"]``)."""
+        if self.action_mode != "discrete":
+            raise ValueError("action_mask is defined for discrete actions only")
+        return np.array([not np.array_equal(self.apply_action(tpp, a), tpp) for a in range(2 * self.n_tpp)])
+
     def apply_action(self, tpp: np.ndarray, action: Any) -> np.ndarray:
         """The TPP vector after ``action`` (discrete: one TPP up or down; continuous: a new vector)."""
         if self.action_mode == "discrete":
@@ -256,9 +265,11 @@ class TuningCore:
         return np.concatenate(parts).astype(np.float32)
 
     def info(self, ep: EpisodeState) -> dict[str, Any]:
+        """Score, criteria, TPPs, case and step count of an episode; discrete actions also get
+        ``action_mask`` (list of bool, see :meth:`action_mask`)."""
         r = ep.result
         assert r is not None
-        return {
+        out = {
             "score": r.total, "max_score": r.max_score, "full_score": r.full_score,
             "initial_score": ep.initial_score, "fine_score": fine_score(r),
             "criteria": {c.name: {"value": c.value, "unit": c.unit, "goal": c.goal, "limit": c.limit,
@@ -269,6 +280,9 @@ class TuningCore:
             "case": f"{self.scenario.name}-{ep.case_key[0]}-{ep.case_key[1]}",
             "steps": ep.steps, "tps_converged": ep.tps_converged, "tps_iterations": ep.tps_iterations,
         }
+        if self.action_mode == "discrete":
+            out["action_mask"] = self.action_mask(ep.tpp).tolist()
+        return out
 
     def reset_batch(self, episodes: list[EpisodeState]) -> None:
         self.solve(episodes, warm=[False] * len(episodes))

@@ -36,6 +36,8 @@ class SB3VecEnv(VecEnv):
 
     def reset(self) -> np.ndarray:
         obs, _ = self.venv.reset(seed=self._seed)
+        # SB3's convention: each env's reset info (a dict) sits in reset_infos
+        self.reset_infos = [self.venv.core.info(ep) for ep in self.venv._eps]
         self._seed = None
         self._returns[:] = 0.0
         self._lengths[:] = 0

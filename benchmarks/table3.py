@@ -1,0 +1,462 @@
+"""The M2M seed's Table 3 for every policy, side by side, resumable and parallel.
+
+    python -m benchmarks.table3 --scenarios S1,S2,S3 --policies default,random,search --out DIR
+        [--cases 10] [--max-steps 20] [--seed 0] [--knowledge kb.json] [--workers N | --ray [ADDRESS]]
+        [--cot] [--memory-k 3] [--action-scope all|weights_only] [--base-url URL]
+
+(also ``rtenv bench table3 ...``). Policies, each a named spec:
+
+* ``default``: no tuning (the starting plan);
+* ``random``: a uniformly random point of the continuous action map each step (weights
+  log-uniform in [0.01, 1000], other TPPs uniform in their ranges);
+* ``knowledge-sample``: each TPP drawn independently from the knowledge base's values each step
+  (no LLM: tells whether an LLM adds anything beyond the distribution);
+* ``search``: CMA-ES (:func:`rtenv.search.cma_search`); one step = one generation of
+  ``SEARCH_POPSIZE`` plans solved in one batched TPS call;
+* ``ALGO:PATH`` (``acer``, ``ppo``, ``a2c``, ``dqn``): a stable-baselines3 model on the discrete
+  actions;
+* ``llm:BACKEND:MODEL[:guided|unguided]``: :class:`llm_policy.policy.LLMPolicy` (``MODEL``
+  ``default`` = SmolLM2-135M-Instruct; guided needs ``--knowledge``).
+
+Starting states follow the seed: S1 and S2 start every test case from the SPEC default TPPs; S3
+starts one liver case (test case 0) from 10 seeded random TPP vectors. Scores are binary (one
+point per criterion met), as in the seed. Every finished episode is appended to
+``results.jsonl`` at once, so an interrupted run resumes where it stopped; ``table3.md``,
+``summary.json`` and the figures are rewritten from all records at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
+SEARCH_POPSIZE = 8
+# M2M seed, Table 3 (SPEC section 4): mean, sd over 10 episodes; scores binary
+PAPER_TABLE3 = {
+    "S1": {"max": 9, "initial": (6.0, 1.8), "without": (7.0, 1.7), "with": (9.0, 0.0),
+           "steps_without": (18.1, 4.1), "steps_with": (2.1, 0.3)},
+    "S2": {"max": 15, "initial": (11.3, 1.4), "without": (13.6, 2.0), "with": (15.0, 0.0),
+           "steps_without": (12.4, 6.5), "steps_with": (3.9, 2.0)},
+    "S3": {"max": 4, "initial": (2.5, 0.4), "without": (2.2, 0.4), "with": (4.0, 0.0),
+           "steps_without": (20.0, 0.0), "steps_with": (5.3, 2.9)},
+}
+
+
+@dataclass(frozen=True)
+class LLMOptions:
+    """Options shared by every ``llm:`` policy of a run."""
+
+    chain_of_thought: bool = False
+    memory_k: int = 0
+    action_scope: str = "all"
+    base_url: str | None = None
+    temperature: float = 0.4
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One Table 3 episode: a policy on one starting state of one scenario."""
+
+    policy: str
+    scenario: str
+    case: int
+    start: str  # "default" or "random:<seed>"
+    seed: int
+    max_steps: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy}|{self.scenario}|{self.case}|{self.start}|{self.seed}|{self.max_steps}"
+
+
+def episode_specs(scenarios: Sequence[str], policies: Sequence[str], cases: int = 10, max_steps: int = 20,
+                  seed: int = 0) -> list[EpisodeSpec]:
+    """Every episode of a run, in a fixed order (scenario, policy, starting state)."""
+    if not 1 <= cases <= 10:
+        raise ValueError(f"--cases {cases} is outside [1, 10] (the test cohort has 10 cases)")
+    if max_steps < 1:
+        raise ValueError(f"--max-steps {max_steps} must be >= 1")
+    out = []
+    for sc in scenarios:
+        if sc not in SCENARIO_CHOICES:
+            raise ValueError(f"unknown scenario {sc!r}; valid: {list(SCENARIO_CHOICES)}")
+        for pol in policies:
+            parse_policy(pol)
+            for i in range(cases):
+                if sc == "S3":  # the seed: one liver case, random starts
+                    out.append(EpisodeSpec(pol, sc, 0, f"random:{seed + i}", seed + i, max_steps))
+                elif sc == "TG119":  # a single case: seeded random starts too
+                    out.append(EpisodeSpec(pol, sc, 0, f"random:{seed + i}", seed + i, max_steps))
+                else:
+                    out.append(EpisodeSpec(pol, sc, i, "default", seed + i, max_steps))
+    return out
+
+
+def parse_policy(spec: str) -> dict[str, Any]:
+    """``{"kind": ..., ...}`` of a policy spec; raises ``ValueError`` naming the valid forms."""
+    if spec in ("default", "random", "knowledge-sample", "search"):
+        return {"kind": spec}
+    head, _, rest = spec.partition(":")
+    if head == "llm":
+        parts = rest.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise ValueError(f"policy {spec!r}: use llm:BACKEND:MODEL[:guided|unguided]")
+        mode = parts[2] if len(parts) == 3 else "guided"
+        if mode not in ("guided", "unguided"):
+            raise ValueError(f"policy {spec!r}: the last part must be 'guided' or 'unguided'")
+        return {"kind": "llm", "backend": parts[0], "model": None if parts[1] == "default" else parts[1],
+                "guided": mode == "guided"}
+    if head in ("acer", "ppo", "a2c", "dqn") and rest:
+        return {"kind": "sb3", "spec": spec}
+    raise ValueError(f"unknown policy {spec!r}; valid: default, random, knowledge-sample, search, ALGO:PATH "
+                     "(acer, ppo, a2c, dqn), llm:BACKEND:MODEL[:guided|unguided]")
+
+
+# ----------------------------------------------------------------------------------- episodes
+_MODELS: dict[tuple, Any] = {}  # per process: loaded SB3 models and LLM backends
+
+
+def _cached(key: tuple, make) -> Any:
+    if key not in _MODELS:
+        _MODELS[key] = make()
+    return _MODELS[key]
+
+
+def run_episode_spec(spec: EpisodeSpec, knowledge_path: str | None = None, llm: LLMOptions | None = None,
+                     device: str = "cpu") -> dict[str, Any]:
+    """Run one episode; returns its JSON record."""
+    from rtenv.env import TPPTuningEnv
+    from rtenv.rollout import EpisodeRecord, run_episode
+
+    t0 = time.perf_counter()
+    llm = llm or LLMOptions()
+    pol = parse_policy(spec.policy)
+    kb = None
+    if knowledge_path and (pol["kind"] == "knowledge-sample" or (pol["kind"] == "llm" and pol["guided"])):
+        from knowledge_extraction.knowledge import load_knowledge
+
+        kb = load_knowledge(knowledge_path)
+    if pol["kind"] in ("knowledge-sample",) or (pol["kind"] == "llm" and pol["guided"]):
+        if kb is None:
+            raise ValueError(f"policy {spec.policy!r} needs --knowledge kb.json")
+    mode = "discrete" if pol["kind"] == "sb3" else "continuous"
+    env = TPPTuningEnv(spec.scenario, action_mode=mode, cohort="test", cases=[spec.case], max_steps=spec.max_steps,
+                       scoring_mode="binary", device=device)
+    options: dict[str, Any] = {"index": spec.case}
+    if spec.start.startswith("random:"):
+        from rtenv.tpp import TPP
+
+        rng = np.random.default_rng(int(spec.start.split(":")[1]))
+        options["tpp"] = TPP.random(env.core.structures, rng).values
+    rng = np.random.default_rng(spec.seed)
+    extra: dict[str, Any] = {}
+    if pol["kind"] == "search":
+        record = _search_episode(env, spec, options)
+    else:
+        if pol["kind"] == "default":
+            def policy(obs, info):  # never called: max_steps 0 is emulated below
+                raise AssertionError
+        elif pol["kind"] == "random":
+            def policy(obs, info):
+                return rng.uniform(-1.0, 1.0, env.core.n_tpp).astype(np.float32)
+        elif pol["kind"] == "knowledge-sample":
+            from llm_policy.prompt import knowledge_guidance
+
+            guide = knowledge_guidance(kb, env.core.structures)
+            missing = [n for n in env.core.names if n not in guide]
+            if missing:
+                raise ValueError(f"knowledge base has no values for {missing}")
+
+            def policy(obs, info):
+                tpp = np.array([rng.choice(guide[n]["values"]) for n in env.core.names])
+                return env.core.tpp_to_action(tpp)
+        elif pol["kind"] == "sb3":
+            from drl.train import as_policy, load_policy
+
+            policy = as_policy(_cached(("sb3", pol["spec"], device), lambda: load_policy(pol["spec"], device=device)))
+        else:
+            from llm_policy.backends import make_backend
+            from llm_policy.policy import LLMPolicy
+            from llm_policy.prompt import PromptOptions
+
+            backend = _cached(("llm", pol["backend"], pol["model"], llm.base_url),
+                              lambda: make_backend(pol["backend"], model=pol["model"], base_url=llm.base_url,
+                                                   device=device))
+            policy = LLMPolicy.for_env(env, backend, knowledge=kb, temperature=llm.temperature, seed=spec.seed,
+                                       options=PromptOptions(guidance=pol["guided"], memory_k=llm.memory_k,
+                                                             chain_of_thought=llm.chain_of_thought,
+                                                             action_scope=llm.action_scope))
+        if pol["kind"] == "default":
+            obs, info = env.reset(seed=spec.seed, options=options)
+            record = EpisodeRecord(case=info["case"], initial_score=info["score"], final_score=info["score"],
+                                   initial_binary_score=info["score"], final_binary_score=info["score"],
+                                   max_score=info["max_score"], steps=0, full_score=bool(info["full_score"]),
+                                   final_tpp=info["tpp"], final_dv_metrics=info["dv_metrics"],
+                                   score_trajectory=[info["score"]]).to_dict()
+        else:
+            record = run_episode(env, policy, seed=spec.seed, options=options).to_dict()
+        if pol["kind"] == "llm":
+            logs = policy.log
+            extra = {"llm_prompt_tokens": sum(lg.prompt_tokens for lg in logs),
+                     "llm_completion_tokens": sum(lg.completion_tokens for lg in logs),
+                     "llm_seconds": sum(lg.llm_seconds for lg in logs),
+                     "llm_valid_first_rate": (sum(lg.valid_first for lg in logs) / len(logs)) if logs else None,
+                     "llm_fallbacks": sum(lg.fallback for lg in logs)}
+    record.update(asdict(spec), key=spec.key, wall_s=round(time.perf_counter() - t0, 3), **extra)
+    record["case"] = f"{spec.scenario}-test-{spec.case}"
+    return record
+
+
+def _search_episode(env, spec: EpisodeSpec, options: dict[str, Any]) -> dict[str, Any]:
+    from rtenv.env import EpisodeState
+    from rtenv.search import cma_search
+
+    obs, info = env.reset(seed=spec.seed, options=options)
+    core, key = env.core, ("test", spec.case)
+    start = np.array([info["tpp"][n] for n in core.names])
+    if info["full_score"]:
+        found_tpp, history, gens = start, [], 0
+    else:
+        found = cma_search(core, key, start, budget=spec.max_steps * SEARCH_POPSIZE, popsize=SEARCH_POPSIZE,
+                           seed=spec.seed)
+        found_tpp, history = found.best_tpp, found.history
+        gens = -(-found.evaluations // SEARCH_POPSIZE)
+    ep = EpisodeState(key, np.asarray(found_tpp))
+    core.solve([ep], warm=[False])
+    final = core.info(ep)
+    return {"initial_score": info["score"], "final_score": final["score"], "initial_binary_score": info["score"],
+            "final_binary_score": final["score"], "max_score": final["max_score"], "steps": gens,
+            "full_score": bool(final["full_score"]), "final_tpp": final["tpp"], "final_dv_metrics": final["dv_metrics"],
+            "score_trajectory": [info["score"], *history], "search_evaluations": gens * SEARCH_POPSIZE}
+
+
+# ----------------------------------------------------------------------------------- execution
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """Records of ``results.jsonl``; a torn last line (a crash mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, workers: int,
+             ray_address: str | None | bool, device: str) -> Iterator[dict[str, Any]]:
+    if ray_address is not False:
+        import ray
+
+        ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True, **({} if ray_address else {"num_cpus": workers}))
+        remote = ray.remote(num_cpus=1)(run_episode_spec)
+        pending = [remote.remote(s, knowledge, llm, device) for s in todo]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+        return
+    if workers <= 1:
+        for s in todo:
+            yield run_episode_spec(s, knowledge, llm, device)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
+        futures = [ex.submit(run_episode_spec, s, knowledge, llm, device) for s in todo]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
+def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Path, cases: int = 10,
+               max_steps: int = 20, seed: int = 0, knowledge: str | None = None, llm: LLMOptions | None = None,
+               workers: int | None = None, ray_address: str | None | bool = False, device: str = "cpu",
+               progress: bool = True, figures: bool = True) -> dict[str, Any]:
+    """Run (or resume) a Table 3 and write ``results.jsonl``, ``table3.md``, ``summary.json``
+    and figures under ``out``; returns the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = llm or LLMOptions()
+    specs = episode_specs(scenarios, policies, cases, max_steps, seed)
+    needs_kb = [p for p in policies if p == "knowledge-sample" or (p.startswith("llm:") and parse_policy(p)["guided"])]
+    if needs_kb and not knowledge:
+        raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
+    path = out / "results.jsonl"
+    done = {r["key"]: r for r in load_records(path)}
+    todo = [s for s in specs if s.key not in done]
+    workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="episode", desc="table3", disable=not progress)
+    finals: dict[str, list[float]] = {}
+    for r in done.values():
+        finals.setdefault(f"{r['scenario']}/{r['policy']}", []).append(r["final_score"])
+    with path.open("a") as f:
+        for rec in _execute(todo, knowledge, llm, workers, ray_address, device):
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            done[rec["key"]] = rec
+            finals.setdefault(f"{rec['scenario']}/{rec['policy']}", []).append(rec["final_score"])
+            bar.set_postfix_str(", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in finals.items())[:200])
+            bar.update(1)
+    bar.close()
+    records = [done[s.key] for s in specs]
+    summary = summarise(records)
+    summary["command"] = {"scenarios": list(scenarios), "policies": list(policies), "cases": cases,
+                          "max_steps": max_steps, "seed": seed, "knowledge": knowledge, "llm": asdict(llm)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table3.md").write_text(table_markdown(summary))
+    if figures:
+        write_figures(records, out)
+    return summary
+
+
+# ------------------------------------------------------------------------------------ reporting
+def _ms(values: Iterable[float]) -> tuple[float, float]:
+    v = list(values)
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per scenario and policy: episodes, initial/final score and steps (mean, sd), max score,
+    full-score rate, wall time and LLM tokens."""
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        groups.setdefault(r["scenario"], {}).setdefault(r["policy"], []).append(r)
+    out: dict[str, Any] = {"scenarios": {}}
+    for sc, by_policy in groups.items():
+        rows = {}
+        for pol, rs in by_policy.items():
+            row = {"episodes": len(rs), "max_score": rs[0]["max_score"],
+                   "full_score_rate": sum(r["full_score"] for r in rs) / len(rs),
+                   "wall_s_mean": statistics.mean(r["wall_s"] for r in rs)}
+            for name in ("initial_score", "final_score", "steps"):
+                row[f"{name}_mean"], row[f"{name}_sd"] = _ms(float(r[name]) for r in rs)
+            row["best_final_score"] = max(r["final_score"] for r in rs)
+            if "llm_prompt_tokens" in rs[0]:
+                row["llm_tokens_per_step"] = (sum(r["llm_prompt_tokens"] + r["llm_completion_tokens"] for r in rs)
+                                              / max(1, sum(r["steps"] for r in rs)))
+                firsts = [r["llm_valid_first_rate"] for r in rs if r["llm_valid_first_rate"] is not None]
+                row["llm_valid_first_rate"] = statistics.mean(firsts) if firsts else None
+            rows[pol] = row
+        out["scenarios"][sc] = rows
+    return out
+
+
+def table_markdown(summary: dict[str, Any]) -> str:
+    """Table 3 in the seed's layout, with the paper's GPT-4o rows for reference."""
+    lines = ["# Table 3: TPP tuning by policy (binary scores; mean +- sd over episodes)", ""]
+    for sc, rows in summary["scenarios"].items():
+        max_score = next(iter(rows.values()))["max_score"]
+        lines += [f"## {sc} (max score {max_score:g})", "",
+                  "| policy | episodes | initial score | final score | best | full score | steps |",
+                  "|---|---|---|---|---|---|---|"]
+        for pol, r in rows.items():
+            lines.append(f"| {pol} | {r['episodes']} | {r['initial_score_mean']:.1f} +- {r['initial_score_sd']:.1f} | "
+                         f"{r['final_score_mean']:.1f} +- {r['final_score_sd']:.1f} | {r['best_final_score']:g} | "
+                         f"{100 * r['full_score_rate']:.0f} % | {r['steps_mean']:.1f} +- {r['steps_sd']:.1f} |")
+        paper = PAPER_TABLE3.get(sc)
+        if paper:
+            for label, key, steps in (("GPT-4o without knowledge (paper)", "without", "steps_without"),
+                                      ("GPT-4o with knowledge (paper)", "with", "steps_with")):
+                lines.append(f"| {label} | 10 | {paper['initial'][0]:.1f} +- {paper['initial'][1]:.1f} | "
+                             f"{paper[key][0]:.1f} +- {paper[key][1]:.1f} | | | "
+                             f"{paper[steps][0]:.1f} +- {paper[steps][1]:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Score trajectories, final TPP and dose-volume distributions per policy, Spearman heatmaps."""
+    import matplotlib.pyplot as plt
+
+    from knowledge_extraction.analysis import (
+        plot_metric_distributions,
+        plot_spearman,
+        plot_tpp_distributions,
+        spearman_table,
+    )
+    from rtenv.plots import save_figure
+
+    paths = []
+    by_sc: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        by_sc.setdefault(r["scenario"], {}).setdefault(r["policy"], []).append(r)
+    for sc, groups in by_sc.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        for pol, rs in groups.items():
+            length = max(len(r["score_trajectory"]) for r in rs)
+            padded = np.array([(t := r["score_trajectory"]) + [t[-1]] * (length - len(t)) for r in rs], dtype=float)
+            mean, sd = padded.mean(axis=0), padded.std(axis=0)
+            ax.plot(range(length), mean, marker=".", label=pol)
+            ax.fill_between(range(length), mean - sd, mean + sd, alpha=0.15)
+        ax.set_xlabel("step")
+        ax.set_ylabel("score (binary)")
+        ax.set_title(f"{sc}: score per step (mean +- sd; finished episodes hold their final score)", fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(save_figure(fig, out / f"trajectories_{sc}.png"))
+        paths.append(plot_tpp_distributions({p: {n: [r["final_tpp"][n] for r in rs] for n in rs[0]["final_tpp"]}
+                                             for p, rs in groups.items()}, out / f"final_tpps_{sc}.png",
+                                            title=f"{sc}: final TPPs per policy"))
+        paths.append(plot_metric_distributions({p: {m: [r["final_dv_metrics"][m] for r in rs]
+                                                    for m in rs[0]["final_dv_metrics"]} for p, rs in groups.items()},
+                                               out / f"dv_metrics_{sc}.png", title=f"{sc}: final dose-volume metrics"))
+        for pol, rs in groups.items():
+            if len(rs) >= 3:
+                table = spearman_table(rs)
+                if np.isfinite(np.array(table["rho"], dtype=float)).any():
+                    safe = pol.replace(":", "_").replace("/", "_")
+                    paths.append(plot_spearman(table, out / f"spearman_{sc}_{safe}.png",
+                                               title=f"{sc} {pol}: final TPPs vs dose-volume metrics"))
+    return paths
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m benchmarks.table3", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenarios", default="S1,S2,S3", help="comma-separated (S1, S2, S3, TG119)")
+    p.add_argument("--policies", default="default,random,search", help="comma-separated policy specs")
+    p.add_argument("--out", required=True, help="output directory (results.jsonl resumes a run)")
+    p.add_argument("--cases", type=int, default=10, help="episodes per scenario and policy (1-10)")
+    p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--knowledge", default=None, help="knowledge base for knowledge-sample and guided LLMs")
+    p.add_argument("--workers", type=int, default=None, help="local processes (default: one per core)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray (a cluster address, or a local Ray without one)")
+    p.add_argument("--cot", action="store_true", help="LLM policies: chain of thought")
+    p.add_argument("--memory-k", type=int, default=0, help="LLM policies: prior attempts shown")
+    p.add_argument("--action-scope", default="all", choices=["all", "weights_only"])
+    p.add_argument("--base-url", default=None, help="LLM policies with the openai backend")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    args = args or build_parser().parse_args(argv)
+    llm = LLMOptions(chain_of_thought=args.cot, memory_k=args.memory_k, action_scope=args.action_scope,
+                     base_url=args.base_url)
+    summary = run_table3(args.scenarios.split(","), args.policies.split(","), args.out, cases=args.cases,
+                         max_steps=args.max_steps, seed=args.seed, knowledge=args.knowledge, llm=llm,
+                         workers=args.workers, ray_address=False if args.ray is None else args.ray,
+                         device=args.device)
+    print(table_markdown(summary))
+    print(f"wrote {Path(args.out) / 'results.jsonl'}, table3.md, summary.json and figures")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
