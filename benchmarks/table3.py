@@ -221,26 +221,12 @@ def run_episode_spec(spec: EpisodeSpec, knowledge_path: str | None = None, llm: 
 
 
 def _search_episode(env, spec: EpisodeSpec, options: dict[str, Any]) -> dict[str, Any]:
-    from rtenv.env import EpisodeState
-    from rtenv.search import cma_search
+    from rtenv.search import search_episode
 
-    obs, info = env.reset(seed=spec.seed, options=options)
-    core, key = env.core, ("test", spec.case)
-    start = np.array([info["tpp"][n] for n in core.names])
-    if info["full_score"]:
-        found_tpp, history, gens = start, [], 0
-    else:
-        found = cma_search(core, key, start, budget=spec.max_steps * SEARCH_POPSIZE, popsize=SEARCH_POPSIZE,
-                           seed=spec.seed)
-        found_tpp, history = found.best_tpp, found.history
-        gens = -(-found.evaluations // SEARCH_POPSIZE)
-    ep = EpisodeState(key, np.asarray(found_tpp))
-    core.solve([ep], warm=[False])
-    final = core.info(ep)
-    return {"initial_score": info["score"], "final_score": final["score"], "initial_binary_score": info["score"],
-            "final_binary_score": final["score"], "max_score": final["max_score"], "steps": gens,
-            "full_score": bool(final["full_score"]), "final_tpp": final["tpp"], "final_dv_metrics": final["dv_metrics"],
-            "score_trajectory": [info["score"], *history], "search_evaluations": gens * SEARCH_POPSIZE}
+    _, info = env.reset(seed=spec.seed, options=options)
+    start = np.array([info["tpp"][n] for n in env.core.names])
+    return search_episode(env.core, ("test", spec.case), start, generations=spec.max_steps, popsize=SEARCH_POPSIZE,
+                          seed=spec.seed).to_dict()
 
 
 # ----------------------------------------------------------------------------------- execution

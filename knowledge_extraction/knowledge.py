@@ -92,11 +92,22 @@ def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
                 raise KnowledgeFormatError(f"{where}: parameter {name!r} lacks statistic {stat!r}")
 
 
+BUILTIN_DIR = Path(__file__).parent / "data"
+
+
+def builtin_knowledge() -> list[str]:
+    """Names of the knowledge bases shipped with the package (usable wherever a path is)."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+
+
 def load_knowledge(path: str | Path) -> dict[str, Any]:
-    """Load and validate a knowledge base."""
+    """Load and validate a knowledge base: a JSON file, or the name of a shipped one
+    (:func:`builtin_knowledge`)."""
     file = Path(path)
+    if not file.is_file() and (BUILTIN_DIR / f"{path}.json").is_file():
+        file = BUILTIN_DIR / f"{path}.json"
     if not file.is_file():
-        raise FileNotFoundError(f"no knowledge base at {file}")
+        raise FileNotFoundError(f"no knowledge base at {file} (shipped ones: {', '.join(builtin_knowledge())})")
     try:
         kb = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -115,6 +126,26 @@ def knowledge_table(kb: dict[str, Any]) -> str:
         lines.append(f"{name:<18}{len(p['values']):>4}" + "".join(f"{p[s]:>10.4g}" for s in
                                                                  ("min", "q1", "median", "q3", "max")))
     return "\n".join(lines)
+
+
+def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", generations: int = 20,
+                            popsize: int = 8, seed: int = 0, cases: int | None = None,
+                            ) -> tuple[dict[str, Any], list[EpisodeRecord]]:
+    """The knowledge base of CMA-ES (:func:`rtenv.search.search_episode`) from the SPEC default
+    TPPs on every case of ``cohort`` (or its first ``cases``); returns it and the episode records."""
+    from rtenv.env import TuningCore
+    from rtenv.scenarios import cohort_size
+    from rtenv.search import search_episode
+    from rtenv.tpp import TPP
+
+    n = cases or cohort_size(scenario, cohort) or 1
+    core = TuningCore(scenario, action_mode="continuous", cohort=cohort, cases=n)
+    start = TPP.default(core.structures).values
+    records = [search_episode(core, (cohort, i), start, generations, popsize, seed=seed + i) for i in range(n)]
+    kb = build_knowledge(records, {"policy": f"search:cma-es(popsize={popsize})", "scenario": scenario,
+                                   "cohort": cohort, "start": "default", "max_steps": generations,
+                                   "seeds": [seed + i for i in range(n)]})
+    return kb, records
 
 
 def export_knowledge(policy: Policy, policy_name: str, scenario: str = "S1", cohort: str = "knowledge",

@@ -11,7 +11,9 @@
    plans of a knowledge base, listed parameter-wise (sorted values and quartiles; never one
    patient's vector), with an explicit instruction to condition the proposal on them.
 
-DOLA's extras: ``memory_k`` prior attempts of this episode (the ``k`` best-scoring, ties broken by
+The parts that stay fixed over an episode (the problem, the knowledge) come first and the current
+TPPs and dosimetric state after them, so local backends reuse the cached prompt prefix from one
+step to the next. DOLA's extras: ``memory_k`` prior attempts of this episode (the ``k`` best-scoring, ties broken by
 recency), ``chain_of_thought`` (reason in a ``reasoning`` field first) and ``action_scope``
 (``weights_only``: propose the weights only). The prompt carries dosimetric numbers only: no case
 name, patient identifier or file path, and no human planning heuristics.
@@ -253,14 +255,16 @@ def build_messages(state: PlanState, options: PromptOptions | None = None,
     options = options or PromptOptions()
     if options.guidance and knowledge is None:
         raise ValueError("guidance=True needs a knowledge base (or turn guidance off)")
-    sections = [
-        "## 1. Active configuration\n" + problem_text(state) + "\n" + tpp_table(state),
-        f"## 2. Dosimetric state\nScore {state.score:.2f} of {state.max_score:g}.\n"
+    # what stays fixed over an episode comes first, so local backends reuse the cached prompt prefix
+    sections = ["## Optimisation problem\n" + problem_text(state)]
+    if options.guidance:
+        sections.append("## Knowledge guidance\n" + knowledge_text(knowledge, state.structures))  # type: ignore[arg-type]
+    sections += [
+        "## Active configuration\n" + tpp_table(state),
+        f"## Dosimetric state\nScore {state.score:.2f} of {state.max_score:g}.\n"
         "Cumulative DVH (percent of the structure volume receiving at least the dose):\n"
         + dvh_text(state, options.dvh_points) + "\nClinical checkpoints:\n" + checkpoints_text(state),
     ]
-    if options.guidance:
-        sections.append("## 3. Knowledge guidance\n" + knowledge_text(knowledge, state.structures))  # type: ignore[arg-type]
     memory = select_memory(history, options.memory_k)
     if memory:
         sections.append("## Memory\n" + memory_text(memory))

@@ -197,13 +197,21 @@ def _knowledge(args: argparse.Namespace) -> int:
     from knowledge_extraction.knowledge import export_knowledge, knowledge_table, load_knowledge, save_knowledge
 
     if args.knowledge_command == "export":
-        from drl.train import as_policy, load_policy
+        if args.policy == "search":
+            from knowledge_extraction.knowledge import export_search_knowledge
 
-        kb, summary = export_knowledge(as_policy(load_policy(args.policy)), args.policy, args.scenario, args.cohort,
-                                       max_steps=args.max_steps, seed=args.seed)
+            kb, records = export_search_knowledge(args.scenario, args.cohort, generations=args.max_steps,
+                                                  seed=args.seed)
+            rate = sum(r.full_score for r in records) / len(records)
+        else:
+            from drl.train import as_policy, load_policy
+
+            kb, summary = export_knowledge(as_policy(load_policy(args.policy)), args.policy, args.scenario,
+                                           args.cohort, max_steps=args.max_steps, seed=args.seed)
+            rate = summary["full_score_rate"]
         save_knowledge(kb, args.out)
         print(knowledge_table(kb))
-        print(f"wrote {args.out} ({summary['full_score_rate'] * 100:.0f} % of {args.cohort} plans at full score)")
+        print(f"wrote {args.out} ({rate * 100:.0f} % of {args.cohort} plans at full score)")
         return 0
     kb = load_knowledge(args.path)
     if args.knowledge_command == "show":
@@ -348,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     kn = sub.add_parser("knowledge", help="export, show and plot knowledge bases")
     kn_sub = kn.add_subparsers(dest="knowledge_command", required=True)
     ex = kn_sub.add_parser("export", help="run a policy on a cohort; keep the final TPPs of full-score plans")
-    ex.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
+    ex.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn), or 'search' (CMA-ES)")
     ex.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
     ex.add_argument("--cohort", default="knowledge", choices=sorted(COHORTS))
     ex.add_argument("--max-steps", type=int, default=20)
@@ -380,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     lp.add_argument("--local-only", action="store_true", help="refuse endpoints that are not loopback")
     lp.add_argument("--timeout", type=float, default=60.0, help="seconds per request (openai)")
-    lp.add_argument("--knowledge", default=None, help="knowledge-base JSON (guided planning)")
+    lp.add_argument("--knowledge", default=None, help="knowledge-base JSON or a shipped one's name (guided planning)")
     lp.add_argument("--no-guidance", action="store_true", help="unguided baseline: no knowledge in the prompt")
     lp.add_argument("--cot", action="store_true", help="chain of thought before the TPPs")
     lp.add_argument("--memory-k", type=int, default=0, help="prior attempts shown (DOLA: 3)")

@@ -15,6 +15,8 @@ import cma
 import numpy as np
 
 from rtenv.env import EpisodeState, TuningCore, fine_score
+from rtenv.evaluation import score_plan
+from rtenv.rollout import EpisodeRecord
 
 
 @dataclass
@@ -78,3 +80,38 @@ def cma_search(core: TuningCore, case_key: tuple[str, int], start_tpp: np.ndarra
             es.tell(xs, [-f for f in fines])
     assert best is not None
     return SearchResult(False, evaluations, best[3], best[2], best[1], history)
+
+
+def search_episode(core: TuningCore, case_key: tuple[str, int], start_tpp: np.ndarray, generations: int = 20,
+                   popsize: int = 8, seed: int = 0) -> EpisodeRecord:
+    """CMA-ES as a tuning episode: one step = one generation of ``popsize`` plans.
+
+    Starts from ``start_tpp`` (a start already at full score takes no step) and ends at the first
+    full-score plan or after ``generations``; the record's final plan is the best found (or the
+    start, if nothing beat it).
+    """
+    start = EpisodeState(case_key, np.asarray(start_tpp, dtype=np.float64))
+    core.solve([start], warm=[False])
+    first = core.info(start)
+    final, history, steps = start, [first["score"]], 0
+    if not first["full_score"]:
+        found = cma_search(core, case_key, start.tpp, budget=generations * popsize, popsize=popsize, seed=seed)
+        steps = -(-found.evaluations // popsize)
+        history += found.history
+        best = EpisodeState(case_key, np.asarray(found.best_tpp))
+        core.solve([best], warm=[False])
+        if (best.result.full_score, fine_score(best.result)) >= (start.result.full_score, fine_score(start.result)):
+            final = best
+    last = core.info(final)
+
+    def binary_total(ep: EpisodeState) -> float:
+        if core.scoring_mode == "binary":
+            return ep.result.total
+        return score_plan(core.case(case_key), ep.dose, mode="binary").total
+
+    return EpisodeRecord(
+        case=last["case"], initial_score=first["score"], final_score=last["score"],
+        initial_binary_score=binary_total(start), final_binary_score=binary_total(final), max_score=last["max_score"],
+        steps=steps, full_score=bool(last["full_score"]), final_tpp=last["tpp"], final_dv_metrics=last["dv_metrics"],
+        score_trajectory=history,
+    )

@@ -66,6 +66,22 @@ def test_truncation_is_recorded_apart_from_termination():
     assert np.allclose(seg["mu"].sum(-1), 1.0, atol=1e-5)  # the full behaviour distribution per step
 
 
+def test_acts_and_learns_with_action_masks():
+    venv = make_sb3_vec_env("S1", num_envs=2, max_steps=3)
+    model = ACER("MlpPolicy", venv, seed=0, n_steps=4, replay_start=8, device="cpu")
+    model.learn(16)
+    seg = model._replay.sample()
+    assert seg["masks"].shape == (5, 2, 18) and not seg["masks"].all()  # no-ops at the default start
+    assert (seg["mu"][~seg["masks"][:4]] == 0).all()  # masked actions have probability 0 ...
+    assert seg["masks"][:4][np.arange(4)[:, None], np.arange(2)[None], seg["actions"]].all()  # ... and never run
+    assert all(np.isfinite(p.detach()).all() for p in model.policy.parameters())
+    obs = np.zeros((3, 300), dtype=np.float32)
+    mask = np.zeros((3, 18), dtype=bool)
+    mask[:, 7] = True
+    assert (model.policy.predict_masked(obs, mask) == 7).all()
+    assert model.policy.predict_masked(obs[0], mask[0]) == 7
+
+
 def test_callbacks_can_stop_training():
     class StopAfter(BaseCallback):
         def _on_step(self) -> bool:

@@ -35,6 +35,21 @@ def test_spaces_and_reset_info():
     assert set(info["dv_metrics"]) == set(info["criteria"]) and info["case"] == "S1-train-0"
 
 
+def test_action_mask_marks_no_ops_at_the_clamps():
+    env = TPPTuningEnv("S1")
+    _, info = env.reset(seed=0)
+    names = env.core.names
+    no_ops = {2 * names.index("t_PTV") + 1, 2 * names.index("t_bladder"), 2 * names.index("t_rectum"),
+              2 * names.index("V_bladder"), 2 * names.index("V_rectum")}  # at the default start
+    assert info["action_mask"] == [a not in no_ops for a in range(18)]
+    _, _, _, _, info = env.step(2 * names.index("t_rectum") + 1)  # t_rectum 1 -> 0.6: up is allowed again
+    assert info["action_mask"][2 * names.index("t_rectum")]
+    assert "action_mask" not in TPPTuningEnv("S1", action_mode="continuous").reset(seed=0)[1]
+    venv = make_sb3_vec_env("S1", num_envs=2)
+    venv.reset()
+    assert [i["action_mask"] for i in venv.reset_infos] == [[a not in no_ops for a in range(18)]] * 2
+
+
 def test_discrete_actions_follow_spec_factors():
     env = TPPTuningEnv("S1")
     env.reset(seed=0)

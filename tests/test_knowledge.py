@@ -73,3 +73,20 @@ def test_spearman_by_construction(tmp_path):
     assert plot_spearman(table, tmp_path / "s.png").stat().st_size > 5000
     groups = {"guided": {k: [r["final_tpp"][k] for r in recs] for k in recs[0]["final_tpp"]}}
     assert plot_tpp_distributions(groups, tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_search_knowledge_and_the_shipped_base(tmp_path):
+    from knowledge_extraction.knowledge import builtin_knowledge, export_search_knowledge
+
+    kb, records = export_search_knowledge("S1", "test", generations=6, popsize=8, seed=0, cases=2)
+    assert len(records) == 2 and kb["source"]["successful"] == sum(r.full_score for r in records) >= 1
+    for r in records:
+        assert r.final_score >= r.initial_score and r.steps <= 6
+        assert r.full_score == (r.final_binary_score == r.max_score)
+    assert set(kb["parameters"]) == set(records[0].final_tpp)
+    assert "S1-search" in builtin_knowledge()
+    shipped = load_knowledge("S1-search")
+    assert shipped["source"]["scenario"] == "S1" and shipped["source"]["successful"] == 20
+    assert all(p["values"] == sorted(p["values"]) for p in shipped["parameters"].values())
+    with pytest.raises(FileNotFoundError, match="shipped ones: .*S1-search"):
+        load_knowledge("S9-nothing")

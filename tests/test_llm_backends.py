@@ -77,8 +77,8 @@ def test_guided_llama_cpp_planning_writes_the_transcript(llama, tmp_path):
     assert len(lines) == res.steps >= 1
     rec = json.loads(lines[0])
     prompt = rec["prompt"][1]["content"]
-    for part in ("## 1. Active configuration", "## 2. Dosimetric state", "## 3. Knowledge guidance",
-                 "Clinical checkpoints"):
+    for part in ("## Optimisation problem", "## Knowledge guidance", "## Active configuration",
+                 "## Dosimetric state", "Clinical checkpoints"):
         assert part in prompt
     assert rec["responses"][0]["text"] and rec["prompt_tokens"] > 500 and rec["completion_tokens"] > 0
     # the bound-enforcing grammar makes every first answer valid, and the env applies it

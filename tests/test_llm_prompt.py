@@ -157,19 +157,22 @@ def test_guided_prompt_holds_the_three_components_and_no_identifiers():
     msgs = build_messages(s1_state(), PromptOptions(guidance=True), knowledge=kb)
     assert [m["role"] for m in msgs] == ["system", "user"]
     text = msgs[1]["content"]
-    for part in ("## 1. Active configuration", "D95(PTV) >= Rx", "Rx = 79.2 Gy", "lambda_rectum | objective weight",
-                 "## 2. Dosimetric state", "Score 7.50 of 9", "PTV: 79.2 Gy: 100.0%", "Rectum V75Gy | 12.00 %",
-                 "violated: PTV hot spot", "## 3. Knowledge guidance", "Condition your proposal",
+    for part in ("## Optimisation problem", "D95(PTV) >= Rx", "Rx = 79.2 Gy", "## Active configuration",
+                 "lambda_rectum | objective weight", "## Dosimetric state",
+                 "Score 7.50 of 9", "PTV: 79.2 Gy: 100.0%", "Rectum V75Gy | 12.00 %",
+                 "violated: PTV hot spot", "## Knowledge guidance", "Condition your proposal",
                  "keys are exactly t_PTV, t_bladder"):
         assert part in text, part
-    assert "S1-knowledge" not in text and "acer:test" not in text and "/" not in text.split("## 3")[1].split(":")[0]
+    assert "S1-knowledge" not in text and "acer:test" not in text
     # parameter-wise: each parameter's values appear sorted, so no patient's vector can be read back
     line = next(ln for ln in text.splitlines() if ln.startswith("lambda_bladder:"))
     values = [float(v) for v in line.split("values: ")[1].split(", ")]
     assert values == sorted(values) and len(values) == 4
-    assert text.count("## 3.") == 1 and "## Memory" not in text
+    assert text.count("## Knowledge guidance") == 1 and "## Memory" not in text
+    assert text.index("## Knowledge guidance") < text.index("## Active configuration")  # fixed parts first
     unguided = build_messages(s1_state(), PromptOptions(guidance=False))[1]["content"]
-    assert "Knowledge" not in unguided and unguided.split("## Task")[0] == text.split("## 3.")[0]
+    guide = text[text.index("## Knowledge guidance"):text.index("## Active configuration")]
+    assert "Knowledge" not in unguided and unguided == text.replace(guide, "")
     with pytest.raises(ValueError, match="needs a knowledge base"):
         build_messages(s1_state(), PromptOptions(guidance=True))
 

@@ -3,7 +3,7 @@ import argparse, json, time, collections
 import numpy as np, torch
 torch.set_num_threads(1)
 from drl.acer import ACER
-from drl.train import PLANNER_SETTINGS, as_policy
+from drl.train import PLANNER_SETTINGS, as_policy, make_train_env
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.rollout import evaluate_cohort
 
@@ -18,7 +18,7 @@ p.add_argument("--env-kw", default="{}")
 a = p.parse_args()
 kw = {**PLANNER_SETTINGS, **json.loads(a.kw)}
 envkw = json.loads(a.env_kw)
-venv = make_sb3_vec_env("S1", num_envs=a.envs, cohort="train", cases=1, start=a.start, **envkw)
+venv = make_train_env("S1", a.envs, 1, start=a.start, **envkw)
 venv.seed(a.seed)
 model = ACER("MlpPolicy", venv, seed=a.seed, device="cpu", **kw)
 t0 = time.time()
@@ -40,3 +40,9 @@ for k in range(3):
     evals.append(e)
 model.save(f"runs/exp/{a.name}.zip")
 json.dump({"args": vars(a), "evals": evals}, open(f"runs/exp/{a.name}.json", "w"))
+from drl.acer import ACER as _A
+m = _A.load(f"runs/exp/{a.name}.zip", device="cpu")
+def pol(o, i):
+    return int(m.predict(o, deterministic=True)[0])
+r = evaluate_cohort(pol, "S1", cohort="test")
+print("unmasked predict test:", round(r["final_score_mean"], 2), r["full_score_rate"], r["steps_mean"], flush=True)
