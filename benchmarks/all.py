@@ -41,7 +41,7 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu") -> str:
 
     for sc in ("S1", "S3"):
         t0 = time.perf_counter()
-        cal = calibration.run(sc, out / f"calibration_{sc}.json", budget=64 if quick else 400, popsize=16,
+        cal = calibration.run(sc, out / f"calibration_{sc}.json", budget=32 if quick else 400, popsize=16,
                               fresh=True)
         seconds[f"calibration_{sc}"] = time.perf_counter() - t0
         lines += [f"## Calibration ({sc})", "", "```", calibration.table(cal), "```", ""]
