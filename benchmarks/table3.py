@@ -145,13 +145,12 @@ def run_episode_spec(spec: EpisodeSpec, knowledge_path: str | None = None, llm: 
     llm = llm or LLMOptions()
     pol = parse_policy(spec.policy)
     kb = None
-    if knowledge_path and (pol["kind"] == "knowledge-sample" or (pol["kind"] == "llm" and pol["guided"])):
+    if pol["kind"] == "knowledge-sample" or (pol["kind"] == "llm" and pol["guided"]):
+        if not knowledge_path:
+            raise ValueError(f"policy {spec.policy!r} needs --knowledge kb.json")
         from knowledge_extraction.knowledge import load_knowledge
 
         kb = load_knowledge(knowledge_path)
-    if pol["kind"] in ("knowledge-sample",) or (pol["kind"] == "llm" and pol["guided"]):
-        if kb is None:
-            raise ValueError(f"policy {spec.policy!r} needs --knowledge kb.json")
     mode = "discrete" if pol["kind"] == "sb3" else "continuous"
     env = TPPTuningEnv(spec.scenario, action_mode=mode, cohort="test", cases=[spec.case], max_steps=spec.max_steps,
                        scoring_mode="binary", device=device)
@@ -161,53 +160,19 @@ def run_episode_spec(spec: EpisodeSpec, knowledge_path: str | None = None, llm: 
 
         rng = np.random.default_rng(int(spec.start.split(":")[1]))
         options["tpp"] = TPP.random(env.core.structures, rng).values
-    rng = np.random.default_rng(spec.seed)
     extra: dict[str, Any] = {}
     if pol["kind"] == "search":
         record = _search_episode(env, spec, options)
+    elif pol["kind"] == "default":
+        _, info = env.reset(seed=spec.seed, options=options)
+        record = EpisodeRecord(case=info["case"], initial_score=info["score"], final_score=info["score"],
+                               initial_binary_score=info["score"], final_binary_score=info["score"],
+                               max_score=info["max_score"], steps=0, full_score=bool(info["full_score"]),
+                               final_tpp=info["tpp"], final_dv_metrics=info["dv_metrics"],
+                               score_trajectory=[info["score"]]).to_dict()
     else:
-        if pol["kind"] == "default":
-            def policy(obs, info):  # never called: max_steps 0 is emulated below
-                raise AssertionError
-        elif pol["kind"] == "random":
-            def policy(obs, info):
-                return rng.uniform(-1.0, 1.0, env.core.n_tpp).astype(np.float32)
-        elif pol["kind"] == "knowledge-sample":
-            from llm_policy.prompt import knowledge_guidance
-
-            guide = knowledge_guidance(kb, env.core.structures)
-            missing = [n for n in env.core.names if n not in guide]
-            if missing:
-                raise ValueError(f"knowledge base has no values for {missing}")
-
-            def policy(obs, info):
-                tpp = np.array([rng.choice(guide[n]["values"]) for n in env.core.names])
-                return env.core.tpp_to_action(tpp)
-        elif pol["kind"] == "sb3":
-            from drl.train import as_policy, load_policy
-
-            policy = as_policy(_cached(("sb3", pol["spec"], device), lambda: load_policy(pol["spec"], device=device)))
-        else:
-            from llm_policy.backends import make_backend
-            from llm_policy.policy import LLMPolicy
-            from llm_policy.prompt import PromptOptions
-
-            backend = _cached(("llm", pol["backend"], pol["model"], llm.base_url),
-                              lambda: make_backend(pol["backend"], model=pol["model"], base_url=llm.base_url,
-                                                   device=device))
-            policy = LLMPolicy.for_env(env, backend, knowledge=kb, temperature=llm.temperature, seed=spec.seed,
-                                       options=PromptOptions(guidance=pol["guided"], memory_k=llm.memory_k,
-                                                             chain_of_thought=llm.chain_of_thought,
-                                                             action_scope=llm.action_scope))
-        if pol["kind"] == "default":
-            obs, info = env.reset(seed=spec.seed, options=options)
-            record = EpisodeRecord(case=info["case"], initial_score=info["score"], final_score=info["score"],
-                                   initial_binary_score=info["score"], final_binary_score=info["score"],
-                                   max_score=info["max_score"], steps=0, full_score=bool(info["full_score"]),
-                                   final_tpp=info["tpp"], final_dv_metrics=info["dv_metrics"],
-                                   score_trajectory=[info["score"]]).to_dict()
-        else:
-            record = run_episode(env, policy, seed=spec.seed, options=options).to_dict()
+        policy = _step_policy(pol, env, kb, llm, spec, device)
+        record = run_episode(env, policy, seed=spec.seed, options=options).to_dict()
         if pol["kind"] == "llm":
             logs = policy.log
             extra = {"llm_prompt_tokens": sum(lg.prompt_tokens for lg in logs),
@@ -218,6 +183,36 @@ def run_episode_spec(spec: EpisodeSpec, knowledge_path: str | None = None, llm: 
     record.update(asdict(spec), key=spec.key, wall_s=round(time.perf_counter() - t0, 3), **extra)
     record["case"] = f"{spec.scenario}-test-{spec.case}"
     return record
+
+
+def _step_policy(pol: dict[str, Any], env, kb, llm: LLMOptions, spec: EpisodeSpec, device: str):
+    """The ``policy(obs, info) -> action`` of a stepping policy (random, knowledge-sample, SB3, LLM)."""
+    rng = np.random.default_rng(spec.seed)
+    if pol["kind"] == "random":
+        return lambda obs, info: rng.uniform(-1.0, 1.0, env.core.n_tpp).astype(np.float32)
+    if pol["kind"] == "knowledge-sample":
+        from llm_policy.prompt import knowledge_guidance
+
+        guide = knowledge_guidance(kb, env.core.structures)
+        missing = [n for n in env.core.names if n not in guide]
+        if missing:
+            raise ValueError(f"knowledge base has no values for {missing}")
+        return lambda obs, info: env.core.tpp_to_action(np.array([rng.choice(guide[n]["values"])
+                                                                  for n in env.core.names]))
+    if pol["kind"] == "sb3":
+        from drl.train import as_policy, load_policy
+
+        return as_policy(_cached(("sb3", pol["spec"], device), lambda: load_policy(pol["spec"], device=device)))
+    from llm_policy.backends import make_backend
+    from llm_policy.policy import LLMPolicy
+    from llm_policy.prompt import PromptOptions
+
+    backend = _cached(("llm", pol["backend"], pol["model"], llm.base_url),
+                      lambda: make_backend(pol["backend"], model=pol["model"], base_url=llm.base_url, device=device))
+    return LLMPolicy.for_env(env, backend, knowledge=kb, temperature=llm.temperature, seed=spec.seed,
+                             options=PromptOptions(guidance=pol["guided"], memory_k=llm.memory_k,
+                                                   chain_of_thought=llm.chain_of_thought,
+                                                   action_scope=llm.action_scope))
 
 
 def _search_episode(env, spec: EpisodeSpec, options: dict[str, Any]) -> dict[str, Any]:
