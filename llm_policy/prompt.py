@@ -196,7 +196,7 @@ def knowledge_text(kb: Mapping[str, Any], structures: Sequence[str]) -> str:
     """Component 3: parameter-wise distributions of successful TPPs, with the instruction."""
     guide = knowledge_guidance(kb, structures)
     n = kb["source"].get("successful", "several")
-    lines = [f"Final TPP values of {n} plans that reached full score when a trained planning agent tuned them, "
+    lines = [f"Final TPP values of {n} plans that reached full score when an automated planner tuned them, "
              "listed separately for each parameter (sorted; values of one parameter are not linked to values "
              "of another):"]
     for name, g in guide.items():
