@@ -175,7 +175,6 @@ class ACER(BaseAlgorithm):
             logit + 1)`` (allowed logits held fixed), so that plain ``predict()``, which sees no
             mask, also avoids the masked actions in the states trained on. Off (0) by default: on
             S1 it slowed learning (60 % full score after 21k steps against 100 % at 7k without it).
-        reward_scale: Rewards are multiplied by this before learning (the logged returns are not).
         policy_kwargs: Extra policy arguments (``net_arch``, ``activation_fn``).
         tensorboard_log, verbose, seed, device: As in stable-baselines3.
     """
@@ -188,7 +187,7 @@ class ACER(BaseAlgorithm):
                  buffer_size: int = 5000, replay_ratio: float = 4.0, replay_start: int = 1000,
                  truncation: float = 10.0, trust_region: bool = True, delta: float = 1.0, alpha: float = 0.99,
                  rms_alpha: float = 0.99, rms_eps: float = 1e-5, max_grad_norm: float = 10.0,
-                 use_action_masks: bool = True, mask_coef: float = 0.0, reward_scale: float = 1.0,
+                 use_action_masks: bool = True, mask_coef: float = 0.0,
                  policy_kwargs: dict[str, Any] | None = None, tensorboard_log: str | None = None,
                  verbose: int = 0, seed: int | None = None, device: torch.device | str = "auto",
                  _init_setup_model: bool = True) -> None:
@@ -204,9 +203,7 @@ class ACER(BaseAlgorithm):
         self.buffer_size, self.replay_ratio, self.replay_start = buffer_size, replay_ratio, replay_start
         self.truncation, self.trust_region, self.delta, self.alpha = truncation, trust_region, delta, alpha
         self.rms_alpha, self.rms_eps, self.max_grad_norm = rms_alpha, rms_eps, max_grad_norm
-        if not reward_scale > 0:
-            raise ValueError(f"reward_scale = {reward_scale} must be > 0")
-        self.use_action_masks, self.mask_coef, self.reward_scale = use_action_masks, mask_coef, reward_scale
+        self.use_action_masks, self.mask_coef = use_action_masks, mask_coef
         self._last_masks: np.ndarray | None = None
         if _init_setup_model:
             self._setup_model()
@@ -277,7 +274,7 @@ class ACER(BaseAlgorithm):
             if not callback.on_step():
                 return None
             self._update_info_buffer(infos, dones)
-            seg["actions"][t], seg["rewards"][t], seg["mu"][t] = actions, rewards * self.reward_scale, probs
+            seg["actions"][t], seg["rewards"][t], seg["mu"][t] = actions, rewards, probs
             final_masks = self._masks_from(infos, final=True)
             for i, done in enumerate(dones):
                 if done:

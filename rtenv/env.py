@@ -319,7 +319,8 @@ _DOC = """
     / x0.91, t_OAR x1.25 / x0.6, lambda x1.65 / x0.6, V x1.25 / x0.8), clamped to the valid ranges.
     ``continuous``: ``Box(-1, 1, (n_tpp,))`` sets the whole TPP vector: thresholds and volume
     fractions linearly over t_PTV [1, 1.2], t_OAR [0.01, 1], V_PTV [0.001, 0.3], V_OAR [0.01, 1],
-    weights as log10 lambda in [-2, 3].
+    weights as log10 lambda in [-2, 3]. Discrete envs report ``info["action_mask"]`` (list of
+    bool): False for the actions that would leave the TPPs unchanged (a TPP at its range clamp).
 
     ## Observation Space
     ``Box(0, 1, (100 n_structures,), float32)``: each structure's cumulative DVH (volume fraction)

@@ -198,7 +198,7 @@ def test_dola_reward_needs_one_primary():
 
 
 def test_shipped_protocols():
-    assert available_protocols() == ["liver4", "profit60", "prostate15", "prostate9"]
+    assert available_protocols() == ["liver4", "profit60", "prostate15", "prostate9", "tg119"]
     expected = {"prostate9": (79.2, 44, 9.0), "prostate15": (79.2, 44, 15.0),
                 "liver4": (50.0, 25, 4.0), "profit60": (60.0, 20, 160.0)}
     for name, (rx, fractions, max_score) in expected.items():
