@@ -91,5 +91,5 @@ def test_specs_and_policy_names(tmp_path):
             parse_policy(bad)
     with pytest.raises(ValueError, match="--cases 11"):
         episode_specs(["S1"], ["default"], cases=11)
-    with pytest.raises(ValueError, match="needs --knowledge"):
+    with pytest.raises(ValueError, match=r"need --knowledge"):
         run_table3(["S1"], ["knowledge-sample"], tmp_path, cases=1, max_steps=1, workers=1, progress=False)
