@@ -18,6 +18,8 @@
 * ``llm:BACKEND:MODEL[:guided|unguided]``: :class:`llm_policy.policy.LLMPolicy` (``MODEL``
   ``default`` = SmolLM2-135M-Instruct; guided needs ``--knowledge``).
 
+Any entry may end in ``@N`` to run only its first ``N`` starting states (e.g. a slow LLM row).
+
 Starting states follow the seed: S1 and S2 start every test case from the SPEC default TPPs; S3
 starts one liver case (test case 0) from 10 seeded random TPP vectors. Scores are binary (one
 point per criterion met), as in the seed. Every finished episode is appended to
@@ -82,9 +84,21 @@ class EpisodeSpec:
         return f"{self.policy}|{self.scenario}|{self.case}|{self.start}|{self.seed}|{self.max_steps}"
 
 
+def policy_count(policy: str, cases: int) -> tuple[str, int]:
+    """``(name, episodes)`` of a policy entry: ``NAME@N`` runs ``N`` episodes (the first ``N``
+    starting states) instead of ``cases``, e.g. fewer for a slow LLM row."""
+    name, at, n = policy.rpartition("@")
+    if not at:
+        return policy, cases
+    if not n.isdigit() or not 1 <= int(n) <= 10:
+        raise ValueError(f"policy {policy!r}: the episode count after '@' must be an integer in [1, 10]")
+    return name, int(n)
+
+
 def episode_specs(scenarios: Sequence[str], policies: Sequence[str], cases: int = 10, max_steps: int = 20,
                   seed: int = 0) -> list[EpisodeSpec]:
-    """Every episode of a run, in a fixed order (scenario, policy, starting state)."""
+    """Every episode of a run, in a fixed order (scenario, policy, starting state). A policy
+    ``NAME@N`` gets the first ``N`` starting states instead of ``cases``."""
     if not 1 <= cases <= 10:
         raise ValueError(f"--cases {cases} is outside [1, 10] (the test cohort has 10 cases)")
     if max_steps < 1:
@@ -93,12 +107,11 @@ def episode_specs(scenarios: Sequence[str], policies: Sequence[str], cases: int 
     for sc in scenarios:
         if sc not in SCENARIO_CHOICES:
             raise ValueError(f"unknown scenario {sc!r}; valid: {list(SCENARIO_CHOICES)}")
-        for pol in policies:
+        for entry in policies:
+            pol, n = policy_count(entry, cases)
             parse_policy(pol)
-            for i in range(cases):
-                if sc == "S3":  # the seed: one liver case, random starts
-                    out.append(EpisodeSpec(pol, sc, 0, f"random:{seed + i}", seed + i, max_steps))
-                elif sc == "TG119":  # a single case: seeded random starts too
+            for i in range(n):
+                if sc in ("S3", "TG119"):  # S3 as in the seed: one liver case, random starts; TG119: one case
                     out.append(EpisodeSpec(pol, sc, 0, f"random:{seed + i}", seed + i, max_steps))
                 else:
                     out.append(EpisodeSpec(pol, sc, i, "default", seed + i, max_steps))
@@ -200,9 +213,11 @@ def _step_policy(pol: dict[str, Any], env, kb, llm: LLMOptions, spec: EpisodeSpe
         return lambda obs, info: env.core.tpp_to_action(np.array([rng.choice(guide[n]["values"])
                                                                   for n in env.core.names]))
     if pol["kind"] == "sb3":
-        from drl.train import as_policy, load_policy
+        from drl.train import load_policy
+        from drl.transfer import policy_for_scenario
 
-        return as_policy(_cached(("sb3", pol["spec"], device), lambda: load_policy(pol["spec"], device=device)))
+        model = _cached(("sb3", pol["spec"], device), lambda: load_policy(pol["spec"], device=device))
+        return policy_for_scenario(model, spec.scenario)
     from llm_policy.backends import make_backend
     from llm_policy.policy import LLMPolicy
     from llm_policy.prompt import PromptOptions
@@ -275,12 +290,14 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     llm = llm or LLMOptions()
     specs = episode_specs(scenarios, policies, cases, max_steps, seed)
-    needs_kb = [p for p in policies if p == "knowledge-sample" or (p.startswith("llm:") and parse_policy(p)["guided"])]
+    names = [policy_count(p, cases)[0] for p in policies]
+    needs_kb = [p for p in names if p == "knowledge-sample" or (p.startswith("llm:") and parse_policy(p)["guided"])]
     if needs_kb and not knowledge:
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
     path = out / "results.jsonl"
     done = {r["key"]: r for r in load_records(path)}
-    todo = [s for s in specs if s.key not in done]
+    # starting state first: every policy's first episodes finish first (a cut run stays balanced)
+    todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
     workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="episode", desc="table3", disable=not progress)
     finals: dict[str, list[float]] = {}

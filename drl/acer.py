@@ -26,6 +26,16 @@ the step budget ends. Without masks ACER trained from default starts chose "t_PT
 step of every test case (final 6.13, 10 % full score); with masks it reaches full score on every
 test and knowledge case in about 3 steps after 10k training steps.
 
+Two networks: ``"MlpPolicy"`` (:class:`ACERPolicy`, the default: an MLP torso) and ``"LstmPolicy"``
+(:class:`ACERLstmPolicy`, SPEC section 3's planner network: ``Linear(obs_dim, 32)`` + ReLU ->
+``LSTMCell(32)`` -> softmax policy head and Q head). With the LSTM, collection keeps one hidden
+state ``(h, c)`` per env, zeroed where an episode starts; each segment stores the state at its
+first step and per-step episode-start flags, and every update (on-policy and replayed) unrolls the
+network through the segment from that stored state, zeroing it at the episode starts inside the
+segment (backpropagation through time within the segment). The replay can be saved and restored
+with :meth:`ACER.save_replay_buffer` / :meth:`ACER.load_replay_buffer` (what SB3's
+``CheckpointCallback(save_replay_buffer=True)`` calls).
+
 Defaults are SPEC section 3's generic ACER settings (stable-baselines v2): ``n_steps=20``,
 ``q_coef=0.5``, ``ent_coef=0.01``, ``buffer_size=5000``, ``replay_ratio=4``,
 ``replay_start=1000``, ``truncation=10``, ``alpha=0.99``, ``delta=1``, RMSprop with
@@ -36,8 +46,12 @@ settings differ (see SPEC) and are passed as arguments.
 from __future__ import annotations
 
 import copy
+import io
+import os
+import pickle
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +72,7 @@ _MASK_MARGIN = 1.0  # masked logits are taught to stay this far below the best a
 
 
 class ACERPolicy(BasePolicy):
-    """Shared MLP torso -> policy logits and Q values, one of each per discrete action.
+    """Shared MLP torso -> policy logits and Q values, one of each per discrete action (``"MlpPolicy"``).
 
     Args:
         observation_space: Observation space.
@@ -67,6 +81,8 @@ class ACERPolicy(BasePolicy):
         net_arch: Hidden layer sizes of the torso.
         activation_fn: Activation of the torso.
     """
+
+    recurrent = False  # the network has no hidden state
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Discrete, lr_schedule: Schedule,
                  net_arch: list[int] | None = None, activation_fn: type[nn.Module] = nn.ReLU,
@@ -131,12 +147,208 @@ class ACERPolicy(BasePolicy):
         return torch.distributions.Categorical(logits=log_pi).sample()
 
 
+LstmState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (batch, hidden_size)
+
+
+class ACERLstmPolicy(BasePolicy):
+    """SPEC section 3's recurrent ACER network (``"LstmPolicy"``):
+    ``Linear(obs_dim, features_dim)`` + activation -> ``LSTMCell(hidden_size)`` -> a policy head
+    (logits; softmax) and a Q head, each with one output per discrete action.
+
+    The hidden state is a pair ``(h, c)`` of ``(batch, hidden_size)`` tensors; a zero state starts an
+    episode. :meth:`step` advances it by one observation, :meth:`unroll` through a time-major
+    sequence (zeroing it where ``episode_starts`` is True, before that step's observation).
+    :meth:`predict` follows SB3's recurrent convention (sb3-contrib ``RecurrentPPO``): it takes and
+    returns the state as a tuple of numpy arrays ``(h, c)``, each ``(n_envs, hidden_size)``, and
+    zeroes it where ``episode_start`` is True.
+
+    Args:
+        observation_space: Observation space (flattened).
+        action_space: A ``Discrete`` space.
+        lr_schedule: Learning-rate schedule (for the optimizer).
+        hidden_size: LSTM cell size (32 in SPEC).
+        features_dim: Width of the linear layer before the LSTM (32 in SPEC).
+        activation_fn: Activation after the linear layer (ReLU in SPEC).
+    """
+
+    recurrent = True
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Discrete, lr_schedule: Schedule,
+                 hidden_size: int = 32, features_dim: int = 32, activation_fn: type[nn.Module] = nn.ReLU,
+                 optimizer_class: type[torch.optim.Optimizer] = torch.optim.RMSprop,
+                 optimizer_kwargs: dict[str, Any] | None = None) -> None:
+        if not isinstance(action_space, spaces.Discrete):
+            raise ValueError(f"ACER needs a Discrete action space, got {action_space}")
+        for name, value in (("hidden_size", hidden_size), ("features_dim", features_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r} must be an integer >= 1")
+        super().__init__(observation_space, action_space, features_extractor_class=FlattenExtractor,
+                         optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs or {})
+        self.hidden_size, self.features_dim, self.activation_fn = hidden_size, features_dim, activation_fn
+        self.features_extractor = self.make_features_extractor()
+        self.torso = nn.Sequential(nn.Linear(self.features_extractor.features_dim, features_dim), activation_fn())
+        self.lstm = nn.LSTMCell(features_dim, hidden_size)
+        self.pi_head = nn.Linear(hidden_size, int(action_space.n))
+        self.q_head = nn.Linear(hidden_size, int(action_space.n))
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(hidden_size=self.hidden_size, features_dim=self.features_dim, activation_fn=self.activation_fn,
+                    lr_schedule=ACERPolicy._dummy_schedule, optimizer_class=self.optimizer_class,
+                    optimizer_kwargs=self.optimizer_kwargs)
+        return data
+
+    def initial_state(self, n: int) -> LstmState:
+        """The zero state of ``n`` fresh episodes."""
+        zeros = torch.zeros(n, self.hidden_size, device=self.device)
+        return zeros, zeros.clone()
+
+    @staticmethod
+    def reset_state(state: LstmState, episode_starts: torch.Tensor) -> LstmState:
+        """``state`` with the rows where ``episode_starts`` (bool, ``(batch,)``) is True zeroed."""
+        keep = (~episode_starts.to(torch.bool)).to(state[0].dtype).unsqueeze(-1)
+        return state[0] * keep, state[1] * keep
+
+    def step(self, obs: torch.Tensor, state: LstmState) -> tuple[torch.Tensor, torch.Tensor, LstmState]:
+        """One step: unmasked logits and Q values, each ``(batch, n_actions)``, and the next state."""
+        features = self.torso(self.extract_features(obs, self.features_extractor))
+        h, c = self.lstm(features, state)
+        return self.pi_head(h), self.q_head(h), (h, c)
+
+    def unroll(self, obs: torch.Tensor, state: LstmState, episode_starts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, LstmState]:
+        """Run through a time-major sequence ``obs`` ``(T, batch, ...)`` from ``state``, zeroing the
+        state before step ``t`` where ``episode_starts[t]`` (``(T, batch)`` bool) is True.
+
+        Returns logits and Q values, each ``(T, batch, n_actions)``, and the states after every
+        step, each ``(T, batch, hidden_size)`` (``[t]`` is the state that step ``t + 1`` receives,
+        before any reset)."""
+        if obs.shape[:2] != episode_starts.shape:
+            raise ValueError(f"episode_starts has shape {tuple(episode_starts.shape)}; obs starts with "
+                             f"{tuple(obs.shape[:2])}")
+        logits, q, hs, cs = [], [], [], []
+        for t in range(obs.shape[0]):
+            state = self.reset_state(state, episode_starts[t])
+            lg, qv, state = self.step(obs[t], state)
+            logits.append(lg)
+            q.append(qv)
+            hs.append(state[0])
+            cs.append(state[1])
+        return torch.stack(logits), torch.stack(q), (torch.stack(hs), torch.stack(cs))
+
+    def evaluate(self, obs: torch.Tensor, state: LstmState, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, LstmState]:
+        """One step: log-probabilities (``mask`` False: probability 0), Q values and the next state."""
+        logits, q, state = self.step(obs, state)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, _MASKED_LOGIT)
+        return torch.log_softmax(logits, dim=-1), q, state
+
+    def _state_in(self, state: tuple[np.ndarray, np.ndarray] | None, episode_start: np.ndarray | None,
+                  n: int) -> LstmState:
+        if state is None:
+            st = self.initial_state(n)
+        else:
+            if len(state) != 2:
+                raise ValueError(f"an LSTM state is a pair (h, c); got {len(state)} arrays")
+            st = tuple(torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device).reshape(n, -1)
+                       for x in state)
+            if st[0].shape[1] != self.hidden_size or st[1].shape[1] != self.hidden_size:
+                raise ValueError(f"state arrays have {st[0].shape[1]} and {st[1].shape[1]} units per env; "
+                                 f"the LSTM has {self.hidden_size}")
+        if episode_start is not None:
+            starts = torch.as_tensor(np.asarray(episode_start, dtype=bool), device=self.device).reshape(n)
+            st = self.reset_state(st, starts)
+        return st  # type: ignore[return-value]
+
+    def _act(self, observation: np.ndarray, mask: np.ndarray | None, state: tuple[np.ndarray, np.ndarray] | None,
+             episode_start: np.ndarray | None, deterministic: bool
+             ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        self.set_training_mode(False)
+        obs_t, vectorized = self.obs_to_tensor(observation)
+        n = obs_t.shape[0]
+        st = self._state_in(state, episode_start, n)
+        mask_t = None
+        if mask is not None:
+            mask_t = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.device).reshape(n, -1)
+        with torch.no_grad():
+            log_pi, _, st = self.evaluate(obs_t, st, mask_t)
+            act = log_pi.argmax(-1) if deterministic else torch.distributions.Categorical(logits=log_pi).sample()
+        actions = act.cpu().numpy()
+        new_state = (st[0].cpu().numpy(), st[1].cpu().numpy())
+        return (actions if vectorized else actions[0]), new_state
+
+    def predict(self, observation: np.ndarray | dict[str, np.ndarray],  # type: ignore[override]
+                state: tuple[np.ndarray, ...] | None = None, episode_start: np.ndarray | None = None,
+                deterministic: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Actions for a batch (or one) of observations and the next hidden state (SB3's recurrent
+        convention). ``state`` ``None``: zero state (fresh episodes); ``episode_start`` (bool per
+        env): zero the state of those envs first. Pass the returned state back at the next step."""
+        return self._act(observation, None, state, episode_start, deterministic)  # type: ignore[arg-type]
+
+    def predict_masked(self, observation: np.ndarray, mask: np.ndarray,
+                       state: tuple[np.ndarray, np.ndarray] | None = None, episode_start: np.ndarray | None = None,
+                       deterministic: bool = True) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Like :meth:`predict`, with disallowed actions (``mask`` False) excluded; returns
+        ``(actions, state)`` (unlike :meth:`ACERPolicy.predict_masked`, which returns actions only)."""
+        return self._act(observation, mask, state, episode_start, deterministic)
+
+    def _predict(self, observation: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Actions from the zero state (the first step of an episode); :meth:`predict` carries the state."""
+        log_pi, _, _ = self.evaluate(observation, self.initial_state(observation.shape[0]))
+        if deterministic:
+            return log_pi.argmax(dim=-1)
+        return torch.distributions.Categorical(logits=log_pi).sample()
+
+
 class SegmentReplay:
     """FIFO replay of trajectory segments (time-major arrays of ``n_steps`` x ``n_envs``)."""
+
+    FORMAT_VERSION = 1
 
     def __init__(self, capacity_segments: int, rng: np.random.Generator) -> None:
         self.segments: deque[dict[str, np.ndarray]] = deque(maxlen=max(1, capacity_segments))
         self.rng = rng
+
+    @property
+    def capacity(self) -> int:
+        """Most segments held (older ones are dropped first)."""
+        return int(self.segments.maxlen or 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The segments (oldest first), the capacity and the sampling rng's state, for saving.
+        Each segment's ``trunc_obs`` / ``trunc_masks`` keep only their truncated rows (the rest are
+        placeholders), which roughly halves the size."""
+        segments = []
+        for seg in self.segments:
+            packed = dict(seg)
+            trunc = seg["truncated"]
+            packed["trunc_obs"], packed["trunc_masks"] = seg["trunc_obs"][trunc], seg["trunc_masks"][trunc]
+            segments.append(packed)
+        return {"format": self.FORMAT_VERSION, "capacity": self.capacity, "segments": segments,
+                "rng_state": copy.deepcopy(self.rng.bit_generator.state)}
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`: segments, capacity and the rng's state (in place, so a
+        generator shared with the algorithm continues its stream too)."""
+        if not isinstance(data, dict) or data.get("format") != self.FORMAT_VERSION:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not an ACER replay of format {self.FORMAT_VERSION} (found {found!r})")
+        capacity = int(data["capacity"])
+        if capacity < 1:
+            raise ValueError(f"replay capacity = {capacity} must be >= 1")
+        segments: deque[dict[str, np.ndarray]] = deque(maxlen=capacity)
+        for packed in data["segments"]:
+            seg = dict(packed)
+            trunc = packed["truncated"]
+            obs_rows, mask_rows = packed["trunc_obs"], packed["trunc_masks"]
+            seg["trunc_obs"] = np.zeros((*trunc.shape, *obs_rows.shape[1:]), dtype=obs_rows.dtype)
+            seg["trunc_masks"] = np.ones((*trunc.shape, *mask_rows.shape[1:]), dtype=bool)
+            seg["trunc_obs"][trunc], seg["trunc_masks"][trunc] = obs_rows, mask_rows
+            segments.append(seg)
+        self.segments = segments
+        self.rng.bit_generator.state = data["rng_state"]
 
     def add(self, segment: dict[str, np.ndarray]) -> None:
         self.segments.append(segment)
@@ -152,7 +364,13 @@ class ACER(BaseAlgorithm):
     """ACER for discrete actions.
 
     Args:
-        policy: ``"MlpPolicy"`` or an :class:`ACERPolicy` subclass.
+        policy: ``"MlpPolicy"`` (:class:`ACERPolicy`, default network), ``"LstmPolicy"``
+            (:class:`ACERLstmPolicy`, SPEC's recurrent planner network; ``policy_kwargs``
+            ``hidden_size`` and ``features_dim``, both 32 by default) or a subclass of either. With
+            the LSTM, :meth:`predict` takes and returns the hidden state (``model.predict(obs,
+            state, episode_start, deterministic)`` -> ``(action, state)``, as sb3-contrib's
+            ``RecurrentPPO``), and :meth:`ACERLstmPolicy.predict_masked` too;
+            :func:`drl.train.as_policy` carries it across an episode's steps.
         env: Environment (any Gymnasium env or SB3 ``VecEnv``; several envs supported).
         learning_rate: RMSprop learning rate (or schedule).
         n_steps: Steps per environment per segment.
@@ -175,12 +393,13 @@ class ACER(BaseAlgorithm):
             logit + 1)`` (allowed logits held fixed), so that plain ``predict()``, which sees no
             mask, also avoids the masked actions in the states trained on. Off (0) by default: on
             S1 it slowed learning (60 % full score after 21k steps against 100 % at 7k without it).
-        policy_kwargs: Extra policy arguments (``net_arch``, ``activation_fn``).
+        policy_kwargs: Extra policy arguments (MLP: ``net_arch``, ``activation_fn``; LSTM:
+            ``hidden_size``, ``features_dim``, ``activation_fn``).
         tensorboard_log, verbose, seed, device: As in stable-baselines3.
     """
 
-    policy_aliases = {"MlpPolicy": ACERPolicy}  # noqa: RUF012
-    policy: ACERPolicy
+    policy_aliases = {"MlpPolicy": ACERPolicy, "LstmPolicy": ACERLstmPolicy}  # noqa: RUF012
+    policy: ACERPolicy | ACERLstmPolicy
 
     def __init__(self, policy: str | type[ACERPolicy], env: GymEnv | str, learning_rate: float | Schedule = 7e-4,
                  n_steps: int = 20, gamma: float = 0.99, q_coef: float = 0.5, ent_coef: float = 0.01,
@@ -205,6 +424,7 @@ class ACER(BaseAlgorithm):
         self.rms_alpha, self.rms_eps, self.max_grad_norm = rms_alpha, rms_eps, max_grad_norm
         self.use_action_masks, self.mask_coef = use_action_masks, mask_coef
         self._last_masks: np.ndarray | None = None
+        self._lstm_states: LstmState | None = None  # per env, for collection with the LSTM policy
         if _init_setup_model:
             self._setup_model()
 
@@ -219,7 +439,56 @@ class ACER(BaseAlgorithm):
         self._replay = SegmentReplay(self.buffer_size // (self.n_steps * self.n_envs), self._rng)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_replay", "_rng", "avg_policy", "_last_masks"]
+        return [*super()._excluded_save_params(), "_replay", "_rng", "avg_policy", "_last_masks", "_lstm_states"]
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether the policy is recurrent (:class:`ACERLstmPolicy`)."""
+        return bool(getattr(self.policy, "recurrent", False))
+
+    # -------------------------------------------------------------------- replay
+    @property
+    def replay_buffer(self) -> SegmentReplay:
+        """The segment replay (what SB3's ``CheckpointCallback(save_replay_buffer=True)`` looks for)."""
+        return self._replay
+
+    def save_replay_buffer(self, path: str | Path | io.BufferedIOBase) -> None:
+        """Write the replay (segments, capacity, the rng's state) to ``path`` (a pickle; written to a
+        temporary file and renamed, so an interrupted save leaves no partial file), or to an open
+        binary file. SB3's ``CheckpointCallback(save_replay_buffer=True)`` calls this."""
+        data = self._replay.state_dict()
+        data["n_actions"], data["obs_shape"] = int(self.action_space.n), tuple(self.observation_space.shape)
+        data["recurrent"] = self.recurrent
+        if isinstance(path, (str, os.PathLike)):
+            path = Path(path)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        else:
+            pickle.dump(data, path, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_replay_buffer(self, path: str | Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """Restore the replay written by :meth:`save_replay_buffer` (a pickle: load only files you
+        trust). The saved capacity is kept; the rng (shared by sampling, actions and the Poisson
+        replay count) continues from its saved state. ``truncate_last_traj`` exists for SB3
+        compatibility and is ignored (segments are self-contained)."""
+        del truncate_last_traj
+        if isinstance(path, (str, os.PathLike)):
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+        else:
+            data = pickle.load(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold an ACER replay (found a {type(data).__name__})")
+        n_actions, obs_shape = data.get("n_actions"), tuple(data.get("obs_shape", ()))
+        if n_actions != int(self.action_space.n) or obs_shape != tuple(self.observation_space.shape):
+            raise ValueError(f"the replay in {path} has {n_actions} actions and observations of shape {obs_shape}; "
+                             f"this model has {int(self.action_space.n)} and {tuple(self.observation_space.shape)}")
+        if self.recurrent and not data.get("recurrent"):
+            raise ValueError(f"the replay in {path} was collected without LSTM states; the LSTM policy cannot "
+                             "learn from it")
+        self._replay.load_state_dict(data)
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "avg_policy", "policy.optimizer"], []
@@ -258,12 +527,29 @@ class ACER(BaseAlgorithm):
         }
         if self._last_masks is None:
             self._last_masks = np.ones((N, A), dtype=bool)
+        recurrent = self.recurrent
+        if self._last_episode_starts is None:
+            self._last_episode_starts = np.ones(N, dtype=bool)
+        if recurrent:
+            assert isinstance(self.policy, ACERLstmPolicy)
+            if self._lstm_states is None or self._lstm_states[0].shape != (N, self.policy.hidden_size):
+                self._lstm_states = self.policy.initial_state(N)
+            # the state as held before the segment's first step; the start flags say where it is zeroed
+            seg["state_h"], seg["state_c"] = (x.cpu().numpy().copy() for x in self._lstm_states)
+            seg["episode_starts"] = np.zeros((T + 1, N), dtype=bool)
         callback.on_rollout_start()
         for t in range(T):
             seg["obs"][t], seg["masks"][t] = self._last_obs, self._last_masks
+            obs_t = obs_as_tensor(self._last_obs, self.device)
+            mask_t = torch.as_tensor(self._last_masks, device=self.device)
             with torch.no_grad():
-                log_pi, _ = self.policy.evaluate(obs_as_tensor(self._last_obs, self.device),
-                                                 torch.as_tensor(self._last_masks, device=self.device))
+                if recurrent:
+                    starts = np.asarray(self._last_episode_starts, dtype=bool)
+                    seg["episode_starts"][t] = starts
+                    state = ACERLstmPolicy.reset_state(self._lstm_states, torch.as_tensor(starts, device=self.device))
+                    log_pi, _, self._lstm_states = self.policy.evaluate(obs_t, state, mask_t)
+                else:
+                    log_pi, _ = self.policy.evaluate(obs_t, mask_t)
             probs = log_pi.exp().cpu().numpy().astype(np.float64)
             cum = np.cumsum(probs, axis=1)
             u = self._rng.random(N) * cum[:, -1]
@@ -285,18 +571,89 @@ class ACER(BaseAlgorithm):
                         seg["trunc_obs"][t, i] = infos[i]["terminal_observation"]
                         seg["trunc_masks"][t, i] = final_masks[i]
             self._last_obs, self._last_masks = new_obs, self._masks_from(infos)
+            self._last_episode_starts = np.asarray(dones, dtype=bool)
         seg["obs"][T], seg["masks"][T] = self._last_obs, self._last_masks
+        if recurrent:
+            seg["episode_starts"][T] = self._last_episode_starts
         callback.on_rollout_end()
         return seg
 
     # -------------------------------------------------------------------- update
-    def _update(self, seg: dict[str, np.ndarray]) -> dict[str, float]:
+    def _segment_state(self, seg: dict[str, np.ndarray]) -> tuple[LstmState, torch.Tensor]:
+        """The stored LSTM state at a segment's first step and its ``(T + 1, N)`` episode-start flags."""
+        if "state_h" not in seg or "episode_starts" not in seg:
+            raise ValueError("this segment has no stored LSTM state (collected with a non-recurrent policy?)")
+        dev = self.device
+        state = (torch.as_tensor(seg["state_h"], device=dev), torch.as_tensor(seg["state_c"], device=dev))
+        return state, torch.as_tensor(seg["episode_starts"], device=dev)
+
+    def _segment_forward(self, seg: dict[str, np.ndarray]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LstmState | None]:
+        """The policy's unmasked logits and Q values at the segment's steps, each ``(T, N, A)``
+        (with gradients); the log-probabilities and Q values (no gradients) at the state after
+        the last step, ``(N, A)`` each, for the bootstrap; and for the LSTM the states after every
+        step (``(T + 1, N, hidden)`` each; None for the MLP). The LSTM policy is unrolled from the
+        segment's stored state, zeroed at its episode starts."""
         T, N = seg["actions"].shape
         A = int(self.action_space.n)
         dev = self.device
         obs = torch.as_tensor(seg["obs"], device=dev)
         masks = torch.as_tensor(seg["masks"], device=dev)
-        logits, q = self.policy.logits_and_q(obs[:T].reshape(T * N, *obs.shape[2:]))
+        if self.recurrent:
+            state, starts = self._segment_state(seg)
+            logits_all, q_all, states = self.policy.unroll(obs, state, starts)
+            logits, q = logits_all[:T], q_all[:T]
+            with torch.no_grad():
+                lp_last = torch.log_softmax(logits_all[T].masked_fill(~masks[T], _MASKED_LOGIT), dim=-1)
+                q_last = q_all[T].detach()
+        else:
+            states = None
+            logits, q = self.policy.logits_and_q(obs[:T].reshape(T * N, *obs.shape[2:]))
+            logits, q = logits.reshape(T, N, A), q.reshape(T, N, A)
+            with torch.no_grad():
+                lp_last, q_last = self.policy.evaluate(obs[T], masks[T])
+        return logits, q, lp_last, q_last, states
+
+    def _truncation_values(self, seg: dict[str, np.ndarray], trunc: torch.Tensor,
+                           states: LstmState | None) -> torch.Tensor:
+        """``V`` of the truncated (time-limit) states of a segment, one per True in ``trunc``; the
+        LSTM evaluates each with the state after the step that reached it (``states``, from
+        :meth:`_segment_forward`)."""
+        dev = self.device
+        trunc_obs = torch.as_tensor(seg["trunc_obs"], device=dev)[trunc]
+        trunc_masks = torch.as_tensor(seg["trunc_masks"], device=dev)[trunc]
+        with torch.no_grad():
+            if states is not None:
+                hs, cs = states
+                T = trunc.shape[0]
+                lp_tr, q_tr, _ = self.policy.evaluate(trunc_obs, (hs[:T][trunc].detach(), cs[:T][trunc].detach()),
+                                                      trunc_masks)
+            else:
+                lp_tr, q_tr = self.policy.evaluate(trunc_obs, trunc_masks)
+        return (lp_tr.exp() * q_tr).sum(-1)
+
+    def _average_log_probs(self, seg: dict[str, np.ndarray]) -> torch.Tensor:
+        """The average policy's masked log-probabilities at the segment's steps, ``(T, N, A)``."""
+        T, N = seg["actions"].shape
+        A = int(self.action_space.n)
+        dev = self.device
+        obs = torch.as_tensor(seg["obs"][:T], device=dev)
+        masks = torch.as_tensor(seg["masks"][:T], device=dev)
+        with torch.no_grad():
+            if self.recurrent:
+                state, starts = self._segment_state(seg)
+                logits, _, _ = self.avg_policy.unroll(obs, state, starts[:T])
+                return torch.log_softmax(logits.masked_fill(~masks, _MASKED_LOGIT), dim=-1)
+            avg_lp, _ = self.avg_policy.evaluate(obs.reshape(T * N, *obs.shape[2:]), masks.reshape(T * N, A))
+            return avg_lp.reshape(T, N, A)
+
+    def _update(self, seg: dict[str, np.ndarray]) -> dict[str, float]:
+        T, N = seg["actions"].shape
+        A = int(self.action_space.n)
+        dev = self.device
+        masks = torch.as_tensor(seg["masks"], device=dev)
+        logits, q, lp_last, q_last, states = self._segment_forward(seg)
+        logits, q = logits.reshape(T * N, A), q.reshape(T * N, A)
         flat_masks = masks[:T].reshape(T * N, A)
         masked_logits = logits.masked_fill(~flat_masks, _MASKED_LOGIT)
         log_pi, q = torch.log_softmax(masked_logits, dim=-1).reshape(T, N, A), q.reshape(T, N, A)
@@ -313,13 +670,10 @@ class ACER(BaseAlgorithm):
         q_taken = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             boot = torch.zeros(T + 1, N, device=dev)
-            lp_last, q_last = self.policy.evaluate(obs[T], masks[T])
             boot[T] = (lp_last.exp() * q_last).sum(-1)
             trunc = torch.as_tensor(seg["truncated"], device=dev)
             if trunc.any():
-                lp_tr, q_tr = self.policy.evaluate(torch.as_tensor(seg["trunc_obs"], device=dev)[trunc],
-                                                   torch.as_tensor(seg["trunc_masks"], device=dev)[trunc])
-                boot[:T][trunc] = (lp_tr.exp() * q_tr).sum(-1)
+                boot[:T][trunc] = self._truncation_values(seg, trunc, states)
             q_ret = retrace_targets(torch.as_tensor(seg["rewards"], device=dev), q_taken.detach(), values.detach(),
                                     rho.gather(-1, actions.unsqueeze(-1)).squeeze(-1),
                                     torch.as_tensor(seg["terminated"], device=dev), trunc, boot, self.gamma)
@@ -335,9 +689,8 @@ class ACER(BaseAlgorithm):
             objective = -(trunc_term + corr_term) + self.ent_coef * entropy
             (g,) = torch.autograd.grad(objective * T * N, probs)
             with torch.no_grad():
-                avg_lp, _ = self.avg_policy.evaluate(obs[:T].reshape(T * N, *obs.shape[2:]),
-                                                     masks[:T].reshape(T * N, A))
-                k = -(avg_lp.exp().reshape(T, N, A)) / probs.detach().clamp(min=1e-8)  # d KL(avg || pi) / d pi
+                avg_lp = self._average_log_probs(seg)
+                k = -(avg_lp.exp()) / probs.detach().clamp(min=1e-8)  # d KL(avg || pi) / d pi
             z = trust_region_step(g.reshape(T * N, A), k.reshape(T * N, A), self.delta).reshape(T, N, A)
             torch.autograd.backward([pi, self.q_coef * value_loss + self.mask_coef * mask_loss],
                                     [-z / (T * N), torch.ones_like(value_loss)])

@@ -28,6 +28,15 @@ carries the largest share of the absolute attribution mass ``sum_k |A[s, k]|``. 
 is the fraction of steps (with at least one violated structure) whose top-attributed structure is
 violated; ``chance_rate`` is the rate a uniformly random structure would reach.
 
+Recurrent policies (:class:`~drl.acer.ACERLstmPolicy`, SPEC's LSTM planner network): the logit at
+step ``t`` depends on the observation ``x_t`` and on the hidden state ``(h, c)`` carried from the
+earlier steps of the episode. IG attributes the logit to ``x_t`` alone, with the hidden state
+*held fixed* at the value the episode reached before step ``t`` (the memory is part of the
+function, not of the input; the baseline keeps that memory too). The attributions therefore
+explain the current DVH's influence given the episode so far, not the earlier DVHs' influence
+through the memory. :class:`ActionLogits` holds that state (:meth:`ActionLogits.set_state`);
+:func:`explain_episode` advances it along the episode.
+
 captum is an optional dependency (``pip install 'rtenv[explain]'``); it is imported only when
 attributions are computed. Figures are PNG files written with :func:`rtenv.plots.save_figure`.
 """
@@ -50,7 +59,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from torch import nn
 
-from drl.acer import ACERPolicy
+from drl.acer import ACERLstmPolicy, ACERPolicy
 from rtenv.env import DVH_POINTS, OAR_DVH_RANGE, TARGET_DVH_RANGE, TPPTuningEnv, TuningCore
 from rtenv.evaluation import Protocol, ProtocolResult, score_plan
 from rtenv.plots import save_figure
@@ -84,6 +93,8 @@ class ActionLogits(nn.Module):
     """The action logits of a discrete SB3 policy as a plain module: ``(batch, obs_dim) -> (batch, n_actions)``.
 
     * :class:`~drl.acer.ACERPolicy`: the policy head's output (before the softmax);
+    * :class:`~drl.acer.ACERLstmPolicy`: the same, with the LSTM's input state ``(h, c)`` held
+      fixed (zero, an episode's first step, until :meth:`set_state` sets another);
     * SB3 actor-critic policies (PPO, A2C) on a ``Discrete`` space: the action net's output (the
       categorical distribution's logits);
     * DQN: the Q values (the greedy action is their arg max, as it is the logits' for the others).
@@ -103,7 +114,14 @@ class ActionLogits(nn.Module):
                              f"got {policy.action_space}")
         if not isinstance(policy.observation_space, spaces.Box) or len(policy.observation_space.shape) != 1:
             raise ValueError(f"expected a flat Box observation space, got {policy.observation_space}")
-        if isinstance(policy, ACERPolicy):
+        self.lstm: nn.LSTMCell | None = None
+        if isinstance(policy, ACERLstmPolicy):
+            parts = [policy.features_extractor, policy.torso]
+            self.lstm, self.pi_head = policy.lstm, policy.pi_head
+            self.register_buffer("h0", torch.zeros(1, policy.hidden_size, device=policy.device))
+            self.register_buffer("c0", torch.zeros(1, policy.hidden_size, device=policy.device))
+            self.kind = "acer lstm policy logits, hidden state held fixed"
+        elif isinstance(policy, ACERPolicy):
             parts = [policy.features_extractor, policy.torso, policy.pi_head]
             self.kind = "acer policy logits"
         elif isinstance(policy, ActorCriticPolicy):
@@ -113,14 +131,36 @@ class ActionLogits(nn.Module):
             parts = [policy.q_net.features_extractor, policy.q_net.q_net]
             self.kind = "dqn q-values"
         else:
-            raise ValueError(f"unsupported policy type {type(policy).__name__}; supported: ACER, PPO/A2C "
-                             "(ActorCriticPolicy), DQN")
+            raise ValueError(f"unsupported policy type {type(policy).__name__}; supported: ACER (MLP or LSTM), "
+                             "PPO/A2C (ActorCriticPolicy), DQN")
         self.net = nn.Sequential(*parts)
         self.n_actions = int(policy.action_space.n)
         self.obs_dim = int(policy.observation_space.shape[0])
 
+    @property
+    def recurrent(self) -> bool:
+        """Whether the logits depend on a held hidden state (:class:`~drl.acer.ACERLstmPolicy`)."""
+        return self.lstm is not None
+
+    def set_state(self, h: torch.Tensor | np.ndarray, c: torch.Tensor | np.ndarray) -> None:
+        """Hold the LSTM's input state ``(h, c)`` (each ``(hidden_size,)`` or ``(1, hidden_size)``)
+        fixed for the following forward passes; only for a recurrent policy."""
+        if self.lstm is None:
+            raise ValueError(f"set_state needs a recurrent policy; this one gives {self.kind}")
+        for name, value in (("h0", h), ("c0", c)):
+            buf = getattr(self, name)
+            t = torch.as_tensor(value).to(device=buf.device, dtype=buf.dtype)
+            if t.numel() != buf.numel():
+                raise ValueError(f"{name[0]} has {t.numel()} values; the LSTM has {buf.numel()} units")
+            buf.copy_(t.reshape(buf.shape))
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
+        if self.lstm is None:
+            return self.net(obs)
+        features = self.net(obs)
+        n = features.shape[0]
+        h, _ = self.lstm(features, (self.h0.expand(n, -1), self.c0.expand(n, -1)))
+        return self.pi_head(h)
 
 
 # -------------------------------------------------------------------------------- the baselines
@@ -292,8 +332,11 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     """Run one deterministic episode of a policy and explain every action with Integrated Gradients.
 
     At each step ``t`` the policy sees observation ``x_t`` (the DVHs of the current plan), picks
-    the arg max of its action logits (what ``model.predict(x_t, deterministic=True)`` returns),
-    and IG attributes that action's logit to ``x_t`` for each baseline. Files written under
+    the arg max of its action logits (over the actions ``info["action_mask"]`` allows, for an ACER
+    model that learned with masks; what :func:`drl.train.as_policy` acts on),
+    and IG attributes that action's logit to ``x_t`` for each baseline (a recurrent ACER policy
+    carries its hidden state along the episode, held fixed during each step's attribution; see
+    the module docstring). Files written under
     ``out_dir``:
 
     * ``attributions.json``: the returned dict (see below);
@@ -384,11 +427,20 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     terminated = truncated = bool(info["full_score"])
     steps: list[dict[str, Any]] = []
     float_net = copy.deepcopy(logits_net).to(device=device, dtype=torch.float32).eval()
+    lstm_policy, lstm_state = None, None
+    if logits_net.recurrent:  # carry the episode's hidden state; IG holds it fixed at each step
+        lstm_policy = model.policy if isinstance(model, BaseAlgorithm) else model
+        lstm_state = lstm_policy.initial_state(1)
     while not (terminated or truncated):
         result = score_plan(case_obj, env.dose)
+        if lstm_state is not None:
+            logits_net.set_state(*lstm_state)
+            float_net.set_state(*lstm_state)
         with torch.no_grad():
             logit_vec = float_net(torch.as_tensor(obs, device=device).reshape(1, -1))[0].cpu().numpy()
-        action = int(np.argmax(logit_vec))
+        masked = getattr(model, "use_action_masks", False) and info.get("action_mask") is not None
+        # a planner that learned with no-op actions masked acts that way (drl.train.as_policy)
+        action = int(np.argmax(np.where(info["action_mask"], logit_vec, -np.inf) if masked else logit_vec))
         ig = integrated_gradients(logits_net, obs, action, base_vectors, n_steps=n_steps, device=device)
         j, down = divmod(action, 2)
         tpp_before = float(info["tpp"][core.names[j]])
@@ -402,6 +454,10 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
             violated_criteria.append({"name": c.name, "structure": c.structure, "dose_gy": dose,
                                       "point": int(np.argmin(np.abs(pts - dose))) if inside else None})
         seen = {s: [float(v) for v in obs[i * DVH_POINTS:(i + 1) * DVH_POINTS]] for i, s in enumerate(structures)}
+        if lstm_policy is not None:
+            with torch.no_grad():
+                obs_t = torch.as_tensor(obs, device=lstm_policy.device, dtype=torch.float32).reshape(1, -1)
+                _, _, lstm_state = lstm_policy.step(obs_t, lstm_state)
         obs, _, terminated, truncated, info = env.step(action)
         record: dict[str, Any] = {
             "step": len(steps), "observation": seen, "score": score_before, "score_after": float(info["score"]),

@@ -3,9 +3,9 @@
 * :func:`train_acer`: ACER on a scenario's training cases through the batched vector env, with a
   progress bar, periodic checkpoints, resume after interruption and TensorBoard/CSV logs;
 * :func:`load_policy`: any SB3 model from a spec ``ALGO:PATH`` (``acer``, ``ppo``, ``a2c``,
-  ``dqn``);
+  ``dqn``), or the shipped S1 planner ``acer:default`` (:data:`BUILTIN_POLICIES`);
 * :func:`as_policy`: an SB3 model as a ``policy(obs, info) -> action`` callable for
-  :mod:`rtenv.rollout`.
+  :mod:`rtenv.rollout` (carrying a recurrent policy's hidden state through each episode).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from drl.acer import ACER
-from rtenv.rollout import Policy
 from rtenv.sb3 import make_sb3_vec_env
 
 
@@ -134,6 +134,35 @@ class ProgressBar(BaseCallback):
             self.bar.close()
 
 
+#: ``rtenv train acer --policy-net`` names -> ACER policy names.
+POLICY_NETS: dict[str, str] = {"mlp": "MlpPolicy", "lstm": "LstmPolicy"}
+
+
+class ReplayCheckpointCallback(CheckpointCallback):
+    """SB3's ``CheckpointCallback`` with the replay saved beside each model checkpoint
+    (``save_replay_buffer=True``: ``<prefix>_replay_buffer_<N>_steps.pkl``, see
+    :func:`replay_checkpoint`); older replay files are removed once the new one is written (only
+    the newest checkpoint's replay is needed to resume, and each can be hundreds of MB)."""
+
+    def __init__(self, save_freq: int, save_path: str, name_prefix: str = "acer", verbose: int = 0) -> None:
+        super().__init__(save_freq, save_path, name_prefix=name_prefix, save_replay_buffer=True, verbose=verbose)
+
+    def _on_step(self) -> bool:
+        keep_going = super()._on_step()
+        if self.n_calls % self.save_freq == 0:
+            newest = Path(self.save_path) / f"{self.name_prefix}_replay_buffer_{self.num_timesteps}_steps.pkl"
+            if newest.is_file():
+                for old in Path(self.save_path).glob(f"{self.name_prefix}_replay_buffer_*_steps.pkl"):
+                    if old != newest:
+                        old.unlink(missing_ok=True)
+        return keep_going
+
+
+def replay_checkpoint(out: Path, steps: int) -> Path:
+    """Where :func:`train_acer` keeps the replay of the checkpoint at ``steps`` steps."""
+    return Path(out) / "checkpoints" / f"acer_replay_buffer_{steps}_steps.pkl"
+
+
 def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     """The checkpoint with the most steps under ``out/checkpoints``, and its step count."""
     found = []
@@ -148,9 +177,9 @@ def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
 
 
 def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int = 1, num_envs: int = 16,
-               seed: int = 0, checkpoint_every: int = 25_000, resume: bool = True, start: str = "default",
+               seed: int = 0, checkpoint_every: int = 25_000, resume: bool = True, start: str = "mixed",
                device: str = "cpu", progress: bool = True, num_threads: int | None = None,
-               **acer_kwargs: Any) -> Path:
+               policy: str = "MlpPolicy", **acer_kwargs: Any) -> Path:
     """Train ACER on the first ``train_cases`` cases of the ``train`` cohort; returns ``out/model.zip``.
 
     ``start`` (see :func:`make_train_env`): episodes start from the SPEC default TPPs
@@ -163,12 +192,21 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     10k steps, 100 % of test and knowledge cases at 50k in about 7 steps, and 70 % of test cases
     from random starts). ACER acts and learns with the env's ``info["action_mask"]`` (no-op actions
     at a TPP's clamp masked; see :class:`drl.acer.ACER`). ``num_threads`` sets torch's CPU
-    threads (``None``: leave as is). Checkpoints go to ``out/checkpoints`` every ``checkpoint_every`` steps; with
-    ``resume`` a rerun continues from the newest one (the replay restarts empty). Logs: CSV and,
-    when the ``tensorboard`` package is installed, TensorBoard, under ``out/logs``.
+    threads (``None``: leave as is). ``policy``: ``"MlpPolicy"`` (default) or ``"LstmPolicy"``
+    (SPEC's recurrent planner network, :class:`drl.acer.ACERLstmPolicy`).
+
+    Checkpoints go to ``out/checkpoints`` every ``checkpoint_every`` steps: the model
+    (``acer_<N>_steps.zip``) and its replay (``acer_replay_buffer_<N>_steps.pkl``, only the newest
+    kept; see :class:`ReplayCheckpointCallback`). With ``resume`` a rerun continues from the newest
+    model checkpoint with its replay and rng state restored (:func:`replay_checkpoint`; if that
+    file is missing, e.g. after an interruption between the two writes, a warning says the replay
+    restarts empty). Resuming a run of the other ``policy`` is an error. Logs: CSV and, when the
+    ``tensorboard`` package is installed, TensorBoard, under ``out/logs``.
     """
     if timesteps < 1 or train_cases < 1 or num_envs < 1:
         raise ValueError(f"timesteps ({timesteps}), train_cases ({train_cases}) and num_envs ({num_envs}) must be >= 1")
+    if policy not in ACER.policy_aliases:
+        raise ValueError(f"policy = {policy!r} is not an ACER policy; choose from {sorted(ACER.policy_aliases)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if num_threads is not None:
@@ -181,16 +219,26 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     if previous is not None:
         model = ACER.load(previous[0], env=venv, device=device)
         done = previous[1]
+        if not isinstance(model.policy, ACER.policy_aliases[policy]):
+            raise ValueError(f"the checkpoint {previous[0]} holds a {type(model.policy).__name__}, not the requested "
+                             f"policy {policy!r}; train into another folder or start fresh (resume=False, --fresh)")
+        replay = replay_checkpoint(out, done)
+        if replay.is_file():
+            model.load_replay_buffer(replay)
+        else:
+            warnings.warn(f"no replay checkpoint {replay} beside {previous[0]}; the resumed run's replay starts empty",
+                          RuntimeWarning, stacklevel=2)
     else:
-        model = ACER("MlpPolicy", venv, seed=seed, device=device, **settings)
+        model = ACER(policy, venv, seed=seed, device=device, **settings)
     (out / "train_config.json").write_text(json.dumps({
         "algorithm": "acer", "scenario": scenario, "train_cohort": "train", "train_cases": train_cases,
-        "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "settings": settings,
+        "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "policy": policy,
+        "settings": settings,
         "resumed_from_steps": done}, indent=2, default=str))
     formats = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     model.set_logger(configure(str(out / "logs"), formats))
-    callbacks: list[BaseCallback] = [CheckpointCallback(max(checkpoint_every // num_envs, 1),
-                                                        str(out / "checkpoints"), name_prefix="acer")]
+    callbacks: list[BaseCallback] = [ReplayCheckpointCallback(max(checkpoint_every // num_envs, 1),
+                                                              str(out / "checkpoints"), name_prefix="acer")]
     if progress:
         callbacks.append(ProgressBar(timesteps, initial=done))
     if done < timesteps:
@@ -201,25 +249,67 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     return path
 
 
+#: Planners shipped in the package, by the name ``acer:NAME`` gives them. ``default``: ACER on S1,
+#: trained on ONE train case (train-0) with ``rtenv train acer --scenario S1 --train-cases 1
+#: --timesteps 100000 --num-envs 16 --seed 0 --start mixed --out DIR`` (about 19 min on a 2-core
+#: CPU); figures in ``docs/drl.md``.
+BUILTIN_POLICIES: dict[str, Path] = {"default": Path(__file__).parent / "data" / "acer_S1.zip"}
+
+
 def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
-    """Load an SB3 model from ``ALGO:PATH``."""
+    """Load an SB3 model from ``ALGO:PATH``, or a shipped one from ``acer:NAME`` (``acer:default``)."""
     algo, sep, path = spec.partition(":")
     if not sep or algo not in ALGORITHMS:
         raise ValueError(f"policy spec {spec!r} must be ALGO:PATH with ALGO in {sorted(ALGORITHMS)}")
-    file = Path(path)
+    file = BUILTIN_POLICIES[path] if algo == "acer" and path in BUILTIN_POLICIES else Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"no model file at {file} (from policy spec {spec!r})")
+        raise FileNotFoundError(f"no model file at {file} (from policy spec {spec!r}; shipped: "
+                                f"{', '.join('acer:' + k for k in BUILTIN_POLICIES)})")
     return ALGORITHMS[algo].load(file, device=device)
 
 
-def as_policy(model: BaseAlgorithm, deterministic: bool = True) -> Policy:
-    """An SB3 model as a ``policy(obs, info) -> action`` callable (an :class:`ACER` model that learned
-    with action masks also acts with ``info["action_mask"]`` when the info carries one)."""
-    def act(obs, info):
-        if isinstance(model, ACER) and model.use_action_masks and info and info.get("action_mask") is not None:
+class SB3Policy:
+    """An SB3 model as a ``policy(obs, info) -> action`` callable (see :func:`as_policy`).
+
+    A recurrent model's hidden state is carried from step to step and zeroed at each episode's
+    first step: where ``info["steps"] == 0`` (the rtenv envs' reset info, so
+    :func:`rtenv.rollout.run_episode` and the wrappers that pass ``info`` on need nothing else), at
+    the first call, and after :meth:`reset` (call it between episodes of envs whose info has no
+    ``steps``). An :class:`ACER` model that learned with action masks acts with
+    ``info["action_mask"]`` when the info carries one.
+    """
+
+    def __init__(self, model: BaseAlgorithm, deterministic: bool = True) -> None:
+        self.model, self.deterministic = model, deterministic
+        self.state: Any = None
+        self._fresh = True
+
+    def reset(self) -> None:
+        """Start a new episode: the next call acts from a zero hidden state."""
+        self.state, self._fresh = None, True
+
+    def __call__(self, obs: np.ndarray, info: dict[str, Any] | None) -> Any:
+        model = self.model
+        if info is not None and info.get("steps") == 0:
+            self.reset()
+        start = np.array([self._fresh])
+        mask = info.get("action_mask") if info else None
+        if isinstance(model, ACER) and model.use_action_masks and mask is not None:
             # ACER learns with no-op actions masked (rtenv's info["action_mask"]); act the same way
-            action = model.policy.predict_masked(obs, info["action_mask"], deterministic=deterministic)
+            if model.recurrent:
+                action, self.state = model.policy.predict_masked(obs, mask, state=self.state, episode_start=start,
+                                                                 deterministic=self.deterministic)
+            else:
+                action = model.policy.predict_masked(obs, mask, deterministic=self.deterministic)
         else:
-            action, _ = model.predict(obs, deterministic=deterministic)
+            action, self.state = model.predict(obs, state=self.state, episode_start=start,
+                                               deterministic=self.deterministic)
+        self._fresh = False
         return int(action) if getattr(action, "ndim", 1) == 0 else action
-    return act
+
+
+def as_policy(model: BaseAlgorithm, deterministic: bool = True) -> SB3Policy:
+    """An SB3 model as a ``policy(obs, info) -> action`` callable (an :class:`ACER` model that learned
+    with action masks also acts with ``info["action_mask"]`` when the info carries one; a
+    recurrent model carries its hidden state through each episode, see :class:`SB3Policy`)."""
+    return SB3Policy(model, deterministic=deterministic)

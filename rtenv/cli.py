@@ -144,21 +144,24 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from drl.train import train_acer  # the DRL stage sits above rtenv; import it only when asked
+    from drl.train import POLICY_NETS, train_acer  # the DRL stage sits above rtenv; import it only when asked
 
     path = train_acer(args.scenario, args.out, args.timesteps, train_cases=args.train_cases, num_envs=args.num_envs,
                       seed=args.seed, checkpoint_every=args.checkpoint_every, resume=not args.fresh,
-                      device=args.device, progress=True)
+                      start=args.start, device=args.device, progress=True,
+                      policy=POLICY_NETS[args.policy_net])
     print(f"wrote {path} (checkpoints and logs under {args.out})")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from drl.train import as_policy, load_policy
+    from drl.train import load_policy
+    from drl.transfer import policy_for_scenario
     from rtenv.rollout import evaluate_cohort
 
     model = load_policy(args.policy, device=args.device)
-    res = evaluate_cohort(as_policy(model), args.scenario, cohort=args.cohort, cases=args.cases, start=args.start,
+    res = evaluate_cohort(policy_for_scenario(model, args.scenario), args.scenario, cohort=args.cohort,
+                          cases=args.cases, start=args.start,
                           max_steps=args.max_steps, seed=args.seed, device=args.device)
     res["policy"] = args.policy
     print(f"{'case':<16}{'initial':>9}{'final':>8}{'steps':>7}  full")
@@ -320,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-envs", type=int, default=16)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=25_000, help="steps between checkpoints")
+    train.add_argument("--start", default="mixed", choices=["default", "random", "mixed"],
+                       help="episode starts: SPEC default TPPs, SPEC random TPPs, or half and half (default)")
+    train.add_argument("--policy-net", default="mlp", choices=["mlp", "lstm"],
+                       help="ACER network: MLP (default) or SPEC's Linear(obs, 32) + LSTMCell(32) planner network")
     train.add_argument("--fresh", action="store_true", help="ignore checkpoints already in --out")
     train.add_argument("--device", default="cpu")
     train.add_argument("--out", required=True)

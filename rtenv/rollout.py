@@ -1,7 +1,9 @@
 """Running any policy on the environments: single episodes and whole cohorts, with summaries.
 
-A policy here is any callable ``policy(observation, info) -> action`` (an SB3 model adapts with
-``lambda obs, info: model.predict(obs, deterministic=True)[0]``).
+A policy here is any callable ``policy(observation, info) -> action``, called once per step; a
+stateful policy resets its state where ``info["steps"] == 0`` (an episode's first step). A
+feed-forward SB3 model adapts with ``lambda obs, info: model.predict(obs, deterministic=True)[0]``;
+``drl.train.as_policy`` also carries recurrent state and applies ACER's action masks.
 """
 
 from __future__ import annotations

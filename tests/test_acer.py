@@ -1,15 +1,16 @@
-"""ACER: learning, SB3 compatibility (save/load, callbacks, VecEnv), determinism, truncation."""
+"""ACER: learning, SB3 compatibility (save/load, callbacks, VecEnv), determinism, truncation; the LSTM
+policy (sizes, unrolling stored segments, recurrent predict); replay checkpoints; the shipped planner."""
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
 
-from drl.acer import ACER
+from drl.acer import ACER, ACERLstmPolicy, ACERPolicy
 from rtenv.sb3 import make_sb3_vec_env
 
 
@@ -105,3 +106,220 @@ def test_rejects_continuous_actions_and_bad_settings():
         ACER("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1), device="cpu")
     with pytest.raises(ValueError, match="gamma = 1.5"):
         ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), gamma=1.5, device="cpu")
+
+
+# ------------------------------------------------------------------------------ the LSTM policy
+
+
+class _Continue(BaseCallback):
+    def _on_step(self) -> bool:
+        return True
+
+
+def _collector(model: ACER, total: int = 10_000) -> _Continue:
+    model._setup_learn(total)
+    cb = _Continue()
+    cb.init_callback(model)
+    return cb
+
+
+def test_lstm_policy_sizes_come_from_the_spaces():
+    model = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), seed=0, device="cpu")
+    p = model.policy
+    assert isinstance(p, ACERLstmPolicy) and model.recurrent and isinstance(model.avg_policy, ACERLstmPolicy)
+    assert (p.torso[0].in_features, p.torso[0].out_features) == (4, 32) and isinstance(p.torso[1], torch.nn.ReLU)
+    assert (p.lstm.input_size, p.lstm.hidden_size) == (32, 32)
+    assert (p.pi_head.in_features, p.pi_head.out_features) == (32, 2) == (p.q_head.in_features, p.q_head.out_features)
+    small = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), device="cpu",
+                 policy_kwargs={"hidden_size": 8, "features_dim": 16}).policy
+    assert (small.lstm.input_size, small.lstm.hidden_size, small.pi_head.in_features) == (16, 8, 8)
+    with pytest.raises(ValueError, match="hidden_size = 0"):
+        ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=1), device="cpu", policy_kwargs={"hidden_size": 0})
+    assert ACER.policy_aliases["MlpPolicy"] is ACERPolicy  # the default network is unchanged
+
+
+def _step_by_step(policy: ACERLstmPolicy, seg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of every step of a segment and V of its truncated states, recomputed one step at a
+    time from the stored state (an independent check of the batched unroll's indexing)."""
+    state = (torch.as_tensor(seg["state_h"]), torch.as_tensor(seg["state_c"]))
+    logits, trunc_v = [], []
+    with torch.no_grad():
+        for t in range(seg["actions"].shape[0]):
+            state = policy.reset_state(state, torch.as_tensor(seg["episode_starts"][t]))
+            lg, _, state = policy.step(torch.as_tensor(seg["obs"][t]), state)
+            logits.append(lg.numpy())
+            for i in np.flatnonzero(seg["truncated"][t]):
+                lp, q, _ = policy.evaluate(torch.as_tensor(seg["trunc_obs"][t, i][None]),
+                                           (state[0][i:i + 1], state[1][i:i + 1]))
+                trunc_v.append(float((lp.exp() * q).sum()))
+    return np.stack(logits), np.array(trunc_v)
+
+
+@pytest.mark.parametrize("trust_region", [True, False])
+def test_lstm_update_unrolls_segments_as_collected(trust_region):
+    venv = make_vec_env("CartPole-v1", n_envs=3, seed=0, env_kwargs={"max_episode_steps": 5})
+    model = ACER("LstmPolicy", venv, seed=0, n_steps=12, trust_region=trust_region, device="cpu")
+    cb = _collector(model)
+    segs = [model._collect_segment(cb) for _ in range(2)]  # no update in between: mu is the current policy's
+    for k, seg in enumerate(segs):
+        T = seg["actions"].shape[0]
+        assert seg["state_h"].shape == seg["state_c"].shape == (3, 32)
+        assert seg["episode_starts"].shape == (T + 1, 3) and seg["episode_starts"][1:T].any()  # starts mid-segment
+        assert seg["truncated"].any()
+        if k == 0:
+            assert seg["episode_starts"][0].all()
+        else:
+            assert np.abs(seg["state_h"]).sum() > 0  # the second segment starts from a carried state
+        logits, _, _, _, states = model._segment_forward(seg)
+        # what _update unrolls reproduces the behaviour distribution computed step by step in collection
+        np.testing.assert_allclose(torch.softmax(logits, -1).detach().numpy(), seg["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model._average_log_probs(seg).exp().numpy(), seg["mu"], rtol=1e-5, atol=1e-6)
+        ref_logits, ref_trunc = _step_by_step(model.policy, seg)
+        np.testing.assert_allclose(logits.detach().numpy(), ref_logits, rtol=1e-5, atol=1e-6)
+        trunc = torch.as_tensor(seg["truncated"])
+        np.testing.assert_allclose(model._truncation_values(seg, trunc, states).numpy(), ref_trunc, rtol=1e-5,
+                                   atol=1e-6)
+        # the resets matter: unrolling through the episode starts without them gives other logits
+        no_reset = dict(seg, episode_starts=np.zeros_like(seg["episode_starts"]))
+        assert not np.allclose(model._segment_forward(no_reset)[0].detach().numpy(), ref_logits, atol=1e-4)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    stats = model._update(segs[1])
+    assert np.isfinite(list(stats.values())).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_lstm_predict_carries_and_resets_the_state():
+    model = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), seed=0, device="cpu")
+    obs = np.random.default_rng(1).normal(size=(5, 2, 4)).astype(np.float32)
+    state, expected = None, []
+    for t in range(5):
+        action, state = model.predict(obs[t], state=state, episode_start=np.array([t == 0, t == 3]),
+                                      deterministic=True)
+        assert action.shape == (2,) and state[0].shape == state[1].shape == (2, 32)
+        expected.append(action)
+    seq = torch.as_tensor(obs)
+    starts = torch.as_tensor(np.array([[1, 1], [0, 0], [0, 0], [0, 1], [0, 0]], dtype=bool))
+    with torch.no_grad():
+        logits, _, (hs, cs) = model.policy.unroll(seq, model.policy.initial_state(2), starts)
+    np.testing.assert_array_equal(np.stack(expected), logits.argmax(-1).numpy())
+    np.testing.assert_allclose(state[0], hs[-1].numpy(), atol=1e-6)
+    single, single_state = model.predict(obs[0, 0], deterministic=True)  # one observation, zero state
+    assert np.ndim(single) == 0 and single_state[0].shape == (1, 32) and single == expected[0][0]
+    masked, _ = model.policy.predict_masked(obs[0], np.array([[False, True], [False, True]]))
+    assert (masked == 1).all()
+    with pytest.raises(ValueError, match="units per env"):
+        model.predict(obs[0], state=(np.zeros((2, 5)), np.zeros((2, 5))))
+
+
+def test_lstm_save_load_roundtrip(tmp_path):
+    model = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=1), seed=1, replay_start=100,
+                 device="cpu", policy_kwargs={"hidden_size": 16})
+    model.learn(400)
+    model.save(tmp_path / "acer.zip")
+    loaded = ACER.load(tmp_path / "acer.zip", device="cpu")
+    assert isinstance(loaded.policy, ACERLstmPolicy) and loaded.policy.hidden_size == 16
+    obs = np.random.default_rng(0).normal(size=(6, 8, 4)).astype(np.float32)
+    s1 = s2 = None
+    for t in range(6):
+        a1, s1 = model.predict(obs[t], state=s1, episode_start=np.full(8, t == 0), deterministic=True)
+        a2, s2 = loaded.predict(obs[t], state=s2, episode_start=np.full(8, t == 0), deterministic=True)
+        np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_array_equal(s1[0], s2[0])
+    for a, b in zip(model.avg_policy.parameters(), loaded.avg_policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    loaded.set_env(make_vec_env("CartPole-v1", n_envs=2, seed=2))
+    loaded.learn(100)  # training resumes after loading
+
+
+def test_lstm_deterministic_under_seed():
+    def params(seed):
+        model = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=seed), seed=seed, replay_start=50,
+                     device="cpu")
+        model.learn(400)
+        return torch.cat([p.flatten() for p in model.policy.parameters()])
+
+    assert torch.equal(params(3), params(3))
+    assert not torch.equal(params(3), params(4))
+
+
+@pytest.mark.slow
+def test_lstm_acer_learns_cartpole():
+    model = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=4, seed=0), seed=0, replay_start=500,
+                 device="cpu")
+    model.learn(40_000)  # about 25 s on one CPU thread
+    mean, _ = evaluate_policy(model, Monitor(gym.make("CartPole-v1")), n_eval_episodes=10, deterministic=True)
+    assert mean >= 100.0  # random play scores about 22; this seed reaches about 195
+
+
+def test_lstm_acts_and_learns_with_action_masks():
+    model = ACER("LstmPolicy", make_sb3_vec_env("S1", num_envs=2, max_steps=3), seed=0, n_steps=4, replay_start=8,
+                 device="cpu")
+    p = model.policy
+    assert (p.torso[0].in_features, p.lstm.hidden_size, p.pi_head.out_features) == (300, 32, 18)  # SPEC's sizes
+    cb = _collector(model)
+    seg = model._collect_segment(cb)
+    assert not seg["masks"].all() and (seg["mu"][~seg["masks"][:4]] == 0).all()
+    logits = model._segment_forward(seg)[0].detach()
+    probs = torch.softmax(logits.masked_fill(~torch.as_tensor(seg["masks"][:4]), -1e9), -1).numpy()
+    np.testing.assert_allclose(probs, seg["mu"], rtol=1e-5, atol=1e-6)
+    model.learn(16, reset_num_timesteps=False)
+    assert all(np.isfinite(q.detach()).all() for q in model.policy.parameters())
+
+
+# ------------------------------------------------------------------------------------ the replay
+
+
+def test_replay_save_load_roundtrip(tmp_path):
+    venv = make_vec_env("CartPole-v1", n_envs=2, seed=0, env_kwargs={"max_episode_steps": 7})
+    model = ACER("LstmPolicy", venv, seed=0, n_steps=5, replay_start=20, device="cpu")
+    model.learn(200)
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    assert not (tmp_path / "replay.pkl.tmp").exists()
+    other = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=5), seed=5, n_steps=5, device="cpu")
+    other.load_replay_buffer(tmp_path / "replay.pkl")
+    assert len(other.replay_buffer) == len(model.replay_buffer) == 20
+    assert other.replay_buffer.capacity == model.replay_buffer.capacity
+    for a, b in zip(model.replay_buffer.segments, other.replay_buffer.segments, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert any(s["truncated"].any() for s in other.replay_buffer.segments)  # the compacted rows come back
+    assert other._rng.random() == model._rng.random()  # the rng continues where it was saved
+    mlp = ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2), device="cpu")
+    mlp.load_replay_buffer(tmp_path / "replay.pkl")  # LSTM segments also serve the MLP
+    mlp.save_replay_buffer(tmp_path / "mlp.pkl")
+    with pytest.raises(ValueError, match="without LSTM states"):
+        other.load_replay_buffer(tmp_path / "mlp.pkl")
+    with pytest.raises(ValueError, match="observations of shape"):
+        ACER("MlpPolicy", make_vec_env("Acrobot-v1", n_envs=1), device="cpu").load_replay_buffer(tmp_path / "mlp.pkl")
+
+
+def test_sb3_checkpoint_callback_saves_the_replay(tmp_path):
+    model = ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), seed=0, n_steps=5, device="cpu")
+    model.learn(40, callback=CheckpointCallback(10, str(tmp_path), name_prefix="acer", save_replay_buffer=True))
+    assert (tmp_path / "acer_20_steps.zip").is_file()
+    fresh = ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2), device="cpu")
+    fresh.load_replay_buffer(tmp_path / "acer_replay_buffer_40_steps.pkl")
+    assert len(fresh.replay_buffer) == 3  # saved at the 4th segment's last step, before that segment is stored
+
+
+# ------------------------------------------------------------------------- the shipped planner
+
+
+def test_shipped_mlp_checkpoint_still_loads_and_acts():
+    from drl.train import BUILTIN_POLICIES, as_policy
+
+    model = ACER.load(BUILTIN_POLICIES["default"], device="cpu")
+    assert type(model.policy) is ACERPolicy and not model.recurrent
+    venv = make_sb3_vec_env("S1", num_envs=1, max_steps=2)
+    obs = venv.reset()
+    mask = np.asarray(venv.reset_infos[0]["action_mask"], dtype=bool)
+    action, state = model.predict(obs, deterministic=True)
+    assert state is None and action.shape == (1,) and 0 <= action[0] < 18
+    with torch.no_grad():  # the MLP's forward pass, written out
+        p = model.policy
+        logits = p.pi_head(p.torso(torch.as_tensor(obs))).numpy()
+    assert action[0] == logits.argmax()
+    assert model.policy.predict_masked(obs[0], mask) == np.where(mask, logits[0], -np.inf).argmax()
+    assert as_policy(model)(obs[0], {"action_mask": mask.tolist(), "steps": 0}) == model.policy.predict_masked(obs[0],
+                                                                                                              mask)

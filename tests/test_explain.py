@@ -181,3 +181,38 @@ def test_explain_cli(model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "zero baseline: max |delta|" in out and "mean baseline" in out
     assert (tmp_path / "xp" / "attributions.json").is_file()
+
+
+def test_lstm_policy_is_explained_with_the_episode_state_held_fixed(reference, tmp_path):
+    lstm = ACER("LstmPolicy", make_sb3_vec_env("S1", num_envs=1, max_steps=3), seed=0, device="cpu", n_steps=5)
+    p = lstm.policy
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(4, 3 * DVH_POINTS)).astype(np.float32)
+    state = (torch.as_tensor(rng.normal(size=(1, 32)), dtype=torch.float32),
+             torch.as_tensor(rng.normal(size=(1, 32)), dtype=torch.float32))
+    net = ActionLogits(lstm)
+    assert net.recurrent and "hidden state held fixed" in net.kind
+    net.set_state(*state)
+    with torch.no_grad():
+        expected = p.step(torch.as_tensor(x), (state[0].expand(4, -1), state[1].expand(4, -1)))[0]
+    torch.testing.assert_close(net(torch.as_tensor(x)), expected)
+    with pytest.raises(ValueError, match="units"):
+        net.set_state(np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="recurrent"):
+        ActionLogits(ACER("MlpPolicy", make_sb3_vec_env("S1", num_envs=1), device="cpu")).set_state(*state)
+    # completeness holds for the function of x_t with the state held fixed
+    res = integrated_gradients(net, x[0], 3, {"zero": np.zeros_like(reference)}, n_steps=100)
+    with torch.no_grad():
+        zero_logit = p.step(torch.zeros(1, 3 * DVH_POINTS), state)[0][0, 3]
+    assert res["zero"]["baseline_logit"] == pytest.approx(float(zero_logit), abs=1e-5)
+    assert float(res["zero"]["attribution"].sum()) == pytest.approx(float(expected[0, 3] - zero_logit), abs=1e-4)
+
+    out = explain_episode(lstm, "S1", "test", 0, tmp_path, max_steps=3, baselines=("zero",), n_steps=20,
+                          plots=False, delta_tolerance=1.0)
+    assert "lstm" in out["policy"] and len(out["steps"]) >= 2
+    carried = None  # the logits recorded at each step are the policy's with the episode's carried state
+    for rec in out["steps"]:
+        obs = np.concatenate([rec["observation"][s] for s in STRUCTURES]).astype(np.float32)
+        with torch.no_grad():
+            logits, _, carried = p.step(torch.as_tensor(obs[None]), carried or p.initial_state(1))
+        np.testing.assert_allclose(rec["logits"], logits[0].numpy(), rtol=1e-5, atol=1e-5)

@@ -1,12 +1,14 @@
 """rtenv train / evaluate end to end on a tiny budget; checkpoints, resume, any SB3 model."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 from stable_baselines3 import PPO
 
-from drl.train import as_policy, latest_checkpoint, load_policy
+from drl.acer import ACER, ACERLstmPolicy
+from drl.train import as_policy, latest_checkpoint, load_policy, replay_checkpoint, train_acer
 from rtenv.cli import main
 from rtenv.rollout import evaluate_cohort
 from rtenv.sb3 import make_sb3_vec_env
@@ -64,3 +66,82 @@ def test_bad_policy_specs():
         load_policy("sac:/tmp/x.zip")
     with pytest.raises(FileNotFoundError, match="no model file"):
         load_policy("acer:/nonexistent/model.zip")
+
+
+def test_resume_restores_the_checkpointed_replay(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kw = {"train_cases": 1, "num_envs": 2, "checkpoint_every": 8, "progress": False, "start": "default",
+          "n_steps": 2, "replay_start": 4, "policy": "LstmPolicy"}
+    saved: dict[int, tuple] = {}
+    save = ACER.save_replay_buffer
+
+    def spy_save(self, path):
+        saved[self.num_timesteps] = ([copy.deepcopy(s) for s in self.replay_buffer.segments],
+                                     copy.deepcopy(self._rng.bit_generator.state))
+        save(self, path)
+
+    monkeypatch.setattr(ACER, "save_replay_buffer", spy_save)
+    train_acer("S1", out, 16, **kw)
+    path, steps = latest_checkpoint(out)
+    assert steps == 16 and replay_checkpoint(out, 16).is_file()
+    assert not replay_checkpoint(out, 8).exists()  # only the newest replay is kept
+    segments, rng_state = saved[16]
+    assert len(segments) == 3  # the 4th segment was still being collected at the checkpoint
+
+    resumed: dict[str, object] = {}
+    learn = ACER.learn
+
+    def spy_learn(self, *args, **kwargs):
+        resumed["segments"] = [copy.deepcopy(s) for s in self.replay_buffer.segments]
+        resumed["rng"] = copy.deepcopy(self._rng.bit_generator.state)
+        return learn(self, *args, **kwargs)
+
+    monkeypatch.setattr(ACER, "learn", spy_learn)
+    train_acer("S1", out, 24, **kw)
+    assert json.loads((out / "train_config.json").read_text())["resumed_from_steps"] == 16
+    assert len(resumed["segments"]) == len(segments)
+    for a, b in zip(segments, resumed["segments"], strict=True):
+        assert a.keys() == b.keys() and "state_h" in a
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert resumed["rng"] == rng_state
+
+    replay_checkpoint(out, latest_checkpoint(out)[1]).unlink()
+    with pytest.warns(RuntimeWarning, match="starts empty"):
+        train_acer("S1", out, 24, **kw)
+    with pytest.raises(ValueError, match="not the requested policy 'MlpPolicy'"):
+        train_acer("S1", out, 32, **{**kw, "policy": "MlpPolicy"})
+    with pytest.raises(ValueError, match="policy = 'GruPolicy'"):
+        train_acer("S1", out, 32, **{**kw, "policy": "GruPolicy"})
+
+
+def test_train_cli_lstm_policy_net(tmp_path):
+    out = tmp_path / "lstm"
+    assert main(["train", "acer", "--scenario", "S1", "--num-envs", "2", "--timesteps", "8", "--start", "default",
+                 "--policy-net", "lstm", "--out", str(out)]) == 0
+    assert json.loads((out / "train_config.json").read_text())["policy"] == "LstmPolicy"
+    assert isinstance(load_policy(f"acer:{out / 'model.zip'}").policy, ACERLstmPolicy)
+
+
+def test_as_policy_carries_the_lstm_state_through_each_episode():
+    model = ACER("LstmPolicy", make_sb3_vec_env("S1", num_envs=1, max_steps=2), seed=0, device="cpu")
+    policy = as_policy(model)
+    calls = []
+
+    def spy(obs, info):
+        action = policy(obs, info)
+        calls.append((np.array(obs), np.array(info["action_mask"]), info["steps"], action,
+                      policy.state[0].copy()))
+        return action
+
+    evaluate_cohort(spy, "S1", cohort="test", cases=2, max_steps=2)
+    assert [c[2] for c in calls] == [0, 1, 0, 1]
+    state = None
+    for obs, mask, steps, action, h in calls:  # replay the calls: zero state at each episode's first step
+        expected, state = model.policy.predict_masked(obs, mask, state=None if steps == 0 else state)
+        assert action == int(expected)
+        np.testing.assert_allclose(h, state[0], atol=1e-6)
+    assert np.abs(calls[1][4] - calls[0][4]).max() > 0  # the state moves within an episode
+    policy.reset()  # the explicit hook, for envs whose info has no step count
+    policy(calls[0][0], {"action_mask": calls[0][1]})
+    np.testing.assert_allclose(policy.state[0], calls[0][4], atol=1e-6)
