@@ -34,7 +34,7 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu") -> str:
     lines += ["## TPS speed (S1)", "", "```", tps_speed.table(tps), "```", ""]
 
     t0 = time.perf_counter()
-    env = env_speed.run("S1", (8, 32), 4 if quick else 16, device, out / "env_speed_S1.json")
+    env = env_speed.run("S1", (8, 32), 4 if quick else 16, device, out / "env_speed_S1.json", rounds=1 if quick else 3)
     seconds["env_speed"] = time.perf_counter() - t0
     lines += ["## Environment speed (S1)", "", f"single env {env['single_steps_per_s']:.1f} steps/s; vector env "
               + ", ".join(f"{n} envs {v:.1f} steps/s" for n, v in env["vector_steps_per_s"].items()), ""]

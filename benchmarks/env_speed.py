@@ -1,6 +1,6 @@
 """Environment throughput: the single env against the batched vector env, side by side.
 
-    python -m benchmarks.env_speed --scenario S1 --json OUT.json [--envs 8,32] [--steps 16] [--device cpu]
+    python -m benchmarks.env_speed --scenario S1 --json OUT.json [--envs 8,32] [--steps 16] [--rounds 3] [--device cpu]
 
 Env ``i`` takes a fixed stream of uniformly random discrete actions on the training case (episodes
 end at full score or after 20 steps and restart), seeded ``i``. The vector env runs streams
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -52,19 +53,32 @@ def vector_env_seconds(scenario: str, actions: np.ndarray, device: str) -> float
     return time.perf_counter() - t0
 
 
-def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path: Path | None) -> dict:
-    """Both sides run identical episodes (vector sub-envs equal single envs step for step)."""
+def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path: Path | None,
+        rounds: int = 3) -> dict:
+    """Both sides run identical episodes (vector sub-envs equal single envs step for step), in
+    interleaved rounds (all single-env replays, then each vector env), so that a change in machine
+    speed during the run hits both sides alike; figures are medians over rounds, each round's
+    speedup comparing the vector env with the single-env replays of the same streams."""
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"rounds = {rounds!r} must be an integer >= 1")
     probe = TPPTuningEnv(scenario, device=device)
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
-    single = single_env_seconds(scenario, actions, device)
     res: dict = {"scenario": scenario, "device": device, "torch_threads": torch.get_num_threads(),
-                 "steps_per_env": calls, "single_steps_per_s": actions.size / sum(single),
-                 "vector_steps_per_s": {}, "vector_speedup": {}}
-    for n in envs:
-        sps = n * calls / vector_env_seconds(scenario, actions[:, :n], device)
-        res["vector_steps_per_s"][str(n)] = sps
-        res["vector_speedup"][str(n)] = sps / (n * calls / sum(single[:n]))  # same episodes on both sides
+                 "steps_per_env": calls, "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {}}
+    single_rates, vector_rates = [], {n: [] for n in envs}
+    speedups: dict[int, list[float]] = {n: [] for n in envs}
+    for _ in range(rounds):
+        single = single_env_seconds(scenario, actions, device)
+        single_rates.append(actions.size / sum(single))
+        for n in envs:
+            sps = n * calls / vector_env_seconds(scenario, actions[:, :n], device)
+            vector_rates[n].append(sps)
+            speedups[n].append(sps / (n * calls / sum(single[:n])))  # same episodes on both sides
+        res["single_steps_per_s"] = statistics.median(single_rates)
+        for n in envs:
+            res["vector_steps_per_s"][str(n)] = statistics.median(vector_rates[n])
+            res["vector_speedup"][str(n)] = statistics.median(speedups[n])
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(res, indent=2))
@@ -77,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--envs", default="8,32")
     p.add_argument("--steps", type=int, default=16, help="steps per env (the same episodes on both sides)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their medians")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    res = run(args.scenario, tuple(int(n) for n in args.envs.split(",")), args.steps, args.device, args.json)
+    res = run(args.scenario, tuple(int(n) for n in args.envs.split(",")), args.steps, args.device, args.json,
+              args.rounds)
     print(f"env speed {res['scenario']} on {res['device']}: single env {res['single_steps_per_s']:.1f} steps/s "
           f"({res['steps_per_env']} steps of each of {max(map(int, res['vector_steps_per_s']))} episode streams)")
     for n, sps in res["vector_steps_per_s"].items():

@@ -7,7 +7,7 @@ Side by side in one run, on the scenario's default case (test cohort, case 0):
 (a) ADMM, one plan: cold start and warm start (from the cold solution), median of repeats, for
     the benchmark TPPs (every structure active) and the SPEC default TPPs;
 (b) ADMM batched at B = 8, 32, 64 random-start TPP vectors, per-plan time, against the same
-    vectors solved one by one;
+    vectors solved one by one (interleaved rounds, medians);
 (c) the frozen convex sub-problem (active sets and covered voxels fixed at our solution): our
     ADMM at the default settings and run to convergence, CVXPY + Clarabel, CVXPY + OSQP and scipy
     L-BFGS-B (coverage as a penalty), with objectives and the relative gap to Clarabel;
@@ -53,16 +53,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _once(fn, device: torch.device) -> tuple[float, object]:
+    """Wall time (ms) of one ``fn()`` call and its result."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return 1000 * (time.perf_counter() - t0), out
+
+
 def _time(fn, repeats: int, device: torch.device) -> tuple[float, object]:
     """Median wall time (ms) of ``fn()`` over ``repeats`` runs after one warm-up, and its last result."""
     out = fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
+        ms, out = _once(fn, device)
+        times.append(ms)
     return statistics.median(times), out
 
 
@@ -96,22 +102,28 @@ def run(scenario: str, device: str, repeats: int, json_path: Path | None, batche
     res["admm_default_warm_iterations"] = int(dwarm.iterations[0])
     save()
 
-    # (b) batches of random-start TPPs against the same vectors one by one
+    # (b) batches of random-start TPPs against the same vectors one by one, interleaved in rounds
+    # (each round times every plan alone, then each batch), so that a change in machine speed
+    # during the run hits both sides alike; the speedup of a round compares a batch with the
+    # single solves of the same plans, and the figures are medians over rounds
     rng = np.random.default_rng(0)
     pool = [TPP.random(case.structure_names, rng) for _ in range(max(batches))]
-    singles = []
-    for t in pool[: max(batches)]:
-        _sync(dev)
-        t0 = time.perf_counter()
-        tps.optimize(t)
-        _sync(dev)
-        singles.append(1000 * (time.perf_counter() - t0))
-    res["single_ms_per_plan"] = statistics.mean(singles)
+    for b in batches:
+        tps.optimize(pool[:b])  # warm-up
+    rounds = max(1, (repeats + 1) // 2)
+    single_rounds: list[list[float]] = []
+    batch_rounds: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(rounds):
+        single_rounds.append([_once(lambda t=t: tps.optimize(t), dev)[0] for t in pool])
+        for b in batches:
+            batch_rounds[b].append(_once(lambda b=b: tps.optimize(pool[:b]), dev)[0])
+    res["batch_rounds"] = rounds
+    res["single_ms_per_plan"] = statistics.median(statistics.mean(s) for s in single_rounds)
     res["batch_ms_per_plan"], res["batch_speedup"] = {}, {}
     for b in batches:
-        ms, _ = _time(lambda b=b: tps.optimize(pool[:b]), max(1, repeats // 2), dev)
-        res["batch_ms_per_plan"][str(b)] = ms / b
-        res["batch_speedup"][str(b)] = res["single_ms_per_plan"] / (ms / b)
+        res["batch_ms_per_plan"][str(b)] = statistics.median(batch_rounds[b]) / b
+        res["batch_speedup"][str(b)] = statistics.median(
+            sum(s[:b]) / ms for s, ms in zip(single_rounds, batch_rounds[b], strict=True))
     save()
 
     # (c) the frozen convex sub-problem

@@ -436,7 +436,14 @@ class ACER(BaseAlgorithm):
         self.policy = self.policy.to(self.device)
         self.avg_policy = copy.deepcopy(self.policy).requires_grad_(False)
         self._rng = np.random.default_rng(self.seed)
-        self._replay = SegmentReplay(self.buffer_size // (self.n_steps * self.n_envs), self._rng)
+        segment = self.n_steps * self.n_envs
+        capacity = self.buffer_size // segment
+        if self.replay_ratio > 0 and capacity * segment < max(self.replay_start, 1):
+            raise ValueError(f"buffer_size = {self.buffer_size} holds {capacity * segment} transitions in whole "
+                             f"segments of n_steps x n_envs = {segment}, fewer than replay_start = "
+                             f"{self.replay_start}: replay would never start; raise buffer_size or lower replay_start "
+                             "(or set replay_ratio = 0 for on-policy ACER)")
+        self._replay = SegmentReplay(capacity, self._rng)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_replay", "_rng", "avg_policy", "_last_masks", "_lstm_states"]
@@ -459,6 +466,7 @@ class ACER(BaseAlgorithm):
         data = self._replay.state_dict()
         data["n_actions"], data["obs_shape"] = int(self.action_space.n), tuple(self.observation_space.shape)
         data["recurrent"] = self.recurrent
+        data["hidden_size"] = int(self.policy.hidden_size) if self.recurrent else None
         if isinstance(path, (str, os.PathLike)):
             path = Path(path)
             tmp = path.with_name(path.name + ".tmp")
@@ -488,26 +496,50 @@ class ACER(BaseAlgorithm):
         if self.recurrent and not data.get("recurrent"):
             raise ValueError(f"the replay in {path} was collected without LSTM states; the LSTM policy cannot "
                              "learn from it")
+        if self.recurrent and data.get("hidden_size") != self.policy.hidden_size:
+            raise ValueError(f"the replay in {path} holds LSTM states of size {data.get('hidden_size')}; "
+                             f"this model's LSTM has hidden_size = {self.policy.hidden_size}")
         self._replay.load_state_dict(data)
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "avg_policy", "policy.optimizer"], []
 
     # ------------------------------------------------------------------ rollouts
-    def _masks_from(self, infos: Any, final: bool = False) -> np.ndarray:
-        """``(n_envs, n_actions)`` bool masks from per-env infos (``final``: of the finished episode)."""
+    def _masks_from(self, infos: Any) -> np.ndarray:
+        """``(n_envs, n_actions)`` bool masks from per-env infos (all True where an info has none,
+        or masks are off, or a mask allows nothing)."""
         A = int(self.action_space.n)
         masks = np.ones((self.n_envs, A), dtype=bool)
         if not self.use_action_masks or infos is None:
             return masks
         for i, info in enumerate(infos):
-            info = (info or {}).get("final_info", {}) if final else (info or {})
             m = info.get("action_mask") if isinstance(info, dict) else None
             if m is not None:
                 masks[i] = np.asarray(m, dtype=bool)
                 if not masks[i].any():
                     masks[i] = True
         return masks
+
+    def _step_masks(self, infos: Any, dones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """After a step: the masks of each finished episode's last state and of every env's next
+        state. rtenv's vector envs put a finished episode's info under ``final_info`` and the new
+        episode's in ``infos``; SB3's own VecEnvs (``DummyVecEnv``, ``SubprocVecEnv``) leave the
+        finished episode's in ``infos`` and put the new episode's in ``env.reset_infos``."""
+        infos = list(infos)
+        resets = getattr(self.env, "reset_infos", None)
+        final_infos, next_infos = [], []
+        for i, info in enumerate(infos):
+            info = info or {}
+            if not dones[i]:
+                final_infos.append({})
+                next_infos.append(info)
+            elif "final_info" in info:
+                final_infos.append(info["final_info"])
+                next_infos.append(info)
+            else:
+                final_infos.append(info)
+                next_infos.append(resets[i] if resets is not None and i < len(resets) else {})
+        return self._masks_from(final_infos), self._masks_from(next_infos)
 
     def _collect_segment(self, callback: BaseCallback) -> dict[str, np.ndarray] | None:
         """``n_steps`` steps of every env with the current policy; None if a callback stops."""
@@ -561,7 +593,7 @@ class ACER(BaseAlgorithm):
                 return None
             self._update_info_buffer(infos, dones)
             seg["actions"][t], seg["rewards"][t], seg["mu"][t] = actions, rewards, probs
-            final_masks = self._masks_from(infos, final=True)
+            final_masks, next_masks = self._step_masks(infos, dones)
             for i, done in enumerate(dones):
                 if done:
                     truncated = bool(infos[i].get("TimeLimit.truncated", False))
@@ -570,7 +602,7 @@ class ACER(BaseAlgorithm):
                     if truncated:
                         seg["trunc_obs"][t, i] = infos[i]["terminal_observation"]
                         seg["trunc_masks"][t, i] = final_masks[i]
-            self._last_obs, self._last_masks = new_obs, self._masks_from(infos)
+            self._last_obs, self._last_masks = new_obs, next_masks
             self._last_episode_starts = np.asarray(dones, dtype=bool)
         seg["obs"][T], seg["masks"][T] = self._last_obs, self._last_masks
         if recurrent:

@@ -18,7 +18,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
-from rtenv.evaluation import ProtocolResult, criterion_score, cumulative_dvh, score_plan
+from rtenv.evaluation import ProtocolResult, criterion_score, cumulative_dvh, dvh_of_sorted, score_plan
 from rtenv.scenarios import COHORTS, cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
@@ -135,7 +135,12 @@ class TuningCore:
         self.names = tpp_names(self.structures)
         self.n_tpp = len(self.names)
         self._tps: dict[tuple[str, int], TPS] = {}
+        self._dvh_grids: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}  # rows, dose points
         self._kinds = tpp_kinds(self.structures)
+        # discrete steps per TPP: (up, down) factors and the clamp range
+        self._factors = np.array([ACTION_FACTORS[k] for k in self._kinds])
+        self._lo = np.array([RANGES[k][0] if RANGES[k][2] else max(RANGES[k][0], _FLOOR) for k in self._kinds])
+        self._hi = np.array([RANGES[k][1] for k in self._kinds])
 
     # ------------------------------------------------------------------ spaces
     @property
@@ -194,7 +199,9 @@ class TuningCore:
         that sees only the DVH, repeat forever; learners may mask them (``info["action_mask"]``)."""
         if self.action_mode != "discrete":
             raise ValueError("action_mask is defined for discrete actions only")
-        return np.array([not np.array_equal(self.apply_action(tpp, a), tpp) for a in range(2 * self.n_tpp)])
+        tpp = np.asarray(tpp, dtype=np.float64)
+        moved = np.clip(tpp[:, None] * self._factors, self._lo[:, None], self._hi[:, None])
+        return (moved != tpp[:, None]).ravel()
 
     def apply_action(self, tpp: np.ndarray, action: Any) -> np.ndarray:
         """The TPP vector after ``action`` (discrete: one TPP up or down; continuous: a new vector)."""
@@ -203,11 +210,8 @@ class TuningCore:
             if not 0 <= a < 2 * self.n_tpp:
                 raise ValueError(f"action {action!r} is outside [0, {2 * self.n_tpp - 1}]")
             j, down = divmod(a, 2)
-            kind, target = self._kinds[j]
             new = tpp.copy()
-            new[j] *= ACTION_FACTORS[(kind, target)][down]
-            lo, hi, lo_inclusive = RANGES[(kind, target)]
-            new[j] = min(max(new[j], lo if lo_inclusive else max(lo, _FLOOR)), hi)
+            new[j] = min(max(new[j] * self._factors[j, down], self._lo[j]), self._hi[j])
             return new
         return self.action_to_tpp(action)
 
@@ -255,13 +259,15 @@ class TuningCore:
 
     def observe(self, ep: EpisodeState) -> np.ndarray:
         """Cumulative DVH of each structure at 100 dose points (SPEC section 3 ranges), float32."""
-        case = self.case(ep.case_key)
-        doses = case.structure_doses(ep.dose)
-        parts = []
-        for i, name in enumerate(self.structures):
-            lo, hi = TARGET_DVH_RANGE if i == 0 else OAR_DVH_RANGE
-            points = np.linspace(lo, hi, DVH_POINTS) * case.prescription_gy
-            parts.append(cumulative_dvh(doses[name], points))
+        if ep.case_key not in self._dvh_grids:
+            case = self.case(ep.case_key)
+            self._dvh_grids[ep.case_key] = [
+                (case.structure(name).rows,
+                 np.linspace(*(TARGET_DVH_RANGE if i == 0 else OAR_DVH_RANGE), DVH_POINTS) * case.prescription_gy)
+                for i, name in enumerate(self.structures)]
+        # the TPS dose is finite (scoring checked it)
+        parts = [dvh_of_sorted(np.sort(ep.dose[rows].astype(np.float64)), points)
+                 for rows, points in self._dvh_grids[ep.case_key]]
         return np.concatenate(parts).astype(np.float32)
 
     def info(self, ep: EpisodeState) -> dict[str, Any]:
@@ -433,9 +439,7 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]  # as the single env seeds
         self._eps = [self.core.new_episode(rng, options) for rng in self._rngs]
         self.core.reset_batch(self._eps)
-        infos: dict[str, Any] = {}
-        for i, ep in enumerate(self._eps):
-            infos = self._add_info(infos, self.core.info(ep), i)
+        infos = self._stack_infos([self.core.info(ep) for ep in self._eps])
         return np.stack([self.core.observe(ep) for ep in self._eps]), infos
 
     def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
@@ -465,17 +469,39 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
 
     def step(self, actions):
         obs, rewards, terms, truncs, per_env, finals = self.step_episodes(actions)
-        infos: dict[str, Any] = {}
-        for i, info in enumerate(per_env):
-            info = dict(info)
-            info.pop("final_info", None)
-            infos = self._add_info(infos, info, i)
+        infos = self._stack_infos([{k: v for k, v in info.items() if k != "final_info"} for info in per_env])
         if any(f is not None for f in finals):
             infos["final_obs"] = np.array(finals, dtype=object)
             infos["_final_obs"] = np.array([f is not None for f in finals])
             infos["final_info"] = np.array([info.get("final_info") for info in per_env], dtype=object)
             infos["_final_info"] = infos["_final_obs"].copy()
         return obs, rewards, terms, truncs, infos
+
+    def _stack_infos(self, infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The batched info dict that folding :meth:`gymnasium.vector.VectorEnv._add_info` over the
+        envs' infos gives (same keys, ``_key`` masks, array types), built key by key rather than env
+        by env: several times faster for the nested per-criterion infos of 32 envs."""
+        out: dict[str, Any] = {}
+        for key in dict.fromkeys(k for info in infos for k in info):
+            present = np.array([key in info for info in infos])
+            values = [info[key] for info in infos if key in info]
+            first = values[0]
+            if isinstance(first, dict) and key != "final_obs":
+                out[key] = self._stack_infos([info.get(key, {}) for info in infos])
+            else:
+                if key != "final_obs" and (type(first) in (int, float, bool) or isinstance(first, np.number)):
+                    array = np.zeros(self.num_envs, dtype=type(first))
+                    array[present] = values
+                else:
+                    if key != "final_obs" and isinstance(first, np.ndarray):
+                        array = np.zeros((self.num_envs, *first.shape), dtype=first.dtype)
+                    else:
+                        array = np.full(self.num_envs, fill_value=None, dtype=object)
+                    for i, v in zip(np.flatnonzero(present), values, strict=True):
+                        array[i] = v
+                out[key] = array
+            out[f"_{key}"] = present
+        return out
 
     def render(self):
         if self.render_mode is None or not self._eps:

@@ -125,20 +125,22 @@ def cumulative_dvh(dose: np.ndarray, dose_points: np.ndarray | Sequence[float]) 
 
     The result has the shape of ``dose_points``.
     """
-    arr = np.sort(_check_dose(dose))
     points = np.asarray(dose_points, dtype=float)
     if not np.all(np.isfinite(points)):
         raise ValueError("dose_points contains NaN or inf values")
-    below = np.searchsorted(arr, points, side="left")
-    return (arr.size - below) / arr.size
+    return dvh_of_sorted(np.sort(_check_dose(dose)), points)
+
+
+def dvh_of_sorted(sorted_dose: np.ndarray, dose_points: np.ndarray) -> np.ndarray:
+    """:func:`cumulative_dvh` of doses already checked and sorted ascending (Gy), at finite
+    ``dose_points`` (Gy): the unchecked core for callers that validated their inputs."""
+    below = np.searchsorted(sorted_dose, dose_points, side="left")
+    return (sorted_dose.size - below) / sorted_dose.size
 
 
 def dose_at_volume_percent(dose: np.ndarray, pct: float) -> float:
     """Dx%: minimum dose (Gy) of the hottest ``pct`` % of voxels (``pct`` in [0, 100])."""
-    arr = _check_dose(dose)
-    pct = _check_number(pct, "volume percent", 0.0, 100.0)
-    index = min(max(_ceil(pct * arr.size / 100.0) - 1, 0), arr.size - 1)
-    return float(-np.partition(-arr, index)[index])
+    return _dose_at_volume_percent(_check_dose(dose), _check_number(pct, "volume percent", 0.0, 100.0))
 
 
 def dose_at_volume_cc(dose: np.ndarray, cc: float, voxel_cc: float) -> float:
@@ -146,18 +148,13 @@ def dose_at_volume_cc(dose: np.ndarray, cc: float, voxel_cc: float) -> float:
 
     At least one voxel is used; if ``cc`` exceeds the structure volume, the minimum dose.
     """
-    arr = _check_dose(dose)
-    cc = _check_number(cc, "volume_cc", 0.0)
-    voxel_cc = _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False)
-    index = min(max(_ceil(cc / voxel_cc), 1), arr.size) - 1
-    return float(-np.partition(-arr, index)[index])
+    return _dose_at_volume_cc(_check_dose(dose), _check_number(cc, "volume_cc", 0.0),
+                              _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False))
 
 
 def volume_at_dose_percent(dose: np.ndarray, dose_gy: float) -> float:
     """Vx: percentage (0..100) of the structure volume receiving >= ``dose_gy`` Gy."""
-    arr = _check_dose(dose)
-    dose_gy = _check_number(dose_gy, "dose_gy", 0.0)
-    return float(np.count_nonzero(arr >= dose_gy) * 100.0 / arr.size)
+    return _volume_at_dose_percent(_check_dose(dose), _check_number(dose_gy, "dose_gy", 0.0))
 
 
 def max_dose(dose: np.ndarray, method: str = "hottest_voxels", n_voxels: int = 3,
@@ -169,23 +166,47 @@ def max_dose(dose: np.ndarray, method: str = "hottest_voxels", n_voxels: int = 3
     ``volume_cc`` cc (D0.03cc by default, needs ``voxel_cc`` in cc).
     """
     arr = _check_dose(dose)
-    if method == "max":
-        return float(arr.max())
-    if method == "hottest_voxels":
-        if isinstance(n_voxels, bool) or not isinstance(n_voxels, (int, np.integer)) or n_voxels < 1:
-            raise ValueError(f"n_voxels = {n_voxels!r} is invalid; expected an integer >= 1")
-        k = min(int(n_voxels), arr.size)
-        return float(np.partition(arr, arr.size - k)[arr.size - k:].mean())
+    if method not in MAX_DOSE_METHODS:
+        raise ValueError(f"unknown max_dose method {method!r}; valid methods: {', '.join(MAX_DOSE_METHODS)}")
+    if method == "hottest_voxels" and (isinstance(n_voxels, bool) or not isinstance(n_voxels, (int, np.integer))
+                                       or n_voxels < 1):
+        raise ValueError(f"n_voxels = {n_voxels!r} is invalid; expected an integer >= 1")
     if method == "cc":
         if voxel_cc is None:
             raise ValueError("max_dose method 'cc' needs voxel_cc (cc)")
-        return dose_at_volume_cc(arr, volume_cc, voxel_cc)
-    raise ValueError(f"unknown max_dose method {method!r}; valid methods: {', '.join(MAX_DOSE_METHODS)}")
+        volume_cc = _check_number(volume_cc, "volume_cc", 0.0)
+        voxel_cc = _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False)
+    return _max_dose(arr, method, n_voxels, volume_cc, voxel_cc)
 
 
 def mean_dose(dose: np.ndarray) -> float:
     """Mean dose (Gy) over the structure's voxels."""
     return float(_check_dose(dose).mean())
+
+
+# the metrics on doses and parameters already checked (a protocol's evaluation checks each
+# structure's doses once, and its criteria were checked when it was loaded)
+def _dose_at_volume_percent(arr: np.ndarray, pct: float) -> float:
+    index = min(max(_ceil(pct * arr.size / 100.0) - 1, 0), arr.size - 1)
+    return float(-np.partition(-arr, index)[index])
+
+
+def _dose_at_volume_cc(arr: np.ndarray, cc: float, voxel_cc: float) -> float:
+    index = min(max(_ceil(cc / voxel_cc), 1), arr.size) - 1
+    return float(-np.partition(-arr, index)[index])
+
+
+def _volume_at_dose_percent(arr: np.ndarray, dose_gy: float) -> float:
+    return float(np.count_nonzero(arr >= dose_gy) * 100.0 / arr.size)
+
+
+def _max_dose(arr: np.ndarray, method: str, n_voxels: int, volume_cc: float, voxel_cc: float | None) -> float:
+    if method == "max":
+        return float(arr.max())
+    if method == "hottest_voxels":
+        k = min(int(n_voxels), arr.size)
+        return float(np.partition(arr, arr.size - k)[arr.size - k:].mean())
+    return _dose_at_volume_cc(arr, volume_cc, voxel_cc)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -248,17 +269,21 @@ class Criterion:
 
     def measure(self, dose: np.ndarray, voxel_cc: float, prescription_gy: float) -> float:
         """The criterion's metric (Gy or %) for one structure's voxel doses (Gy)."""
+        return self._measure(_check_dose(dose), _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False),
+                             _check_number(prescription_gy, "prescription_gy", 0.0, low_inclusive=False))
+
+    def _measure(self, arr: np.ndarray, voxel_cc: float, prescription_gy: float) -> float:
         p = self.parameters
         if self.type == "max_dose":
-            return max_dose(dose, p["method"], p.get("n_voxels", 3), p.get("volume_cc", 0.03), voxel_cc)
+            return _max_dose(arr, p["method"], p.get("n_voxels", 3), p.get("volume_cc", 0.03), voxel_cc)
         if self.type == "mean_dose":
-            return mean_dose(dose)
+            return float(arr.mean())
         if self.type == "dose_volume_V":
             threshold = p["dose_gy"] if "dose_gy" in p else p["dose_perc"] * prescription_gy / 100.0
-            return volume_at_dose_percent(dose, threshold)
+            return _volume_at_dose_percent(arr, threshold)
         if "volume_perc" in p:
-            return dose_at_volume_percent(dose, p["volume_perc"])
-        return dose_at_volume_cc(dose, p["volume_cc"], voxel_cc)
+            return _dose_at_volume_percent(arr, p["volume_perc"])
+        return _dose_at_volume_cc(arr, p["volume_cc"], voxel_cc)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], index: int = 0) -> Criterion:
@@ -552,7 +577,7 @@ class Protocol:
 
         results = []
         for c in self.criteria:
-            value = c.measure(arrays[c.structure], voxels[c.structure], rx)
+            value = c._measure(arrays[c.structure], voxels[c.structure], rx)
             goal, limit = c.thresholds(rx)
             margin = value - goal if c.sense == "upper" else goal - value
             results.append(CriterionResult(

@@ -107,6 +107,36 @@ def test_rejects_continuous_actions_and_bad_settings():
         ACER("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1), device="cpu")
     with pytest.raises(ValueError, match="gamma = 1.5"):
         ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), gamma=1.5, device="cpu")
+    # 6 whole segments of 20 x 8 hold 960 transitions < replay_start: replay would never run
+    with pytest.raises(ValueError, match="buffer_size = 1000 holds 960 transitions.*replay_start = 1000"):
+        ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=8), buffer_size=1000, replay_start=1000, device="cpu")
+    ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=8), buffer_size=1000, replay_ratio=0, device="cpu")
+
+
+def test_masks_follow_both_vector_env_conventions():
+    """rtenv's adapter: a finished episode's info under ``final_info``, the new one's in ``infos``;
+    SB3's DummyVecEnv: the finished episode's in ``infos``, the new one's in ``env.reset_infos``."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from rtenv.env import TPPTuningEnv
+
+    venv = DummyVecEnv([lambda: TPPTuningEnv("S1", max_steps=1)] * 2)
+    model = ACER("MlpPolicy", venv, seed=0, n_steps=2, replay_start=4, device="cpu")
+    model.learn(4)  # every step ends an episode (max_steps = 1)
+    first = np.ones(18, dtype=bool)
+    first[[1, 2, 4, 14, 16]] = False  # the default start: t_PTV at 1 cannot go down, t_OAR and V_OAR not up
+    seg = model._replay.sample()
+    assert (seg["masks"] == first).all()  # each step starts an episode: the reset infos' masks
+    last = np.ones(18, dtype=bool)
+    last[3] = False
+    dones = np.array([True, False])
+    infos = [{"action_mask": list(last)}, {"action_mask": list(first)}]
+    venv.reset_infos = [{"action_mask": list(first)}, {}]
+    final, nxt = model._step_masks(infos, dones)
+    assert (final[0] == last).all() and (nxt[0] == first).all() and (nxt[1] == first).all()
+    rtenv_infos = [{"action_mask": list(first), "final_info": {"action_mask": list(last)}}, infos[1]]
+    final, nxt = model._step_masks(rtenv_infos, dones)
+    assert (final[0] == last).all() and (nxt[0] == first).all()
 
 
 # ------------------------------------------------------------------------------ the LSTM policy
@@ -280,6 +310,10 @@ def test_replay_save_load_roundtrip(tmp_path):
     mlp.save_replay_buffer(tmp_path / "mlp.pkl")
     with pytest.raises(ValueError, match="without LSTM states"):
         other.load_replay_buffer(tmp_path / "mlp.pkl")
+    wide = ACER("LstmPolicy", make_vec_env("CartPole-v1", n_envs=2), n_steps=5, device="cpu",
+                policy_kwargs={"hidden_size": 16})
+    with pytest.raises(ValueError, match="LSTM states of size 32.*hidden_size = 16"):
+        wide.load_replay_buffer(tmp_path / "replay.pkl")
     with pytest.raises(ValueError, match="observations of shape"):
         ACER("MlpPolicy", make_vec_env("Acrobot-v1", n_envs=1), device="cpu").load_replay_buffer(tmp_path / "mlp.pkl")
 

@@ -150,6 +150,31 @@ def test_vector_env_matches_single_envs_and_autoresets():
     assert np.all(infos["steps"] == 0)  # already reset (same-step autoreset)
 
 
+def _same_infos(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _same_infos(a[k], b[k])
+        else:
+            assert type(a[k]) is type(b[k]) and a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            for x, y in zip(a[k], b[k], strict=True):
+                assert np.array_equal(x, y) if isinstance(x, (list, np.ndarray)) else x == y, k
+
+
+def test_vector_infos_equal_gymnasiums_fold():
+    """The vector env stacks infos key by key; the result must equal folding Gymnasium's
+    ``_add_info`` over the envs, also with keys that only some envs have."""
+    venv = TPPTuningVectorEnv(num_envs=3, scenario="S1")
+    venv.reset(seed=0)
+    per_env = [venv.core.info(ep) for ep in venv._eps]
+    per_env[1] = {**per_env[1], "final_info": dict(per_env[2]), "extra": np.ones(3, dtype=np.float32)}
+    folded: dict = {}
+    for i, info in enumerate(per_env):
+        folded = venv._add_info(folded, info, i)
+    _same_infos(venv._stack_infos(per_env), folded)
+    assert list(venv._stack_infos(per_env)["_extra"]) == [False, True, False]
+
+
 def test_fine_score_is_smooth_beyond_the_ramp():
     env = TPPTuningEnv("S1")
     _, info = env.reset(seed=0)

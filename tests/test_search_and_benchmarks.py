@@ -51,7 +51,7 @@ def test_calibration_writes_resumable_json(tmp_path, capsys):
 @pytest.mark.slow
 def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     out = tmp_path / "env.json"
-    assert env_speed.main(["--scenario", "S1", "--envs", "4", "--steps", "3", "--json", str(out)]) == 0
+    assert env_speed.main(["--scenario", "S1", "--envs", "4", "--steps", "3", "--rounds", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["single_steps_per_s"] > 0 and res["vector_steps_per_s"]["4"] > 0 and res["device"] == "cpu"
     out = tmp_path / "tps.json"

@@ -10,7 +10,7 @@ from rtenv.phantom import make_phantom
 from rtenv.reference import solve_reference
 from rtenv.scenarios import SCENARIOS, build_case, load_case
 from rtenv.tpp import TPP, tpp_names
-from rtenv.tps import TPS, ADMMSettings
+from rtenv.tps import TPS, ADMMSettings, coldot, kth_largest
 
 S1_NAMES = ["t_PTV", "t_bladder", "t_rectum", "lambda_PTV", "lambda_bladder", "lambda_rectum",
             "V_PTV", "V_bladder", "V_rectum"]
@@ -150,6 +150,25 @@ def test_batched_equals_sequential(s1):
         np.testing.assert_array_equal(batch.fluence[b], one.fluence[0])
         assert batch.objective[b] == one.objective[0]
         np.testing.assert_array_equal(warm.fluence[b], tps.optimize(tpp, x0=x0[b]).fluence[0])
+
+
+def test_kth_largest_and_coldot_against_numpy():
+    import torch
+
+    x = torch.from_numpy(np.random.default_rng(0).random((50, 6)).astype(np.float32))
+    xs = np.sort(x.numpy(), axis=0)
+    np.testing.assert_array_equal(kth_largest(x, 5).numpy(), xs[45])
+    k = torch.tensor([1, 2, 10, 50, 7, 3])
+    np.testing.assert_array_equal(kth_largest(x, k).numpy(), xs[50 - k.numpy(), np.arange(6)])
+    some = torch.tensor([True, False, True, False, False, True])
+    top = kth_largest(x, k, columns=some).numpy()
+    np.testing.assert_array_equal(top[[0, 2, 5]], xs[50 - k.numpy()[[0, 2, 5]], [0, 2, 5]])
+    assert np.all(np.isneginf(top[[1, 3, 4]]))
+    # column dot products: each column alone gives bitwise the same value as in the block
+    y = x.flip(0).contiguous()
+    block = coldot(x, y)
+    assert all(coldot(x[:, b:b + 1], y[:, b:b + 1]).item() == block[b].item() for b in range(6))
+    np.testing.assert_allclose(block.numpy(), (x.numpy() * y.numpy()).sum(0), rtol=1e-6)
 
 
 def test_warm_start_reaches_the_same_plan_faster(s1):
