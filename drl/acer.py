@@ -71,6 +71,13 @@ _MASKED_LOGIT = -1e9  # logit of a masked action: probability 0, and 0 * log-pro
 _MASK_MARGIN = 1.0  # masked logits are taught to stay this far below the best allowed one
 
 
+def _mask_tensor(mask: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
+    """``(n, n_actions)`` bool mask; a row that allows nothing allows everything (as in training)."""
+    m = np.array(mask, dtype=bool).reshape(n, -1)
+    m[~m.any(axis=1)] = True
+    return torch.as_tensor(m, device=device)
+
+
 class ACERPolicy(BasePolicy):
     """Shared MLP torso -> policy logits and Q values, one of each per discrete action (``"MlpPolicy"``).
 
@@ -133,7 +140,7 @@ class ACERPolicy(BasePolicy):
         obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim == len(self.observation_space.shape)
         obs_t = torch.as_tensor(obs[None] if single else obs, device=self.device)
-        mask_t = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.device).reshape(obs_t.shape[0], -1)
+        mask_t = _mask_tensor(mask, obs_t.shape[0], self.device)
         with torch.no_grad():
             log_pi, _ = self.evaluate(obs_t, mask_t)
             act = log_pi.argmax(-1) if deterministic else torch.distributions.Categorical(logits=log_pi).sample()
@@ -271,7 +278,7 @@ class ACERLstmPolicy(BasePolicy):
         st = self._state_in(state, episode_start, n)
         mask_t = None
         if mask is not None:
-            mask_t = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.device).reshape(n, -1)
+            mask_t = _mask_tensor(mask, n, self.device)
         with torch.no_grad():
             log_pi, _, st = self.evaluate(obs_t, st, mask_t)
             act = log_pi.argmax(-1) if deterministic else torch.distributions.Categorical(logits=log_pi).sample()

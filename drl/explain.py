@@ -438,7 +438,8 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
             float_net.set_state(*lstm_state)
         with torch.no_grad():
             logit_vec = float_net(torch.as_tensor(obs, device=device).reshape(1, -1))[0].cpu().numpy()
-        masked = getattr(model, "use_action_masks", False) and info.get("action_mask") is not None
+        masked = (getattr(model, "use_action_masks", False) and info.get("action_mask") is not None
+                  and any(info["action_mask"]))  # a mask that allows nothing allows everything, as in training
         # a planner that learned with no-op actions masked acts that way (drl.train.as_policy)
         action = int(np.argmax(np.where(info["action_mask"], logit_vec, -np.inf) if masked else logit_vec))
         ig = integrated_gradients(logits_net, obs, action, base_vectors, n_steps=n_steps, device=device)

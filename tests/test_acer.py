@@ -82,6 +82,9 @@ def test_acts_and_learns_with_action_masks():
     mask[:, 7] = True
     assert (model.policy.predict_masked(obs, mask) == 7).all()
     assert model.policy.predict_masked(obs[0], mask[0]) == 7
+    # a mask that allows nothing allows everything, as in training: the unmasked choice
+    nothing = np.zeros((3, 18), dtype=bool)
+    assert (model.policy.predict_masked(obs, nothing) == model.policy.predict(obs, deterministic=True)[0]).all()
 
 
 def test_callbacks_can_stop_training():
