@@ -60,5 +60,7 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     for key in ("admm_ms", "admm_warm_ms", "batch_ms_per_plan", "reference_ms", "speedup_vs_reference",
                 "objective_gap", "spmv_bound_ms", "device"):
         assert key in res
+    assert res["spmv_cg_bound_ms"] == pytest.approx(3 * res["spmv_bound_ms"])  # 3 CG steps per outer iteration
+    assert res["batch_rounds"] == 1 and res["batch_speedup"]["4"] > 0
     assert res["objective_gap_reference"]["clarabel"] == 0.0 and res["admm_frozen_objective"] > 0
     assert "TPS speed" in capsys.readouterr().out
