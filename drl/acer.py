@@ -71,11 +71,24 @@ _MASKED_LOGIT = -1e9  # logit of a masked action: probability 0, and 0 * log-pro
 _MASK_MARGIN = 1.0  # masked logits are taught to stay this far below the best allowed one
 
 
+def _usable_masks(masks: np.ndarray) -> np.ndarray:
+    """``masks`` (bool, ``(n, n_actions)``) with every row that allows nothing allowing everything,
+    in training and in acting alike."""
+    masks[~masks.any(axis=1)] = True
+    return masks
+
+
 def _mask_tensor(mask: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
-    """``(n, n_actions)`` bool mask; a row that allows nothing allows everything (as in training)."""
-    m = np.array(mask, dtype=bool).reshape(n, -1)
-    m[~m.any(axis=1)] = True
-    return torch.as_tensor(m, device=device)
+    """``(n, n_actions)`` bool mask tensor of usable masks (:func:`_usable_masks`)."""
+    return torch.as_tensor(_usable_masks(np.array(mask, dtype=bool).reshape(n, -1)), device=device)
+
+
+def _masked_log_probs(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Log-softmax of ``logits`` with disallowed actions (``mask`` False) at probability 0 (their
+    log-probability about -1e9); ``mask`` None allows every action."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask, _MASKED_LOGIT)
+    return torch.log_softmax(logits, dim=-1)
 
 
 class ACERPolicy(BasePolicy):
@@ -126,9 +139,7 @@ class ACERPolicy(BasePolicy):
         """Log-probabilities and Q values, each ``(batch, n_actions)``. ``mask`` (bool, same shape;
         True = allowed) gives disallowed actions probability 0 (log-probability about -1e9)."""
         logits, q = self.logits_and_q(obs)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, _MASKED_LOGIT)
-        return torch.log_softmax(logits, dim=-1), q
+        return _masked_log_probs(logits, mask), q
 
     def logits_and_q(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmasked policy logits and Q values, each ``(batch, n_actions)``."""
@@ -248,9 +259,7 @@ class ACERLstmPolicy(BasePolicy):
                  ) -> tuple[torch.Tensor, torch.Tensor, LstmState]:
         """One step: log-probabilities (``mask`` False: probability 0), Q values and the next state."""
         logits, q, state = self.step(obs, state)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, _MASKED_LOGIT)
-        return torch.log_softmax(logits, dim=-1), q, state
+        return _masked_log_probs(logits, mask), q, state
 
     def _state_in(self, state: tuple[np.ndarray, np.ndarray] | None, episode_start: np.ndarray | None,
                   n: int) -> LstmState:
@@ -523,9 +532,7 @@ class ACER(BaseAlgorithm):
             m = info.get("action_mask") if isinstance(info, dict) else None
             if m is not None:
                 masks[i] = np.asarray(m, dtype=bool)
-                if not masks[i].any():
-                    masks[i] = True
-        return masks
+        return _usable_masks(masks)
 
     def _step_masks(self, infos: Any, dones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """After a step: the masks of each finished episode's last state and of every env's next
@@ -643,7 +650,7 @@ class ACER(BaseAlgorithm):
             logits_all, q_all, states = self.policy.unroll(obs, state, starts)
             logits, q = logits_all[:T], q_all[:T]
             with torch.no_grad():
-                lp_last = torch.log_softmax(logits_all[T].masked_fill(~masks[T], _MASKED_LOGIT), dim=-1)
+                lp_last = _masked_log_probs(logits_all[T], masks[T])
                 q_last = q_all[T].detach()
         else:
             states = None
@@ -682,7 +689,7 @@ class ACER(BaseAlgorithm):
             if self.recurrent:
                 state, starts = self._segment_state(seg)
                 logits, _, _ = self.avg_policy.unroll(obs, state, starts[:T])
-                return torch.log_softmax(logits.masked_fill(~masks, _MASKED_LOGIT), dim=-1)
+                return _masked_log_probs(logits, masks)
             avg_lp, _ = self.avg_policy.evaluate(obs.reshape(T * N, *obs.shape[2:]), masks.reshape(T * N, A))
             return avg_lp.reshape(T, N, A)
 
