@@ -24,9 +24,10 @@ from drl.train import as_policy
 from rtenv.env import DVH_POINTS
 from rtenv.rollout import Policy
 from rtenv.scenarios import get_scenario
+from rtenv.tpp import KINDS
 
-#: TPP kinds per structure (threshold t, weight lambda, volume fraction V).
-TPP_KINDS = 3
+#: TPP kinds per structure (threshold t, weight lambda, volume fraction V), in vector order.
+TPP_KINDS = len(KINDS)
 
 
 def map_structures(policy: Policy, source_structures: int, target_structures: int) -> Policy:
