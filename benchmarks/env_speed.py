@@ -44,13 +44,29 @@ def single_env_seconds(scenario: str, actions: np.ndarray, device: str) -> list[
     return times
 
 
-def vector_env_seconds(scenario: str, actions: np.ndarray, device: str) -> float:
+def vector_env_seconds(scenario: str, actions: np.ndarray, device: str) -> tuple[float, dict]:
+    """Wall time of the action rows through one vector env, and what its step solves did:
+    ``working_set`` (plans per batched ADMM iteration: the sub-envs' iterations summed over the
+    step solves, divided by the batched iterations those solves ran, i.e. the largest of each),
+    ``iterations_mean`` and ``converged_fraction`` (per plan)."""
     venv = TPPTuningVectorEnv(num_envs=actions.shape[1], scenario=scenario, device=device)
     venv.reset(seed=0)  # env i gets seed i, as its single-env replay
+    infos = []
     t0 = time.perf_counter()
     for row in actions:
-        venv.step(row)
-    return time.perf_counter() - t0
+        infos.append(venv.step(row)[4])
+    seconds = time.perf_counter() - t0
+    its, conv = [], []
+    for info in infos:  # a finished env's step solve is in its final_info (the rest is its reset)
+        finished = info.get("_final_info", np.zeros(actions.shape[1], dtype=bool))
+        step = [info["final_info"][i] if finished[i] else
+                {"tps_iterations": info["tps_iterations"][i], "tps_converged": info["tps_converged"][i]}
+                for i in range(actions.shape[1])]
+        its.append([s["tps_iterations"] for s in step])
+        conv += [s["tps_converged"] for s in step]
+    stats = {"working_set": float(sum(map(sum, its)) / sum(map(max, its))),
+             "iterations_mean": float(np.mean(its)), "converged_fraction": float(np.mean(conv))}
+    return seconds, stats
 
 
 def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path: Path | None,
@@ -65,14 +81,17 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
     res: dict = {"scenario": scenario, "device": device, "torch_threads": torch.get_num_threads(),
-                 "steps_per_env": calls, "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {}}
+                 "steps_per_env": calls, "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {},
+                 "vector_tps": {}}
     single_rates, vector_rates = [], {n: [] for n in envs}
     speedups: dict[int, list[float]] = {n: [] for n in envs}
     for _ in range(rounds):
         single = single_env_seconds(scenario, actions, device)
         single_rates.append(actions.size / sum(single))
         for n in envs:
-            sps = n * calls / vector_env_seconds(scenario, actions[:, :n], device)
+            seconds, stats = vector_env_seconds(scenario, actions[:, :n], device)
+            sps = n * calls / seconds
+            res["vector_tps"][str(n)] = stats  # the same in every round (the same episodes)
             vector_rates[n].append(sps)
             speedups[n].append(sps / (n * calls / sum(single[:n])))  # same episodes on both sides
         res["single_steps_per_s"] = statistics.median(single_rates)
@@ -99,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"env speed {res['scenario']} on {res['device']}: single env {res['single_steps_per_s']:.1f} steps/s "
           f"({res['steps_per_env']} steps of each of {max(map(int, res['vector_steps_per_s']))} episode streams)")
     for n, sps in res["vector_steps_per_s"].items():
-        print(f"  vector env, {n:>3} envs: {sps:8.1f} steps/s  ({res['vector_speedup'][n]:.1f}x)")
+        tps = res["vector_tps"][n]
+        print(f"  vector env, {n:>3} envs: {sps:8.1f} steps/s  ({res['vector_speedup'][n]:.1f}x); its TPS solves: "
+              f"{tps['working_set']:.1f} plans per batched iteration, {tps['iterations_mean']:.1f} iterations "
+              f"per plan, {100 * tps['converged_fraction']:.0f} % converged")
     return 0
 
 

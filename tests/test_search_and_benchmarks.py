@@ -54,6 +54,9 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     assert env_speed.main(["--scenario", "S1", "--envs", "4", "--steps", "3", "--rounds", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["single_steps_per_s"] > 0 and res["vector_steps_per_s"]["4"] > 0 and res["device"] == "cpu"
+    tps = res["vector_tps"]["4"]  # the 4 plans of a step leave the batch as they converge
+    assert 1.0 <= tps["working_set"] <= 4.0 and 1.0 <= tps["iterations_mean"] <= 40.0
+    assert 0.0 <= tps["converged_fraction"] <= 1.0
     out = tmp_path / "tps.json"
     assert tps_speed.main(["--scenario", "S1", "--repeats", "1", "--batches", "4", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
