@@ -71,16 +71,16 @@ _MASKED_LOGIT = -1e9  # logit of a masked action: probability 0, and 0 * log-pro
 _MASK_MARGIN = 1.0  # masked logits are taught to stay this far below the best allowed one
 
 
-def _usable_masks(masks: np.ndarray) -> np.ndarray:
-    """``masks`` (bool, ``(n, n_actions)``) with every row that allows nothing allowing everything,
-    in training and in acting alike."""
+def usable_masks(masks: np.ndarray) -> np.ndarray:
+    """``masks`` (bool, ``(n, n_actions)``, changed in place and returned) with every row that
+    allows nothing allowing everything: the one rule for training, acting and explaining."""
     masks[~masks.any(axis=1)] = True
     return masks
 
 
 def _mask_tensor(mask: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
-    """``(n, n_actions)`` bool mask tensor of usable masks (:func:`_usable_masks`)."""
-    return torch.as_tensor(_usable_masks(np.array(mask, dtype=bool).reshape(n, -1)), device=device)
+    """``(n, n_actions)`` bool mask tensor of usable masks (:func:`usable_masks`)."""
+    return torch.as_tensor(usable_masks(np.array(mask, dtype=bool).reshape(n, -1)), device=device)
 
 
 def _masked_log_probs(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -532,7 +532,7 @@ class ACER(BaseAlgorithm):
             m = info.get("action_mask") if isinstance(info, dict) else None
             if m is not None:
                 masks[i] = np.asarray(m, dtype=bool)
-        return _usable_masks(masks)
+        return usable_masks(masks)
 
     def _step_masks(self, infos: Any, dones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """After a step: the masks of each finished episode's last state and of every env's next

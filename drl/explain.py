@@ -59,7 +59,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from torch import nn
 
-from drl.acer import ACERLstmPolicy, ACERPolicy
+from drl.acer import ACERLstmPolicy, ACERPolicy, usable_masks
 from rtenv.env import DVH_POINTS, OAR_DVH_RANGE, TARGET_DVH_RANGE, TPPTuningEnv, TuningCore
 from rtenv.evaluation import Protocol, ProtocolResult, score_plan
 from rtenv.plots import save_figure
@@ -438,10 +438,12 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
             float_net.set_state(*lstm_state)
         with torch.no_grad():
             logit_vec = float_net(torch.as_tensor(obs, device=device).reshape(1, -1))[0].cpu().numpy()
-        masked = (getattr(model, "use_action_masks", False) and info.get("action_mask") is not None
-                  and any(info["action_mask"]))  # a mask that allows nothing allows everything, as in training
         # a planner that learned with no-op actions masked acts that way (drl.train.as_policy)
-        action = int(np.argmax(np.where(info["action_mask"], logit_vec, -np.inf) if masked else logit_vec))
+        choice = logit_vec
+        if getattr(model, "use_action_masks", False) and info.get("action_mask") is not None:
+            allowed = usable_masks(np.array(info["action_mask"], dtype=bool).reshape(1, -1))[0]
+            choice = np.where(allowed, logit_vec, -np.inf)
+        action = int(np.argmax(choice))
         ig = integrated_gradients(logits_net, obs, action, base_vectors, n_steps=n_steps, device=device)
         j, down = divmod(action, 2)
         tpp_before = float(info["tpp"][core.names[j]])
