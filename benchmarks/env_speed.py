@@ -59,11 +59,9 @@ def vector_env_seconds(scenario: str, actions: np.ndarray, device: str) -> tuple
     its, conv = [], []
     for info in infos:  # a finished env's step solve is in its final_info (the rest is its reset)
         finished = info.get("_final_info", np.zeros(actions.shape[1], dtype=bool))
-        step = [info["final_info"][i] if finished[i] else
-                {"tps_iterations": info["tps_iterations"][i], "tps_converged": info["tps_converged"][i]}
-                for i in range(actions.shape[1])]
-        its.append([s["tps_iterations"] for s in step])
-        conv += [s["tps_converged"] for s in step]
+        step = info["final_info"] if finished.any() else info
+        its.append(np.where(finished, step["tps_iterations"], info["tps_iterations"]).tolist())
+        conv += np.where(finished, step["tps_converged"], info["tps_converged"]).tolist()
     stats = {"working_set": float(sum(map(sum, its)) / sum(map(max, its))),
              "iterations_mean": float(np.mean(its)), "converged_fraction": float(np.mean(conv))}
     return seconds, stats

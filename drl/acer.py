@@ -536,19 +536,15 @@ class ACER(BaseAlgorithm):
 
     def _step_masks(self, infos: Any, dones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """After a step: the masks of each finished episode's last state and of every env's next
-        state. rtenv's vector envs put a finished episode's info under ``final_info`` and the new
-        episode's in ``infos``; SB3's own VecEnvs (``DummyVecEnv``, ``SubprocVecEnv``) leave the
-        finished episode's in ``infos`` and put the new episode's in ``env.reset_infos``."""
-        infos = list(infos)
+        state. SB3 VecEnvs (``DummyVecEnv``, ``SubprocVecEnv``, :class:`rtenv.sb3.SB3VecEnv`)
+        leave a finished episode's last info in ``infos`` and put the new episode's in
+        ``env.reset_infos``."""
         resets = getattr(self.env, "reset_infos", None)
         final_infos, next_infos = [], []
         for i, info in enumerate(infos):
             info = info or {}
             if not dones[i]:
                 final_infos.append({})
-                next_infos.append(info)
-            elif "final_info" in info:
-                final_infos.append(info["final_info"])
                 next_infos.append(info)
             else:
                 final_infos.append(info)

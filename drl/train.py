@@ -43,8 +43,11 @@ class ConcatVecEnv(VecEnv):
 
     def reset(self) -> np.ndarray:
         obs = [p.reset() for p in self.parts]
-        self.reset_infos = [info for p in self.parts for info in getattr(p, "reset_infos", [{}] * p.num_envs)]
+        self._gather_reset_infos()
         return np.concatenate(obs)
+
+    def _gather_reset_infos(self) -> None:
+        self.reset_infos = [info for p in self.parts for info in getattr(p, "reset_infos", [{}] * p.num_envs)]
 
     def step_async(self, actions: np.ndarray) -> None:
         for p, lo, hi in zip(self.parts, self._bounds[:-1], self._bounds[1:], strict=True):
@@ -53,6 +56,7 @@ class ConcatVecEnv(VecEnv):
     def step_wait(self):
         results = [p.step_wait() for p in self.parts]
         obs, rewards, dones = (np.concatenate([r[k] for r in results]) for k in range(3))
+        self._gather_reset_infos()  # the parts' autoresets update their reset_infos
         return obs, rewards, dones, [info for r in results for info in r[3]]
 
     def seed(self, seed: int | None = None) -> list[int | None]:
@@ -60,6 +64,10 @@ class ConcatVecEnv(VecEnv):
         for p, lo in zip(self.parts, self._bounds[:-1], strict=False):
             out += p.seed(None if seed is None else seed + int(lo))
         return out
+
+    def set_options(self, options: list[dict] | dict | None = None) -> None:
+        for p, lo, hi in zip(self.parts, self._bounds[:-1], self._bounds[1:], strict=True):
+            p.set_options(options[lo:hi] if isinstance(options, list) else options)
 
     def close(self) -> None:
         for p in self.parts:

@@ -13,11 +13,25 @@ from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.evaluation import Protocol, ProtocolResult, score_plan
 from rtenv.registration import ENV_IDS, register_envs
 from rtenv.scenarios import COHORTS, SCENARIOS, Scenario, get_scenario, load_case
+from rtenv.tpp import TPP
 
 register_envs()
+
+# the TPS and the environments import torch (about a second): loaded on first use
+_LAZY = {"TPS": "rtenv.tps", "ADMMSettings": "rtenv.tps", "PlanResult": "rtenv.tps",
+         "TPPTuningEnv": "rtenv.env", "TPPTuningVectorEnv": "rtenv.env"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rtenv' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [
     "Beam", "CaseFormatError", "PlanningCase", "Structure", "Protocol", "ProtocolResult", "score_plan",
-    "COHORTS", "SCENARIOS", "Scenario", "get_scenario", "load_case", "ENV_IDS",
+    "COHORTS", "SCENARIOS", "Scenario", "get_scenario", "load_case", "ENV_IDS", "TPP", *_LAZY,
 ]

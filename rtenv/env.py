@@ -170,9 +170,13 @@ class TuningCore:
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; valid: cohort, index, start, tpp")
         cohort = options.get("cohort", self.cohort)
+        if cohort not in COHORTS:
+            raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
         index = options.get("index")
-        if index is None:
+        if index is None and cohort == self.cohort:
             index = self.case_indices[int(rng.integers(len(self.case_indices)))]
+        elif index is None:  # another cohort: any of its cases (case 0 of the unbounded train cohort)
+            index = int(rng.integers(cohort_size(self.scenario, cohort) or 1))
         key = (cohort, int(index))
         start = options.get("start", self.start)
         if "tpp" in options:
@@ -338,7 +342,8 @@ _DOC = """
     previous and new :class:`~rtenv.evaluation.ProtocolResult`.
 
     ## Starting State
-    A case of the env's cohort (``reset(options={"cohort": ..., "index": ...})`` picks one) and
+    A case of the env's cohort, drawn from its ``cases`` (``reset(options={"cohort": ...,
+    "index": ...})`` picks one; another cohort without an index draws from all its cases) and
     the SPEC default TPPs (``start="default"``), SPEC random TPPs (``start="random"``) or given
     TPPs (``options={"tpp": ...}``).
 
@@ -436,7 +441,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
             if len(seed) != self.num_envs:
                 raise ValueError(f"got {len(seed)} seeds for {self.num_envs} envs")
             seeds = list(seed)
-        self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]  # as the single env seeds
+        if seed is not None or not self._rngs:  # as the single env: seed=None keeps the generators
+            self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
         self._eps = [self.core.new_episode(rng, options) for rng in self._rngs]
         self.core.reset_batch(self._eps)
         infos = self._stack_infos([self.core.info(ep) for ep in self._eps])
@@ -471,9 +477,11 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         obs, rewards, terms, truncs, per_env, finals = self.step_episodes(actions)
         infos = self._stack_infos([{k: v for k, v in info.items() if k != "final_info"} for info in per_env])
         if any(f is not None for f in finals):
-            infos["final_obs"] = np.array(finals, dtype=object)
+            infos["final_obs"] = np.empty(self.num_envs, dtype=object)  # (num_envs,) even when all finish
+            infos["final_obs"][:] = finals
             infos["_final_obs"] = np.array([f is not None for f in finals])
-            infos["final_info"] = np.array([info.get("final_info") for info in per_env], dtype=object)
+            # Gymnasium's same-step layout: the finished episodes' infos stacked key by key
+            infos["final_info"] = self._stack_infos([info.get("final_info", {}) for info in per_env])
             infos["_final_info"] = infos["_final_obs"].copy()
         return obs, rewards, terms, truncs, infos
 
@@ -513,9 +521,6 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
 
 def _dvh_rgb(core: TuningCore, ep: EpisodeState) -> np.ndarray:
     """The current plan's DVH as an RGB array ``(H, W, 3)`` uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,10 +1,13 @@
 """Adapter from :class:`rtenv.env.TPPTuningVectorEnv` to stable-baselines3's ``VecEnv``.
 
-SB3 does not accept Gymnasium vector envs. :class:`SB3VecEnv` hands SB3 what it expects: reset
-returns observations only, finished sub-environments restart in the same step, and each finished
-one's info carries ``terminal_observation``, ``TimeLimit.truncated`` (True when the episode hit
-``max_steps`` without reaching full score, so SB3 bootstraps it) and ``episode`` (return, length,
-time: what SB3's ``Monitor`` records, so its logger reports ``ep_rew_mean``).
+SB3 does not accept Gymnasium vector envs. :class:`SB3VecEnv` hands SB3 what its own
+``DummyVecEnv`` does: reset returns observations only (each env's reset info in ``reset_infos``),
+seeds and options set by ``seed()`` / ``set_options()`` apply to the next reset, and finished
+sub-environments restart in the same step. A finished env's step info is that of its last step,
+with ``terminal_observation``, ``TimeLimit.truncated`` (True when the episode hit ``max_steps``
+without reaching full score, so SB3 bootstraps it) and ``episode`` (return, length, time: what
+SB3's ``Monitor`` records, so its logger reports ``ep_rew_mean``); the new episode's info goes to
+``reset_infos``.
 
     from rtenv.sb3 import make_sb3_vec_env
     venv = make_sb3_vec_env("S1", num_envs=8)
@@ -29,16 +32,20 @@ class SB3VecEnv(VecEnv):
         self.venv = venv
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
         self._actions: Any = None
-        self._seed: int | None = None
         self._returns = np.zeros(self.num_envs)
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)
         self._t0 = time.time()
 
     def reset(self) -> np.ndarray:
-        obs, _ = self.venv.reset(seed=self._seed)
-        # SB3's convention: each env's reset info (a dict) sits in reset_infos
+        options = self._options[0]
+        if any(o != options for o in self._options):
+            raise ValueError("set_options gave the envs different options; rtenv's vector env resets "
+                             "all envs with one options dict")
+        seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
+        obs, _ = self.venv.reset(seed=seeds, options=options or None)
         self.reset_infos = [self.venv.core.info(ep) for ep in self.venv._eps]
-        self._seed = None
+        self._reset_seeds()  # seeds and options are used once, as in SB3's own VecEnvs
+        self._reset_options()
         self._returns[:] = 0.0
         self._lengths[:] = 0
         return obs
@@ -52,20 +59,18 @@ class SB3VecEnv(VecEnv):
         self._lengths += 1
         out = []
         for i, info in enumerate(infos):
-            info = dict(info)
             if finals[i] is not None:
-                info["terminal_observation"] = finals[i]
-                info["TimeLimit.truncated"] = bool(truncs[i] and not terms[i])
+                self.reset_infos[i] = {k: v for k, v in info.items() if k != "final_info"}
+                info = dict(info["final_info"], terminal_observation=finals[i])
                 # what SB3's Monitor wrapper would record: episode return, length, wall time
                 info["episode"] = {"r": float(self._returns[i]), "l": int(self._lengths[i]),
                                    "t": round(time.time() - self._t0, 6)}
                 self._returns[i], self._lengths[i] = 0.0, 0
+            else:
+                info = dict(info)
+            info["TimeLimit.truncated"] = bool(truncs[i] and not terms[i])
             out.append(info)
         return obs, rewards.astype(np.float32), terms | truncs, out
-
-    def seed(self, seed: int | None = None) -> list[int | None]:
-        self._seed = seed
-        return [None if seed is None else seed + i for i in range(self.num_envs)]
 
     def close(self) -> None:
         self.venv.close()

@@ -116,20 +116,21 @@ def test_rejects_continuous_actions_and_bad_settings():
     ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=8), buffer_size=1000, replay_ratio=0, device="cpu")
 
 
-def test_masks_follow_both_vector_env_conventions():
-    """rtenv's adapter: a finished episode's info under ``final_info``, the new one's in ``infos``;
-    SB3's DummyVecEnv: the finished episode's in ``infos``, the new one's in ``env.reset_infos``."""
+def test_masks_follow_the_sb3_vector_env_convention():
+    """SB3's DummyVecEnv and rtenv's adapter alike: the finished episode's info in ``infos``, the
+    new one's in ``env.reset_infos``."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from rtenv.env import TPPTuningEnv
+    from rtenv.sb3 import make_sb3_vec_env
 
-    venv = DummyVecEnv([lambda: TPPTuningEnv("S1", max_steps=1)] * 2)
-    model = ACER("MlpPolicy", venv, seed=0, n_steps=2, replay_start=4, device="cpu")
-    model.learn(4)  # every step ends an episode (max_steps = 1)
     first = np.ones(18, dtype=bool)
     first[[1, 2, 4, 14, 16]] = False  # the default start: t_PTV at 1 cannot go down, t_OAR and V_OAR not up
-    seg = model._replay.sample()
-    assert (seg["masks"] == first).all()  # each step starts an episode: the reset infos' masks
+    for venv in (DummyVecEnv([lambda: TPPTuningEnv("S1", max_steps=1)] * 2), make_sb3_vec_env("S1", 2, max_steps=1)):
+        model = ACER("MlpPolicy", venv, seed=0, n_steps=2, replay_start=4, device="cpu")
+        model.learn(4)  # every step ends an episode (max_steps = 1)
+        seg = model._replay.sample()
+        assert (seg["masks"] == first).all()  # each step starts an episode: the reset infos' masks
     last = np.ones(18, dtype=bool)
     last[3] = False
     dones = np.array([True, False])
@@ -137,9 +138,6 @@ def test_masks_follow_both_vector_env_conventions():
     venv.reset_infos = [{"action_mask": list(first)}, {}]
     final, nxt = model._step_masks(infos, dones)
     assert (final[0] == last).all() and (nxt[0] == first).all() and (nxt[1] == first).all()
-    rtenv_infos = [{"action_mask": list(first), "final_info": {"action_mask": list(last)}}, infos[1]]
-    final, nxt = model._step_masks(rtenv_infos, dones)
-    assert (final[0] == last).all() and (nxt[0] == first).all()
 
 
 # ------------------------------------------------------------------------------ the LSTM policy

@@ -7,7 +7,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-import rtenv  # noqa: F401  (registers the ids)
+import rtenv  # registers the ids
 from rtenv.env import ACTION_FACTORS, TPPTuningEnv, TPPTuningVectorEnv, fine_score
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.tpp import TPP
@@ -33,6 +33,7 @@ def test_spaces_and_reset_info():
     assert info["tpp"] == TPP.default(["PTV", "Bladder", "Rectum"]).to_dict()
     assert info["score"] == info["initial_score"] and 0 <= info["score"] <= 9
     assert set(info["dv_metrics"]) == set(info["criteria"]) and info["case"] == "S1-train-0"
+    assert rtenv.TPPTuningEnv is TPPTuningEnv and rtenv.TPPTuningVectorEnv is TPPTuningVectorEnv
 
 
 def test_action_mask_marks_no_ops_at_the_clamps():
@@ -146,7 +147,7 @@ def test_vector_env_matches_single_envs_and_autoresets():
     obs, rewards, terms, truncs, infos = venv.step(actions)  # second step: every episode ends
     assert np.all(terms | truncs)
     assert infos["_final_obs"].all() and infos["final_obs"][0].shape == (300,)
-    assert all(fi["steps"] in (1, 2) for fi in infos["final_info"])
+    assert set(infos["final_info"]["steps"][infos["_final_info"]]) <= {1, 2}
     assert np.all(infos["steps"] == 0)  # already reset (same-step autoreset)
 
 
@@ -173,6 +174,46 @@ def test_vector_infos_equal_gymnasiums_fold():
         folded = venv._add_info(folded, info, i)
     _same_infos(venv._stack_infos(per_env), folded)
     assert list(venv._stack_infos(per_env)["_extra"]) == [False, True, False]
+
+
+def test_vector_env_equals_gymnasiums_sync_vector_env():
+    """Same-step autoreset as Gymnasium's own SyncVectorEnv over single envs: the same
+    observations, rewards, flags and infos, ``final_obs`` / ``final_info`` layout included."""
+    kw = {"cases": 2, "start": "random", "max_steps": 2}
+    ours = TPPTuningVectorEnv(num_envs=3, scenario="S1", **kw)
+    sync = gym.vector.SyncVectorEnv([lambda: TPPTuningEnv("S1", **kw) for _ in range(3)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    (o1, i1), (o2, i2) = ours.reset(seed=5), sync.reset(seed=5)
+    np.testing.assert_array_equal(o1, o2)
+    _same_infos(i1, i2)
+    for actions in ([0, 4, 9], [2, 7, 12], [1, 1, 1]):  # every episode ends at the second step
+        a, b = ours.step(np.array(actions)), sync.step(np.array(actions))
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+        _same_infos(a[4], b[4])
+    assert "final_info" in a[4] or "final_info" in ours.step(np.array([3, 3, 3]))[4]
+
+
+def test_reset_without_seed_keeps_the_generators():
+    venv = TPPTuningVectorEnv(num_envs=2, scenario="S1", cases=4, start="random")
+    single = [TPPTuningEnv("S1", cases=4, start="random") for _ in range(2)]
+    venv.reset(seed=1)
+    for i, env in enumerate(single):
+        env.reset(seed=1 + i)
+    for _ in range(2):  # later resets continue each env's seeded stream, as Gymnasium's envs do
+        venv.reset()
+        for i, env in enumerate(single):
+            env.reset()
+            assert venv._eps[i].case_key == env._ep.case_key
+            np.testing.assert_array_equal(venv._eps[i].tpp, env._ep.tpp)
+
+
+def test_reset_into_another_cohort_draws_from_that_cohort():
+    env = TPPTuningEnv("S1", cohort="knowledge")  # 20 cases; the test cohort has 10
+    cases = {env.reset(seed=seed, options={"cohort": "test"})[1]["case"] for seed in range(3)}
+    assert all(c.startswith("S1-test-") and int(c.rsplit("-", 1)[1]) < 10 for c in cases)
+    with pytest.raises(ValueError, match="unknown cohort 'validation'"):
+        env.reset(options={"cohort": "validation"})
 
 
 def test_fine_score_is_smooth_beyond_the_ramp():
@@ -223,10 +264,22 @@ def test_sb3_adapter_hands_over_terminal_observations():
     venv.step_async(np.array([0, 1]))
     obs, rewards, dones, infos = venv.step_wait()
     assert dones.all() and obs.shape == (2, 300)
-    for info in infos:
+    for info, new in zip(infos, venv.reset_infos, strict=True):  # as SB3's DummyVecEnv hands them over
         assert info["terminal_observation"].shape == (300,)
-        assert info["TimeLimit.truncated"] == (not info["final_info"]["full_score"])
-        assert info["episode"]["l"] == 1
+        assert info["TimeLimit.truncated"] == (not info["full_score"])
+        assert info["episode"]["l"] == 1 and info["steps"] == 1 and "final_info" not in info
+        assert new["steps"] == 0 and new["score"] == new["initial_score"]
     venv.step_async(np.array([2, 3]))
     _, rewards, _, infos = venv.step_wait()
     assert [info["episode"]["r"] for info in infos] == pytest.approx(rewards.tolist())
+    venv.set_options({"index": 1})  # seeds and options reach the next reset only
+    venv.seed(3)
+    first = venv.reset()
+    assert [i["case"] for i in venv.reset_infos] == ["S1-train-1"] * 2
+    assert [i["case"] for i in (venv.reset(), venv.reset_infos)[1]] == ["S1-train-0"] * 2  # options used once
+    venv.set_options({"index": 1})
+    venv.seed(3)
+    np.testing.assert_array_equal(venv.reset(), first)
+    venv.set_options([{"index": 0}, {"index": 1}])
+    with pytest.raises(ValueError, match="different options"):
+        venv.reset()
