@@ -158,22 +158,33 @@ class TPP:
         return {n: float(v) for n, v in zip(self.names, self.values, strict=True)}
 
     def to_json(self) -> str:
+        """``{"structures": [...], "tpp": {name: value}}`` as a JSON string (read by :meth:`from_json`)."""
         return json.dumps({"structures": list(self.structures), "tpp": self.to_dict()}, indent=2)
 
     @classmethod
-    def load(cls, path: str | Path, structures: Sequence[str] | None = None) -> TPP:
-        """Read a JSON file: ``{"structures": [...], "tpp": {name: value}}`` or a bare
-        ``{name: value}`` (then ``structures`` must be given)."""
-        data = json.loads(Path(path).read_text())
+    def from_json(cls, text: str, structures: Sequence[str] | None = None) -> TPP:
+        """From a JSON string: ``{"structures": [...], "tpp": {name: value}}`` (what
+        :meth:`to_json` writes) or a bare ``{name: value}`` (then ``structures`` must be given)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"TPP JSON must be an object, got {type(data).__name__}")
         if "tpp" in data:
             file_structures = data.get("structures")
             if structures is not None and file_structures is not None and list(file_structures) != list(structures):
-                raise ValueError(f"{path}: TPPs are for structures {file_structures}, the case has {list(structures)}")
+                raise ValueError(f"TPPs are for structures {file_structures}, the case has {list(structures)}")
             structures = file_structures or structures
             data = data["tpp"]
         if structures is None:
-            raise ValueError(f"{path}: no 'structures' in the file; pass the case's structures")
+            raise ValueError("no 'structures' in the TPP JSON; pass the case's structures")
         return cls.from_dict(structures, data)
+
+    @classmethod
+    def load(cls, path: str | Path, structures: Sequence[str] | None = None) -> TPP:
+        """Read a JSON file in either form :meth:`from_json` accepts."""
+        try:
+            return cls.from_json(Path(path).read_text(), structures)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _per_kind(structures: Sequence[str], value) -> np.ndarray:

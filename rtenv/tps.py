@@ -60,11 +60,14 @@ class ADMMSettings:
     Attributes:
         max_iter: Maximum outer ADMM iterations.
         cg_steps: Conjugate-gradient steps per x-update.
-        tol: Relative fluence change ``||x - x_old|| / ||x_old||`` that counts as converged.
+        tol: Relative change of the non-negative fluence iterate between outer iterations,
+            ``||z - z_old|| / ||z_old||``, that counts as converged.
         beta: ADMM penalty on the mean squared PTV consensus residual.
         coverage: Fraction of the PTV that must receive the prescription (0.95: D95 >= Rx).
         ptv_underdose: Add the one-sided PTV under-dose term.
-        underdose_weight: Its weight relative to ``lambda_PTV``.
+        underdose_weight: Its weight relative to ``lambda_PTV``: the term is
+            ``underdose_weight * lambda_PTV * sum((d - Rx)^2) / (2 |U|)`` over the PTV voxels U
+            below Rx, on the same scale as the other terms (and included in the reported objective).
     """
 
     max_iter: int = 40
@@ -326,7 +329,7 @@ class TPS:
         if self.settings.ptv_underdose:
             rows = self._blocks[0]
             under = d[rows] < 1.0
-            wu = under * (self.settings.underdose_weight / under.sum(0).clamp(min=1))
+            wu = under * (self.settings.underdose_weight * w[0] / under.sum(0).clamp(min=1))
             a[rows] += wu
             c[rows] += wu
         return a, c, masks
@@ -336,6 +339,10 @@ class TPS:
         for s, rows in enumerate(self._blocks):
             r = (d[rows] - t[s]) * masks[s]
             total += w[s] * coldot(r, r) / (2 * masks[s].sum(0).clamp(min=1))
+        if self.settings.ptv_underdose:
+            short = (d[self._blocks[0]] - 1.0).clamp(max=0.0)
+            count = (short < 0).sum(0).clamp(min=1)
+            total += self.settings.underdose_weight * w[0] * coldot(short, short) / (2 * count)
         return total
 
     # -------------------------------------------------------------------- solve

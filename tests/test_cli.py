@@ -62,5 +62,5 @@ def test_plan_rejects_bad_tpp_file(capsys, tmp_path):
         "t_PTV": 1.5, "t_bladder": 0.8, "t_rectum": 0.8, "lambda_PTV": 2.0, "lambda_bladder": 1.0,
         "lambda_rectum": 1.0, "V_PTV": 0.2, "V_bladder": 0.7, "V_rectum": 0.7}}))
     assert main(["plan", "S1", "--tpp", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "rtenv: error: TPP t_PTV = 1.5 is outside its valid range [1, 1.2]" in capsys.readouterr().err
+    assert f"rtenv: error: {bad}: TPP t_PTV = 1.5 is outside its valid range [1, 1.2]" in capsys.readouterr().err
     assert main(["plan", "S1", "--tpp", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2

@@ -1,5 +1,6 @@
 """The TPP type and the ADMM TPS: optimality on the frozen sub-problem, D95, batching, warm start."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -63,8 +64,14 @@ def test_tpp_json_roundtrip(tmp_path):
     bare.write_text('{"t_PTV": 1.1}')
     with pytest.raises(ValueError, match="missing"):
         TPP.load(bare, ["PTV", "Bladder", "Rectum"])
-    with pytest.raises(ValueError, match="structures"):
+    with pytest.raises(ValueError, match="tpp.json: TPPs are for structures"):
         TPP.load(path, ["PTV", "Liver", "Heart"])
+    for back in (TPP.from_json(t.to_json()), TPP.from_json(json.dumps(t.to_dict()), t.structures)):
+        assert back.structures == t.structures and np.array_equal(back.values, t.values)
+    with pytest.raises(ValueError, match="no 'structures'"):
+        TPP.from_json(json.dumps(t.to_dict()))
+    with pytest.raises(ValueError, match="must be an object"):
+        TPP.from_json("[1.0, 2.0]")
 
 
 @pytest.mark.parametrize("index,value,pattern", [
@@ -176,7 +183,7 @@ def test_warm_start_reaches_the_same_plan_faster(s1):
     tpp = TPP.default(s1.structure_names)
     cold = tps.optimize(tpp)
     assert cold.converged[0]
-    warm = tps.optimize(tpp, x0=cold.fluence[0])
+    warm = tps.optimize(tpp, x0=cold.warm_start[0])
     assert warm.iterations[0] < cold.iterations[0]
     np.testing.assert_allclose(warm.dose[0], cold.dose[0], atol=0.02 * s1.prescription_gy)
 
@@ -192,6 +199,12 @@ def test_underdose_term_raises_cold_ptv_dose(s1):
     under = TPS(s1, settings=ADMMSettings(ptv_underdose=True, underdose_weight=20.0)).optimize(tpp)
     cold = lambda p: dose_at_volume_percent(p.dose[0][s1.target.rows], 99)  # noqa: E731
     assert cold(under) > cold(base)
+    # the reported objective adds the term, weighted relative to lambda_PTV like every other term
+    tps = TPS(s1, settings=ADMMSettings(ptv_underdose=True, underdose_weight=20.0))
+    base_terms = tps.objective_of(under.fluence[0], tps.subproblem(tpp, tps.freeze(tpp, under.fluence[0])))
+    short = np.minimum(under.dose[0][s1.target.rows] / s1.prescription_gy - 1.0, 0.0)
+    expected = base_terms + 20.0 * np.sum(short ** 2) / (2 * np.count_nonzero(short))
+    assert np.count_nonzero(short) > 0 and under.objective[0] == pytest.approx(expected, rel=1e-3)
 
 
 def test_warm_started_chain_stays_bounded_at_extreme_weight_ratios(s1):
