@@ -51,7 +51,9 @@ def test_calibration_writes_resumable_json(tmp_path, capsys):
 @pytest.mark.slow
 def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     out = tmp_path / "env.json"
-    assert env_speed.main(["--scenario", "S1", "--envs", "4", "--steps", "3", "--rounds", "2", "--json", str(out)]) == 0
+    # 21 steps: every episode ends (truncation at 20) and its step solve is read from final_info
+    args = ["--scenario", "S1", "--envs", "4", "--steps", "21", "--rounds", "2", "--json", str(out)]
+    assert env_speed.main(args) == 0
     res = json.loads(out.read_text())
     assert res["single_steps_per_s"] > 0 and res["vector_steps_per_s"]["4"] > 0 and res["device"] == "cpu"
     tps = res["vector_tps"]["4"]  # the 4 plans of a step leave the batch as they converge
@@ -66,4 +68,10 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     assert res["spmv_cg_bound_ms"] == pytest.approx(3 * res["spmv_bound_ms"])  # 3 CG steps per outer iteration
     assert res["batch_rounds"] == 1 and res["batch_speedup"]["4"] > 0
     assert res["objective_gap_reference"]["clarabel"] == 0.0 and res["admm_frozen_objective"] > 0
+    # matched accuracy: the doubling stops at the first iteration count within 1 % (or at 5120)
+    to1, at1 = res["admm_frozen_to_1pct"], res["speedup_vs_reference_at_1pct"]
+    assert to1["iterations"] in [40 * 2 ** k for k in range(8)]
+    assert (to1["objective_gap"] <= 0.01) == (at1 is not None) and (at1 is not None or to1["iterations"] == 5120)
+    # warm start from the plan one step away (t_PTV up) needs fewer iterations than cold for the defaults
+    assert res["admm_default_warm_iterations"] < res["admm_default_iterations"]
     assert "TPS speed" in capsys.readouterr().out
