@@ -11,7 +11,7 @@ SB3's ``Monitor`` records, so its logger reports ``ep_rew_mean``); the new episo
 
     from rtenv.sb3 import make_sb3_vec_env
     venv = make_sb3_vec_env("S1", num_envs=8)
-    PPO("MlpPolicy", venv).learn(2048)
+    PPO("MlpPolicy", venv, n_steps=64).learn(2048)
 """
 
 from __future__ import annotations
