@@ -67,7 +67,7 @@ class ConcatVecEnv(VecEnv):
 
     def set_options(self, options: list[dict] | dict | None = None) -> None:
         for p, lo, hi in zip(self.parts, self._bounds[:-1], self._bounds[1:], strict=True):
-            p.set_options(options[lo:hi] if isinstance(options, list) else options)
+            p.set_options(options if options is None or isinstance(options, dict) else list(options)[lo:hi])
 
     def close(self) -> None:
         for p in self.parts:

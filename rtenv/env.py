@@ -343,7 +343,8 @@ _DOC = """
 
     ## Starting State
     A case of the env's cohort, drawn from its ``cases`` (``reset(options={"cohort": ...,
-    "index": ...})`` picks one; another cohort without an index draws from all its cases) and
+    "index": ...})`` picks one; another cohort without an index draws from all its cases, or
+    gives case 0 of the unbounded train cohort) and
     the SPEC default TPPs (``start="default"``), SPEC random TPPs (``start="random"``) or given
     TPPs (``options={"tpp": ...}``).
 
@@ -434,16 +435,27 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         self._eps: list[EpisodeState] = []
         self._rngs: list[np.random.Generator] = []
 
-    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+    def reset(self, *, seed: int | Sequence[int | None] | None = None,
+              options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None):
+        """Start a new episode in every env. ``seed``: env ``i`` gets ``seed + i``, or one seed
+        per env; ``None`` (for all or for one env) keeps that env's generator, as a single env's
+        ``reset(seed=None)`` does. ``options``: one dict for every env (Gymnasium's form), or one
+        per env (what SB3's ``set_options`` gives the adapter)."""
         if seed is None or isinstance(seed, int):
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
             if len(seed) != self.num_envs:
                 raise ValueError(f"got {len(seed)} seeds for {self.num_envs} envs")
             seeds = list(seed)
-        if seed is not None or not self._rngs:  # as the single env: seed=None keeps the generators
-            self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
-        self._eps = [self.core.new_episode(rng, options) for rng in self._rngs]
+        if options is None or isinstance(options, dict):
+            per_env = [options] * self.num_envs
+        else:
+            per_env = list(options)
+            if len(per_env) != self.num_envs:
+                raise ValueError(f"got {len(per_env)} option dicts for {self.num_envs} envs")
+        self._rngs = [gym.utils.seeding.np_random(s)[0] if s is not None or not self._rngs else self._rngs[i]
+                      for i, s in enumerate(seeds)]
+        self._eps = [self.core.new_episode(rng, opts) for rng, opts in zip(self._rngs, per_env, strict=True)]
         self.core.reset_batch(self._eps)
         infos = self._stack_infos([self.core.info(ep) for ep in self._eps])
         return np.stack([self.core.observe(ep) for ep in self._eps]), infos

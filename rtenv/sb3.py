@@ -37,12 +37,7 @@ class SB3VecEnv(VecEnv):
         self._t0 = time.time()
 
     def reset(self) -> np.ndarray:
-        options = self._options[0]
-        if any(o != options for o in self._options):
-            raise ValueError("set_options gave the envs different options; rtenv's vector env resets "
-                             "all envs with one options dict")
-        seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
-        obs, _ = self.venv.reset(seed=seeds, options=options or None)
+        obs, _ = self.venv.reset(seed=list(self._seeds), options=[o or None for o in self._options])
         self.reset_infos = [self.venv.core.info(ep) for ep in self.venv._eps]
         self._reset_seeds()  # seeds and options are used once, as in SB3's own VecEnvs
         self._reset_options()

@@ -174,6 +174,8 @@ class TPP:
                 raise ValueError(f"TPPs are for structures {file_structures}, the case has {list(structures)}")
             structures = file_structures or structures
             data = data["tpp"]
+            if not isinstance(data, dict):
+                raise ValueError(f"'tpp' in the TPP JSON must be an object, got {type(data).__name__}")
         if structures is None:
             raise ValueError("no 'structures' in the TPP JSON; pass the case's structures")
         return cls.from_dict(structures, data)

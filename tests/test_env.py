@@ -200,10 +200,12 @@ def test_reset_without_seed_keeps_the_generators():
     venv.reset(seed=1)
     for i, env in enumerate(single):
         env.reset(seed=1 + i)
-    for _ in range(2):  # later resets continue each env's seeded stream, as Gymnasium's envs do
-        venv.reset()
+    # later resets continue each env's seeded stream, as Gymnasium's envs do; a seed list may
+    # reseed some envs and leave the others (None) going
+    for seeds in (None, None, [None, 7]):
+        venv.reset(seed=seeds)
         for i, env in enumerate(single):
-            env.reset()
+            env.reset(seed=None if seeds is None else seeds[i])
             assert venv._eps[i].case_key == env._ep.case_key
             np.testing.assert_array_equal(venv._eps[i].tpp, env._ep.tpp)
 
@@ -272,14 +274,17 @@ def test_sb3_adapter_hands_over_terminal_observations():
     venv.step_async(np.array([2, 3]))
     _, rewards, _, infos = venv.step_wait()
     assert [info["episode"]["r"] for info in infos] == pytest.approx(rewards.tolist())
-    venv.set_options({"index": 1})  # seeds and options reach the next reset only
-    venv.seed(3)
-    first = venv.reset()
+    venv.set_options({"index": 1})  # options reach the next reset only, one dict or one per env
+    venv.reset()
     assert [i["case"] for i in venv.reset_infos] == ["S1-train-1"] * 2
-    assert [i["case"] for i in (venv.reset(), venv.reset_infos)[1]] == ["S1-train-0"] * 2  # options used once
-    venv.set_options({"index": 1})
-    venv.seed(3)
-    np.testing.assert_array_equal(venv.reset(), first)
-    venv.set_options([{"index": 0}, {"index": 1}])
-    with pytest.raises(ValueError, match="different options"):
-        venv.reset()
+    assert [i["case"] for i in (venv.reset(), venv.reset_infos)[1]] == ["S1-train-0"] * 2
+    venv.set_options([{"index": 1}, {"index": 0}])
+    venv.reset()
+    assert [i["case"] for i in venv.reset_infos] == ["S1-train-1", "S1-train-0"]
+    randomised = make_sb3_vec_env("S1", num_envs=2, start="random")  # seeds too reach the next reset only
+    starts = []
+    for seed in (3, 3, 4):
+        randomised.seed(seed)
+        starts.append(randomised.reset())
+    np.testing.assert_array_equal(starts[0], starts[1])
+    assert not np.array_equal(starts[0], starts[2]) and not np.array_equal(randomised.reset(), starts[0])

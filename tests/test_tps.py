@@ -72,6 +72,8 @@ def test_tpp_json_roundtrip(tmp_path):
         TPP.from_json(json.dumps(t.to_dict()))
     with pytest.raises(ValueError, match="must be an object"):
         TPP.from_json("[1.0, 2.0]")
+    with pytest.raises(ValueError, match="'tpp' in the TPP JSON must be an object"):
+        TPP.from_json('{"structures": ["PTV", "Bladder", "Rectum"], "tpp": 5}')
 
 
 @pytest.mark.parametrize("index,value,pattern", [
@@ -205,6 +207,14 @@ def test_underdose_term_raises_cold_ptv_dose(s1):
     short = np.minimum(under.dose[0][s1.target.rows] / s1.prescription_gy - 1.0, 0.0)
     expected = base_terms + 20.0 * np.sum(short ** 2) / (2 * np.count_nonzero(short))
     assert np.count_nonzero(short) > 0 and under.objective[0] == pytest.approx(expected, rel=1e-3)
+    # inside the solver the weights are scaled by the largest lambda; the term scales with them
+    import torch
+
+    d = torch.full((tps.n_opt, 2), 0.5)  # every PTV voxel under Rx, no OAR term active
+    w = torch.tensor([[1.0, 0.1], [1.0, 1.0], [1.0, 1.0]])  # lambda_PTV / max lambda: 1 and 0.1
+    a, c, _ = tps._active_weights(d, torch.full((3, 2), 1.0), w, [None] * 3, None)
+    n_ptv = tps.block_size(0)
+    np.testing.assert_allclose(a[0].numpy(), [20.0 / n_ptv, 2.0 / n_ptv], rtol=1e-6)
 
 
 def test_warm_started_chain_stays_bounded_at_extreme_weight_ratios(s1):
