@@ -19,7 +19,7 @@ from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
 from rtenv.evaluation import ProtocolResult, criterion_score, cumulative_dvh, dvh_of_sorted, score_plan
-from rtenv.scenarios import COHORTS, cohort_size, get_scenario, load_case
+from rtenv.scenarios import cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
 
@@ -113,8 +113,6 @@ class TuningCore:
         self.scenario = get_scenario(scenario)
         if action_mode not in ("discrete", "continuous"):
             raise ValueError(f"action_mode {action_mode!r} is invalid; valid: 'discrete', 'continuous'")
-        if cohort not in COHORTS:
-            raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
         if start not in ("default", "random"):
             raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
         if not (isinstance(max_steps, int) and max_steps >= 1):
@@ -170,13 +168,13 @@ class TuningCore:
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; valid: cohort, index, start, tpp")
         cohort = options.get("cohort", self.cohort)
-        if cohort not in COHORTS:
-            raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
         index = options.get("index")
-        if index is None and cohort == self.cohort:
+        if cohort != self.cohort:
+            size = cohort_size(self.scenario, cohort)  # raises for an unknown cohort
+            if index is None:  # any of that cohort's cases (case 0 of the unbounded train cohort)
+                index = int(rng.integers(size or 1))
+        elif index is None:
             index = self.case_indices[int(rng.integers(len(self.case_indices)))]
-        elif index is None:  # another cohort: any of its cases (case 0 of the unbounded train cohort)
-            index = int(rng.integers(cohort_size(self.scenario, cohort) or 1))
         key = (cohort, int(index))
         start = options.get("start", self.start)
         if "tpp" in options:
