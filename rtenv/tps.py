@@ -327,12 +327,16 @@ class TPS:
             torch.mul(mask, w[s] / count.clamp(min=1), out=a[rows])
             torch.mul(a[rows], t[s], out=c[rows])
         if self.settings.ptv_underdose:
-            rows = self._blocks[0]
-            under = d[rows] < 1.0
-            wu = under * (self.settings.underdose_weight * w[0] / under.sum(0).clamp(min=1))
-            a[rows] += wu
-            c[rows] += wu
+            wu = self._underdose_weights(d, w)
+            a[self._blocks[0]] += wu
+            c[self._blocks[0]] += wu
         return a, c, masks
+
+    def _underdose_weights(self, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Per-row weights of the PTV under-dose term over the PTV block: ``underdose_weight * w_PTV
+        / |U|`` on the voxels U below Rx, 0 elsewhere."""
+        under = d[self._blocks[0]] < 1.0
+        return under * (self.settings.underdose_weight * w[0] / under.sum(0).clamp(min=1))
 
     def _objective(self, d: torch.Tensor, t: torch.Tensor, w: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros(d.shape[1], dtype=d.dtype, device=d.device)
@@ -340,9 +344,8 @@ class TPS:
             r = (d[rows] - t[s]) * masks[s]
             total += w[s] * coldot(r, r) / (2 * masks[s].sum(0).clamp(min=1))
         if self.settings.ptv_underdose:
-            short = (d[self._blocks[0]] - 1.0).clamp(max=0.0)
-            count = (short < 0).sum(0).clamp(min=1)
-            total += self.settings.underdose_weight * w[0] * coldot(short, short) / (2 * count)
+            short = d[self._blocks[0]] - 1.0
+            total += coldot(self._underdose_weights(d, w) * short, short) / 2
         return total
 
     # -------------------------------------------------------------------- solve
