@@ -439,6 +439,13 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         per env; ``None`` (for all or for one env) keeps that env's generator, as a single env's
         ``reset(seed=None)`` does. ``options``: one dict for every env (Gymnasium's form), or one
         per env (what SB3's ``set_options`` gives the adapter)."""
+        obs, infos = self.reset_episodes(seed, options)
+        return obs, self._stack_infos(infos)
+
+    def reset_episodes(self, seed: int | Sequence[int | None] | None = None,
+                       options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None
+                       ) -> tuple[np.ndarray, list[dict]]:
+        """:meth:`reset` with one info dict per env instead of the stacked infos."""
         if seed is None or isinstance(seed, int):
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
@@ -455,8 +462,7 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
                       for i, s in enumerate(seeds)]
         self._eps = [self.core.new_episode(rng, opts) for rng, opts in zip(self._rngs, per_env, strict=True)]
         self.core.reset_batch(self._eps)
-        infos = self._stack_infos([self.core.info(ep) for ep in self._eps])
-        return np.stack([self.core.observe(ep) for ep in self._eps]), infos
+        return np.stack([self.core.observe(ep) for ep in self._eps]), [self.core.info(ep) for ep in self._eps]
 
     def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
         """Step every episode; finished ones restart at once. Returns the batched observations,

@@ -37,8 +37,7 @@ class SB3VecEnv(VecEnv):
         self._t0 = time.time()
 
     def reset(self) -> np.ndarray:
-        obs, _ = self.venv.reset(seed=list(self._seeds), options=[o or None for o in self._options])
-        self.reset_infos = [self.venv.core.info(ep) for ep in self.venv._eps]
+        obs, self.reset_infos = self.venv.reset_episodes(list(self._seeds), [o or None for o in self._options])
         self._reset_seeds()  # seeds and options are used once, as in SB3's own VecEnvs
         self._reset_options()
         self._returns[:] = 0.0
