@@ -433,17 +433,18 @@ class TPS:
             rs = coldot(r, p)
             for k in range(cfg.cg_steps):
                 q = spmm(D, p)
-                if k == cfg.cg_steps - 1:
+                last = k == cfg.cg_steps - 1
+                if last:
                     # the last step needs only the curvature p^T (D^T diag(a) D + rho_z I) p =
                     # q^T diag(a) q + rho_z p^T p, not the next residual: one product fewer
                     alpha = rs / (coldot(q, a * q) + rho_z * coldot(p, p)).clamp(min=1e-30)
-                    X.addcmul_(p, alpha)
-                    d.addcmul_(q, alpha)
-                    break
-                Ap = spmm(Dt, a * q).add_(p, alpha=rho_z)
-                alpha = rs / coldot(p, Ap).clamp(min=1e-30)
+                else:
+                    Ap = spmm(Dt, a * q).add_(p, alpha=rho_z)
+                    alpha = rs / coldot(p, Ap).clamp(min=1e-30)
                 X.addcmul_(p, alpha)
                 d.addcmul_(q, alpha)
+                if last:
+                    break
                 r.addcmul_(Ap, alpha, value=-1.0)
                 s_ = r / precond
                 rs_new = coldot(r, s_)
