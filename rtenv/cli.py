@@ -115,6 +115,8 @@ def _dose(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # a bad --out fails before the solve, not after
     case = load_case(args.scenario, args.cohort, args.case, progress=True)
     tpp = TPP.load(args.tpp, case.structure_names) if args.tpp else TPP.default(case.structure_names)
     tps = TPS(case, device=args.device)
@@ -125,8 +127,6 @@ def _plan(args: argparse.Namespace) -> int:
     print("  ".join(f"{k}={v:.4g}" for k, v in tpp.to_dict().items()))
     print(result.table())
     print(f"optimised in {1000 * plan.seconds:.1f} ms on {plan.device}: {plan.iterations[0]} ADMM iterations, {status}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "case": case.name, "scenario": args.scenario, "cohort": args.cohort, "index": args.case,
         "tpp": tpp.to_dict(), "score": result.to_dict(), "objective": float(plan.objective[0]),
@@ -411,13 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; bad input (invalid values, missing files) prints ``rtenv: error: ...`` and returns 2."""
+    """Run the CLI; bad input (invalid values, missing or unusable paths) prints ``rtenv: error: ...``
+    and returns 2."""
     from llm_policy.backends import BackendError  # standard library only: cheap to import
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, BackendError) as exc:
+    except (ValueError, OSError, BackendError) as exc:
         print(f"rtenv: error: {exc}", file=sys.stderr)
         return 2
 

@@ -54,8 +54,13 @@ def structure_key(name: str, is_target: bool) -> str:
 
 
 def tpp_names(structures: Sequence[str]) -> list[str]:
-    """TPP names in vector order for ``structures`` (the first is the target)."""
+    """TPP names in vector order for ``structures`` (the first is the target); raises
+    ``ValueError`` where two structures give the same key (e.g. ``Bladder`` and ``bladder``)."""
     keys = [structure_key(s, i == 0) for i, s in enumerate(structures)]
+    if len(set(keys)) != len(keys):
+        clash = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"structures {list(structures)} give the same TPP names for {clash}; "
+                         "OAR names must differ after lower-casing")
     return [f"{kind}_{k}" for kind in KINDS for k in keys]
 
 
@@ -69,9 +74,10 @@ def tpp_range(kind: str, is_target: bool) -> tuple[float, float, bool]:
     return RANGES[(kind, is_target)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TPP:
-    """A validated TPP vector for an ordered list of structures (target first).
+    """A validated TPP vector for an ordered list of structures (target first). Two TPPs are
+    equal when their structures and values are; TPPs hash, so they can key dicts and sets.
 
     Attributes:
         structures: Structure names, target first.
@@ -84,7 +90,10 @@ class TPP:
     def __post_init__(self) -> None:
         if len(self.structures) < 1:
             raise ValueError("a TPP needs at least the target structure")
-        v = np.asarray(self.values, dtype=np.float64)
+        raw = np.asarray(self.values)
+        if raw.dtype.kind not in "iuf":  # bools, strings, complex and objects are not TPP values
+            raise ValueError(f"TPP values must be real numbers, got dtype {raw.dtype}")
+        v = raw.astype(np.float64)
         if v.shape != (3 * len(self.structures),):
             raise ValueError(
                 f"TPP vector has {v.size} values; {len(self.structures)} structures need "
@@ -95,6 +104,14 @@ class TPP:
         object.__setattr__(self, "values", v)
         object.__setattr__(self, "structures", tuple(self.structures))
         check_tpp_vector(v, self.structures)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TPP):
+            return NotImplemented
+        return self.structures == other.structures and np.array_equal(self.values, other.values)
+
+    def __hash__(self) -> int:
+        return hash((self.structures, self.values.tobytes()))
 
     # ---------------------------------------------------------------- access
     @property

@@ -207,11 +207,16 @@ def _kth_largest_np(x: np.ndarray, k: int | np.ndarray) -> np.ndarray:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (cpu); raises if CUDA is asked for but absent."""
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device; valid: 'cpu', 'cuda', 'cuda:N'") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(dev)!r} is not supported; valid: 'cpu', 'cuda', 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(dev)!r} does not exist; valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -303,11 +308,13 @@ class TPS:
 
     def _volume_ranks(self, v: torch.Tensor) -> list[torch.Tensor | None]:
         """Per structure, the rank ``ceil(V n)`` of the coolest voxel that may be penalised, one per
-        plan; ``None`` where every plan has V = 1 (all voxels admitted, no sort needed)."""
+        plan (from float64 ``v``, rounding noise below 1e-9 voxel ignored as in the scoring, so
+        that V n = 15 gives 15); ``None`` where every plan has V = 1 (all voxels admitted, no sort
+        needed)."""
         ranks: list[torch.Tensor | None] = []
         for s in range(len(self._blocks)):
             n = self.block_size(s)
-            k = torch.ceil(v[s] * n).clamp(1, n).long()
+            k = torch.ceil(torch.round(v[s] * n, decimals=9)).clamp(1, n).long()
             ranks.append(None if bool((k == n).all()) else k)
         return ranks
 
@@ -383,7 +390,8 @@ class TPS:
         B, n = batch.shape[0], len(self.structures)
         dev = self.device
         tv = torch.as_tensor(batch, dtype=torch.float32, device=dev)
-        t, lam, vol = tv[:, :n].T, tv[:, n:2 * n].T, tv[:, 2 * n:].T  # (S, B)
+        t, lam = tv[:, :n].T, tv[:, n:2 * n].T  # (S, B)
+        vol = torch.as_tensor(batch[:, 2 * n:].T, dtype=torch.float64, device=dev)  # exact ranks ceil(V n)
         # the ADMM works with weights scaled by the largest lambda (all <= 1): a constant factor on
         # the objective leaves its constrained minimiser unchanged but keeps float32 CG well
         # conditioned against the fixed ADMM penalties when lambda_PTV is tiny; the reported
@@ -478,8 +486,15 @@ class TPS:
         X = out  # the plan is the non-negative fluence
         raw = X.T.cpu().numpy()
         d = spmm(D, X)
-        scale = 1.0 / self._coverage_dose(d[ptv]).clamp(min=1e-12)
+        coverage = self._coverage_dose(d[ptv])
+        scale = 1.0 / coverage
         X, d = X * scale, d * scale
+        unusable = ~(coverage > 0) | ~torch.isfinite(X).all(0)  # no dose to the covered PTV, or overflow
+        if bool(unusable.any()):
+            raise RuntimeError(
+                f"plans {torch.nonzero(unusable).flatten().tolist()} of the batch cannot be rescaled to D95 = Rx: "
+                "their ADMM iterate gives no finite coverage dose (e.g. a warm start x0 far larger than the "
+                "plan's fluence diverged; start cold)")
         _, _, masks = self._active_weights(d, t_all, w_spec, self._volume_ranks(vol_all), frozen_all)
         objective = self._objective(d, t_all, w_spec, masks)
         dose = spmm(self._D_full, X).T
@@ -507,25 +522,44 @@ class TPS:
     def _frozen(self, frozen: FrozenSets | None, B: int) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
         if frozen is None:
             return None, None
-        masks = []
+        active, cov = self._check_frozen(frozen)
+        masks = [torch.as_tensor(m, dtype=torch.float32, device=self.device)[:, None].expand(-1, B) for m in active]
+        return masks, torch.as_tensor(cov, device=self.device)[:, None].expand(-1, B)
+
+    def _check_frozen(self, frozen: FrozenSets) -> tuple[list[np.ndarray], np.ndarray]:
+        """The frozen masks as bool arrays in structure order, after checking names and shapes."""
+        names = set(frozen.active)
+        if names != set(self.structures):
+            raise ValueError(f"frozen active sets are for {sorted(names)}; the case's structures are "
+                             f"{list(self.structures)} (missing {sorted(set(self.structures) - names)}, "
+                             f"unexpected {sorted(names - set(self.structures))})")
+        active = []
         for i, s in enumerate(self.structures):
             m = np.asarray(frozen.active[s], dtype=bool)
             if m.shape != (self.block_size(i),):
                 raise ValueError(f"frozen active set of {s!r} has shape {m.shape}; expected ({self.block_size(i)},)")
-            masks.append(torch.as_tensor(m, dtype=torch.float32, device=self.device)[:, None].expand(-1, B))
+            active.append(m)
         cov = np.asarray(frozen.coverage_rows, dtype=bool)
         if cov.shape != (self.block_size(0),):
             raise ValueError(f"frozen coverage_rows has shape {cov.shape}; expected ({self.block_size(0)},)")
-        return masks, torch.as_tensor(cov, device=self.device)[:, None].expand(-1, B)
+        return active, cov
 
     # ------------------------------------------------------- sub-problem access
     def freeze(self, tpp: TPP, fluence: np.ndarray) -> FrozenSets:
         """The active sets and covered PTV voxels of ``tpp`` at ``fluence`` (one plan)."""
         batch = self._tpp_batch(tpp)
+        if batch.shape[0] != 1:
+            raise ValueError(f"freeze takes one TPP, got {batch.shape[0]}")
+        fluence = np.asarray(fluence, dtype=np.float32)
+        if fluence.shape != (self.n_beamlets,):
+            raise ValueError(f"fluence has shape {fluence.shape}; expected ({self.n_beamlets},)")
+        if not np.all(np.isfinite(fluence)) or fluence.min() < 0:
+            raise ValueError("fluence must be finite and >= 0")
         n = len(self.structures)
         tv = torch.as_tensor(batch, dtype=torch.float32, device=self.device)
-        t, lam, vol = tv[:, :n].T, tv[:, n:2 * n].T, tv[:, 2 * n:].T
-        X = torch.as_tensor(np.asarray(fluence, dtype=np.float32)[:, None], device=self.device)
+        t, lam = tv[:, :n].T, tv[:, n:2 * n].T
+        vol = torch.as_tensor(batch[:, 2 * n:].T, dtype=torch.float64, device=self.device)
+        X = torch.as_tensor(fluence[:, None], device=self.device)
         d = spmm(self._D, X)
         _, _, masks = self._active_weights(d, t, lam / lam[0], self._volume_ranks(vol), None)
         d_ptv = d[self._blocks[0]]
@@ -540,14 +574,15 @@ class TPS:
         n = len(self.structures)
         v = self._tpp_batch(tpp)[0]
         t, lam = v[:n], v[n:2 * n]
+        active, cov = self._check_frozen(frozen)
         D = _scipy_csr(self._D)
         terms = []
-        for s, (name, rows) in enumerate(zip(self.structures, self._blocks, strict=True)):
-            idx = np.arange(rows.start, rows.stop)[np.asarray(frozen.active[name], dtype=bool)]
+        for s, (m, rows) in enumerate(zip(active, self._blocks, strict=True)):
+            idx = np.arange(rows.start, rows.stop)[m]
             if idx.size:
                 terms.append((D[idx], float(lam[s] / lam[0]) / idx.size, float(t[s])))
         ptv = self._blocks[0]
-        cover = np.arange(ptv.start, ptv.stop)[np.asarray(frozen.coverage_rows, dtype=bool)]
+        cover = np.arange(ptv.start, ptv.stop)[cov]
         return {"terms": terms, "D_cover": D[cover]}
 
     def objective_of(self, fluence: np.ndarray, subproblem: dict) -> float:

@@ -92,6 +92,17 @@ def test_bad_tpps_raise_naming_parameter_and_range(index, value, pattern):
         TPP(("PTV", "Bladder", "Rectum"), v)
 
 
+def test_tpp_equality_hash_and_value_types():
+    a, b = TPP.default(["PTV", "Bladder", "Rectum"]), TPP.default(["PTV", "Bladder", "Rectum"])
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1 and a in [b]
+    assert a != a.replace(V_PTV=0.2) and a != TPP.default(["PTV", "Liver", "Heart"])
+    for bad in (np.array(["1"] * 9), np.ones(9, dtype=bool), np.ones(9, dtype=complex)):
+        with pytest.raises(ValueError, match="must be real numbers"):
+            TPP(("PTV", "Bladder", "Rectum"), bad)
+    with pytest.raises(ValueError, match=r"same TPP names for \['bladder'\]"):
+        TPP(("PTV", "Bladder", "bladder"), np.array(TUNED))
+
+
 def test_tps_rejects_bad_batches(s1):
     tps = TPS(s1)
     with pytest.raises(ValueError, match="8 values; expected 9"):
@@ -113,10 +124,46 @@ def test_tps_rejects_bad_batches(s1):
 def test_cuda_request_without_gpu_is_a_clear_error(s1):
     import torch
 
+    for device in ("gpu", "cuda:x"):
+        with pytest.raises(ValueError, match=f"device '{device}' is not a device; valid: 'cpu', 'cuda'"):
+            TPS(s1, device=device)
+    with pytest.raises(ValueError, match="'mps' is not supported"):
+        TPS(s1, device="mps")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="CUDA is not available"):
         TPS(s1, device="cuda")
+
+
+def test_volume_rank_is_exact_where_v_n_is_an_integer(s1):
+    """ceil(V n) voxels of a structure may be penalised: V = 0.6 of the 1515 bladder voxels is 909
+    (float32 V n rounds to 909.00006, whose ceiling would admit 910). Near-zero weights and
+    thresholds leave every OAR voxel above t, so the volume cut decides the active sets."""
+    tps = TPS(s1)
+    assert (tps.block_size(1), tps.block_size(2)) == (1515, 500)
+    tpp = TPP.default(s1.structure_names).replace(t_bladder=0.05, V_bladder=0.6, lambda_bladder=1e-3,
+                                                  t_rectum=0.05, V_rectum=0.508, lambda_rectum=1e-3)
+    plan = tps.optimize(tpp)
+    assert plan.active_voxels["Bladder"][0] == 909 and plan.active_voxels["Rectum"][0] == 254
+
+
+def test_unusable_plans_and_frozen_inputs_raise(s1):
+    tps = TPS(s1)
+    tpp = TPP.default(s1.structure_names)
+    with pytest.raises(RuntimeError, match=r"plans \[0\] of the batch cannot be rescaled to D95 = Rx"):
+        tps.optimize(tpp, x0=tps.cold_start * 1000)  # a diverging warm start leaves the PTV without dose
+    plan = tps.optimize(tpp)
+    with pytest.raises(ValueError, match=r"fluence has shape \(3,\)"):
+        tps.freeze(tpp, np.ones(3))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        tps.freeze(tpp, np.full(s1.n_beamlets, np.nan))
+    with pytest.raises(ValueError, match="freeze takes one TPP, got 2"):
+        tps.freeze([tpp, tpp], plan.fluence[0])
+    frozen = tps.freeze(tpp, plan.fluence[0])
+    partial = replace(frozen, active={k: v for k, v in frozen.active.items() if k != "Bladder"})
+    for call in (lambda: tps.optimize(tpp, frozen=partial), lambda: tps.subproblem(tpp, partial)):
+        with pytest.raises(ValueError, match=r"missing \['Bladder'\]"):
+            call()
 
 
 # ----------------------------------------------------------------------------- TPS
