@@ -39,9 +39,13 @@ CONTINUOUS_BOUNDS = {
     ("lambda", True): (-2.0, 3.0), ("lambda", False): (-2.0, 3.0),
     ("V", True): (0.001, 0.3), ("V", False): (0.01, 1.0),
 }
-_FLOOR = 1e-3  # discrete steps keep open lower bounds (t_OAR, lambda, V) at least this far from 0
+_FLOOR = 1e-3  # discrete steps down keep open lower bounds (t_OAR, lambda, V) at least this far from 0
 
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def fine_score(result: ProtocolResult) -> float:
@@ -125,9 +129,18 @@ class TuningCore:
         size = cohort_size(self.scenario, cohort)
         if cases is None:
             cases = 1 if size is None else size
-        self.case_indices = list(range(cases)) if isinstance(cases, int) else [int(i) for i in cases]
+        if _is_index(cases):
+            self.case_indices = list(range(int(cases)))
+        elif isinstance(cases, Sequence | np.ndarray) and all(_is_index(i) for i in cases):
+            self.case_indices = [int(i) for i in cases]
+        else:
+            raise ValueError(f"cases = {cases!r} must be a number of cases or a sequence of case indices")
         if not self.case_indices:
             raise ValueError("cases must name at least one case")
+        outside = [i for i in self.case_indices if i < 0 or (size is not None and i >= size)]
+        if outside:
+            hi = "inf" if size is None else size - 1
+            raise ValueError(f"case indices {outside} are outside the range [0, {hi}] of cohort {cohort!r}")
         self.device, self.tps_settings = device, tps_settings
         self.structures = self.scenario.structures
         self.names = tpp_names(self.structures)
@@ -169,6 +182,11 @@ class TuningCore:
             raise ValueError(f"unknown reset options {sorted(unknown)}; valid: cohort, index, start, tpp")
         cohort = options.get("cohort", self.cohort)
         index = options.get("index")
+        if index is not None and not _is_index(index):
+            raise ValueError(f"reset option index = {index!r} must be an integer case index")
+        start = options.get("start", self.start)
+        if start not in ("default", "random"):
+            raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
         if cohort != self.cohort:
             size = cohort_size(self.scenario, cohort)  # raises for an unknown cohort
             if index is None:  # any of that cohort's cases (case 0 of the unbounded train cohort)
@@ -176,20 +194,17 @@ class TuningCore:
         elif index is None:
             index = self.case_indices[int(rng.integers(len(self.case_indices)))]
         key = (cohort, int(index))
-        start = options.get("start", self.start)
         if "tpp" in options:
             tpp = options["tpp"]
             if isinstance(tpp, TPP):
                 tpp = tpp.values
             elif isinstance(tpp, dict):
                 tpp = TPP.from_dict(self.structures, tpp).values
-            tpp = TPP(self.structures, np.asarray(tpp, dtype=np.float64)).values
+            tpp = TPP(self.structures, np.asarray(tpp)).values
         elif start == "random":
             tpp = TPP.random(self.structures, rng).values
-        elif start == "default":
-            tpp = TPP.default(self.structures).values
         else:
-            raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
+            tpp = TPP.default(self.structures).values
         self.tps(key)  # build (or load) the case now, so errors surface at reset
         return EpisodeState(case_key=key, tpp=np.array(tpp))
 
@@ -202,8 +217,13 @@ class TuningCore:
         if self.action_mode != "discrete":
             raise ValueError("action_mask is defined for discrete actions only")
         tpp = np.asarray(tpp, dtype=np.float64)
-        moved = np.clip(tpp[:, None] * self._factors, self._lo[:, None], self._hi[:, None])
+        moved = np.clip(tpp[:, None] * self._factors, self._floor(tpp)[:, None], self._hi[:, None])
         return (moved != tpp[:, None]).ravel()
+
+    def _floor(self, tpp: np.ndarray) -> np.ndarray:
+        """The lower clamp of a discrete step from ``tpp``: the range's floor, or the value itself
+        where a given or random start lies below that floor (a step down never raises a TPP)."""
+        return np.minimum(self._lo, tpp)
 
     def apply_action(self, tpp: np.ndarray, action: Any) -> np.ndarray:
         """The TPP vector after ``action`` (discrete: one TPP up or down; continuous: a new vector)."""
@@ -213,7 +233,7 @@ class TuningCore:
                 raise ValueError(f"action {action!r} is outside [0, {2 * self.n_tpp - 1}]")
             j, down = divmod(a, 2)
             new = tpp.copy()
-            new[j] = min(max(new[j] * self._factors[j, down], self._lo[j]), self._hi[j])
+            new[j] = min(max(new[j] * self._factors[j, down], min(self._lo[j], new[j])), self._hi[j])
             return new
         return self.action_to_tpp(action)
 
@@ -324,7 +344,9 @@ _DOC = """
     ## Action Space
     ``discrete``: ``Discrete(2 n_tpp)``; action ``2 j`` raises TPP ``j`` (order of
     :func:`rtenv.tpp.tpp_names`), ``2 j + 1`` lowers it, by SPEC section 3's factors (t_PTV x1.01
-    / x0.91, t_OAR x1.25 / x0.6, lambda x1.65 / x0.6, V x1.25 / x0.8), clamped to the valid ranges.
+    / x0.91, t_OAR x1.25 / x0.6, lambda x1.65 / x0.6, V x1.25 / x0.8), clamped to the valid ranges
+    (steps down stop at 0.001 for t_OAR, lambda and V, or at the value itself where a start lies
+    lower: a step down never raises a TPP).
     ``continuous``: ``Box(-1, 1, (n_tpp,))`` sets the whole TPP vector: thresholds and volume
     fractions linearly over t_PTV [1, 1.2], t_OAR [0.01, 1], V_PTV [0.001, 0.3], V_OAR [0.01, 1],
     weights as log10 lambda in [-2, 3]. Discrete envs report ``info["action_mask"]`` (list of
@@ -403,6 +425,13 @@ class TPPTuningEnv(gym.Env):
             raise RuntimeError("call reset() first")
         return self._ep.dose
 
+    def action_masks(self) -> np.ndarray:
+        """Discrete actions only: ``(2 n_tpp,)`` bool, the current ``info["action_mask"]`` (the
+        method that maskable learners such as sb3-contrib's MaskablePPO call)."""
+        if self._ep is None:
+            raise RuntimeError("call reset() first")
+        return self.core.action_mask(self._ep.tpp)
+
     def render(self):
         if self.render_mode is None or self._ep is None:
             return None
@@ -414,7 +443,8 @@ class TPPTuningEnv(gym.Env):
 class TPPTuningVectorEnv(gym.vector.VectorEnv):
     __doc__ = ("A batch of TPP tuning episodes stepped together (same-step autoreset); all episodes on "
                "one case share one batched TPS solve." + _DOC)
-    metadata = {"render_modes": ["rgb_array", "ansi"], "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+    metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 2,
+                "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
     def __init__(self, num_envs: int = 8, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
                  cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
@@ -422,6 +452,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
                  tps_settings: ADMMSettings | None = None, render_mode: str | None = None) -> None:
         if not (isinstance(num_envs, int) and num_envs >= 1):
             raise ValueError(f"num_envs = {num_envs!r} must be an integer >= 1")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode {render_mode!r} is invalid; valid: {self.metadata['render_modes']}")
         self.core = TuningCore(scenario, action_mode, cohort, cases, start, reward, scoring_mode, max_steps,
                                device, tps_settings)
         self.num_envs = num_envs
@@ -439,6 +471,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         per env; ``None`` (for all or for one env) keeps that env's generator, as a single env's
         ``reset(seed=None)`` does. ``options``: one dict for every env (Gymnasium's form), or one
         per env (what SB3's ``set_options`` gives the adapter)."""
+        if isinstance(seed, int):  # the vector env's own generator, as Gymnasium's VectorEnv.reset seeds it
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
         obs, infos = self.reset_episodes(seed, options)
         return obs, self._stack_infos(infos)
 
@@ -526,6 +560,26 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
                 out[key] = array
             out[f"_{key}"] = present
         return out
+
+    @property
+    def cases(self) -> list[PlanningCase]:
+        """Each env's current case."""
+        if not self._eps:
+            raise RuntimeError("call reset() first")
+        return [self.core.case(ep.case_key) for ep in self._eps]
+
+    @property
+    def doses(self) -> list[np.ndarray]:
+        """Each env's current plan dose over its case's dose rows (Gy)."""
+        if not self._eps:
+            raise RuntimeError("call reset() first")
+        return [ep.dose for ep in self._eps]
+
+    def action_masks(self) -> np.ndarray:
+        """Discrete actions only: ``(num_envs, 2 n_tpp)`` bool, each env's ``info["action_mask"]``."""
+        if not self._eps:
+            raise RuntimeError("call reset() first")
+        return np.stack([self.core.action_mask(ep.tpp) for ep in self._eps])
 
     def render(self):
         if self.render_mode is None or not self._eps:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from rtenv.env import TPPTuningEnv
@@ -42,11 +43,15 @@ class EpisodeRecord:
         return asdict(self)
 
 
-def run_episode(env: TPPTuningEnv, policy: Policy, seed: int | None = None,
+def run_episode(env: gym.Env, policy: Policy, seed: int | None = None,
                 options: dict[str, Any] | None = None) -> EpisodeRecord:
-    """Roll ``policy`` out for one episode (until full score or truncation)."""
+    """Roll ``policy`` out for one episode (until full score or truncation) on a
+    :class:`TPPTuningEnv`, bare or as ``gym.make`` wraps it."""
+    base = env.unwrapped  # gym.make's wrappers do not forward `case` and `dose`
+    if not isinstance(base, TPPTuningEnv):
+        raise TypeError(f"run_episode needs a TPPTuningEnv (or a wrapper of one), got {type(base).__name__}")
     obs, info = env.reset(seed=seed, options=options)
-    initial, initial_binary = info["score"], score_plan(env.case, env.dose, mode="binary").total
+    initial, initial_binary = info["score"], score_plan(base.case, base.dose, mode="binary").total
     trajectory = [info["score"]]
     terminated = truncated = info["full_score"]  # a start at full score needs no tuning
     while not (terminated or truncated):
@@ -54,7 +59,7 @@ def run_episode(env: TPPTuningEnv, policy: Policy, seed: int | None = None,
         trajectory.append(info["score"])
     return EpisodeRecord(
         case=info["case"], initial_score=initial, final_score=info["score"], initial_binary_score=initial_binary,
-        final_binary_score=score_plan(env.case, env.dose, mode="binary").total, max_score=info["max_score"],
+        final_binary_score=score_plan(base.case, base.dose, mode="binary").total, max_score=info["max_score"],
         steps=info["steps"], full_score=bool(info["full_score"]), final_tpp=info["tpp"],
         final_dv_metrics=info["dv_metrics"], score_trajectory=trajectory,
     )

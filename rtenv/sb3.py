@@ -69,14 +69,43 @@ class SB3VecEnv(VecEnv):
     def close(self) -> None:
         self.venv.close()
 
+    def get_images(self) -> list[np.ndarray | None]:
+        """Each env's DVH figure (``render_mode="rgb_array"``), which SB3's ``render()`` tiles."""
+        if self.venv.render_mode != "rgb_array":
+            return [None] * self.num_envs
+        return self.venv.render() or [None] * self.num_envs
+
     def get_attr(self, attr_name: str, indices=None) -> list[Any]:
-        return [getattr(self.venv, attr_name) for _ in self._indices(indices)]
+        """Sub-env ``i``'s attribute: ``case`` and ``dose`` are its current episode's,
+        ``observation_space`` and ``action_space`` the single-env spaces; any other attribute
+        is configuration that all sub-envs share (``render_mode``, ``core``, ...)."""
+        idx = self._indices(indices)
+        if attr_name in ("case", "dose"):
+            values = self.venv.cases if attr_name == "case" else self.venv.doses
+            return [values[i] for i in idx]
+        if attr_name in ("observation_space", "action_space"):
+            return [getattr(self.venv, f"single_{attr_name}")] * len(idx)
+        return [getattr(self.venv, attr_name)] * len(idx)
 
     def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+        """Set shared configuration; the sub-envs are one batched env, so only all of them at once."""
+        if sorted(self._indices(indices)) != list(range(self.num_envs)):
+            raise ValueError(f"set_attr({attr_name!r}) must apply to all {self.num_envs} envs (indices=None): "
+                             f"the sub-envs share one batched env; got indices {indices!r}")
         setattr(self.venv, attr_name, value)
 
     def env_method(self, method_name: str, *args, indices=None, **kwargs) -> list[Any]:
-        return [getattr(self.venv, method_name)(*args, **kwargs) for _ in self._indices(indices)]
+        """Per-env ``action_masks()`` (what sb3-contrib's MaskablePPO calls) and ``render()``;
+        other methods have no per-env form here (the sub-envs are one batched env)."""
+        idx = self._indices(indices)
+        if method_name == "action_masks":
+            masks = self.venv.action_masks(*args, **kwargs)
+            return [masks[i] for i in idx]
+        if method_name == "render":
+            frames = self.venv.render(*args, **kwargs) or [None] * self.num_envs
+            return [frames[i] for i in idx]
+        raise NotImplementedError(f"env_method({method_name!r}) has no per-env form on the batched rtenv env; "
+                                  "supported: 'action_masks', 'render'")
 
     def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
         return [False for _ in self._indices(indices)]
@@ -84,7 +113,11 @@ class SB3VecEnv(VecEnv):
     def _indices(self, indices) -> list[int]:
         if indices is None:
             return list(range(self.num_envs))
-        return [indices] if isinstance(indices, int) else list(indices)
+        idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
+        bad = [i for i in idx if not 0 <= int(i) < self.num_envs]
+        if bad:
+            raise IndexError(f"env indices {bad} are outside [0, {self.num_envs - 1}]")
+        return [int(i) for i in idx]
 
 
 def make_sb3_vec_env(scenario: str = "S1", num_envs: int = 8, **kwargs: Any) -> SB3VecEnv:

@@ -236,6 +236,16 @@ def test_render_modes():
     assert "Rectum V75Gy" in env.render()
 
 
+def test_a_step_down_never_raises_a_tpp_below_the_floor():
+    env = TPPTuningEnv("S1")
+    start = TPP.default(["PTV", "Bladder", "Rectum"]).replace(V_PTV=5e-4).values  # below the 1e-3 floor
+    _, info = env.reset(seed=0, options={"tpp": start})
+    down = 2 * env.core.names.index("V_PTV") + 1
+    assert not info["action_mask"][down] and info["action_mask"][down - 1]
+    _, _, _, _, info = env.step(down)
+    assert info["tpp"]["V_PTV"] == 5e-4
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="action_mode 'box'"):
         TPPTuningEnv("S1", action_mode="box")
@@ -245,6 +255,18 @@ def test_bad_arguments():
         TPPTuningEnv("S1").reset(options={"case": 1})
     with pytest.raises(ValueError, match="t_PTV"):
         TPPTuningEnv("S1").reset(options={"tpp": np.full(9, 5.0)})
+    for index in (1.7, "2", True):
+        with pytest.raises(ValueError, match=f"index = {index!r} must be an integer case index"):
+            TPPTuningEnv("S1", cases=3).reset(options={"index": index})
+    with pytest.raises(ValueError, match="start 'bogus' is invalid"):
+        TPPTuningEnv("S1").reset(options={"start": "bogus", "tpp": np.array([1, 1, 1, 1, 1, 1, 0.1, 1, 1])})
+    with pytest.raises(ValueError, match="render_mode 'human' is invalid"):
+        TPPTuningVectorEnv(2, render_mode="human")
+    with pytest.raises(ValueError, match="cases = 5.0 must be a number of cases or a sequence of case indices"):
+        TPPTuningEnv("S1", cohort="test", cases=5.0)
+    with pytest.raises(ValueError, match=r"case indices \[12\] are outside the range \[0, 9\] of cohort 'test'"):
+        TPPTuningEnv("S1", cohort="test", cases=[0, 12])
+    assert TPPTuningEnv("S1", cohort="test", cases=np.int64(2)).core.case_indices == [0, 1]
 
 
 @pytest.mark.slow
@@ -290,3 +312,39 @@ def test_sb3_adapter_hands_over_terminal_observations():
         starts.append(randomised.reset())
     np.testing.assert_array_equal(starts[0], starts[1])
     assert not np.array_equal(starts[0], starts[2]) and not np.array_equal(randomised.reset(), starts[0])
+
+
+def test_sb3_adapter_per_env_attributes_methods_and_images():
+    venv = make_sb3_vec_env("S1", num_envs=2, cases=2, render_mode="rgb_array")
+    venv.set_options([{"index": 1}, {"index": 0}])
+    venv.reset()
+    venv.step_async(np.array([2 * 2 + 1, 0]))  # env 0 lowers t_rectum: its up action is allowed again
+    infos = venv.step_wait()[3]
+    assert [c.name for c in venv.get_attr("case")] == ["S1-train-1", "S1-train-0"]
+    assert venv.get_attr("case", indices=1)[0].name == "S1-train-0"
+    assert venv.get_attr("action_space") == [venv.action_space] * 2
+    assert venv.get_attr("render_mode") == ["rgb_array"] * 2
+    assert infos[0]["action_mask"] != infos[1]["action_mask"]
+    assert [m.tolist() for m in venv.env_method("action_masks")] == [i["action_mask"] for i in infos]
+    assert venv.env_method("action_masks", indices=[1])[0].tolist() == infos[1]["action_mask"]
+    frames = venv.get_images()
+    assert len(frames) == 2 and frames[0].ndim == 3 and frames[0].dtype == np.uint8
+    assert venv.render().shape[2] == 3  # SB3 tiles the frames
+    with pytest.raises(NotImplementedError, match="env_method\\('reset_episodes'\\) has no per-env form"):
+        venv.env_method("reset_episodes", indices=[1])
+    with pytest.raises(ValueError, match="must apply to all 2 envs"):
+        venv.set_attr("render_mode", None, indices=[0])
+    with pytest.raises(IndexError, match=r"env indices \[5\] are outside \[0, 1\]"):
+        venv.get_attr("case", indices=[5])
+    single = TPPTuningEnv("S1")
+    _, info = single.reset(seed=0)
+    assert single.action_masks().tolist() == info["action_mask"]
+
+
+def test_run_episode_takes_gym_make_envs():
+    from rtenv.rollout import run_episode
+
+    record = run_episode(gym.make("rtenv/Prostate7Beam-v0", max_steps=2), lambda obs, info: 0, seed=0)
+    assert record.case == "S1-train-0" and record.steps == 2
+    with pytest.raises(TypeError, match="needs a TPPTuningEnv"):
+        run_episode(gym.make("CartPole-v1"), lambda obs, info: 0)
