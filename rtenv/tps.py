@@ -205,6 +205,11 @@ def _kth_largest_np(x: np.ndarray, k: int | np.ndarray) -> np.ndarray:
     return np.sort(x, axis=0)[n - k, np.arange(x.shape[1])]
 
 
+def _check_fluence(x: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(x)) or x.min() < 0:
+        raise ValueError(f"{name} must be finite and >= 0")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (cpu); raises if CUDA is asked for but absent."""
     try:
@@ -302,6 +307,13 @@ class TPS:
         check_tpp_vector(v, self.structures)
         return v
 
+    def _tpp_tensors(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thresholds and weights (float32) and volume fractions (float64, for exact ranks
+        ``ceil(V n)``) of a TPP batch, each ``(S, B)``."""
+        n = len(self.structures)
+        tv = torch.as_tensor(batch[:, :2 * n].T, dtype=torch.float32, device=self.device)
+        return tv[:n], tv[n:], torch.as_tensor(batch[:, 2 * n:].T, dtype=torch.float64, device=self.device)
+
     def _coverage_dose(self, d_ptv: torch.Tensor) -> torch.Tensor:
         """D_coverage of each plan (the k-th hottest PTV dose), ``(B,)``."""
         return kth_largest(d_ptv, self._cover_k)
@@ -387,11 +399,9 @@ class TPS:
         t0 = time.perf_counter()
         cfg = self.settings
         batch = self._tpp_batch(tpps)
-        B, n = batch.shape[0], len(self.structures)
+        B = batch.shape[0]
         dev = self.device
-        tv = torch.as_tensor(batch, dtype=torch.float32, device=dev)
-        t, lam = tv[:, :n].T, tv[:, n:2 * n].T  # (S, B)
-        vol = torch.as_tensor(batch[:, 2 * n:].T, dtype=torch.float64, device=dev)  # exact ranks ceil(V n)
+        t, lam, vol = self._tpp_tensors(batch)
         # the ADMM works with weights scaled by the largest lambda (all <= 1): a constant factor on
         # the objective leaves its constrained minimiser unchanged but keeps float32 CG well
         # conditioned against the fixed ADMM penalties when lambda_PTV is tiny; the reported
@@ -408,8 +418,7 @@ class TPS:
                 x0 = np.broadcast_to(x0, (B, self.n_beamlets))
             if x0.shape != (B, self.n_beamlets):
                 raise ValueError(f"x0 has shape {x0.shape}; expected ({self.n_beamlets},) or ({B}, {self.n_beamlets})")
-            if not np.all(np.isfinite(x0)) or x0.min() < 0:
-                raise ValueError("x0 must be finite and >= 0")
+            _check_fluence(x0, "x0")
             X = torch.tensor(x0.T, device=dev)
         D, Dt, ptv = self._D, self._Dt, self._blocks[0]
         d = spmm(D, X)
@@ -553,12 +562,8 @@ class TPS:
         fluence = np.asarray(fluence, dtype=np.float32)
         if fluence.shape != (self.n_beamlets,):
             raise ValueError(f"fluence has shape {fluence.shape}; expected ({self.n_beamlets},)")
-        if not np.all(np.isfinite(fluence)) or fluence.min() < 0:
-            raise ValueError("fluence must be finite and >= 0")
-        n = len(self.structures)
-        tv = torch.as_tensor(batch, dtype=torch.float32, device=self.device)
-        t, lam = tv[:, :n].T, tv[:, n:2 * n].T
-        vol = torch.as_tensor(batch[:, 2 * n:].T, dtype=torch.float64, device=self.device)
+        _check_fluence(fluence, "fluence")
+        t, lam, vol = self._tpp_tensors(batch)
         X = torch.as_tensor(fluence[:, None], device=self.device)
         d = spmm(self._D, X)
         _, _, masks = self._active_weights(d, t, lam / lam[0], self._volume_ranks(vol), None)
