@@ -233,7 +233,7 @@ class TuningCore:
                 raise ValueError(f"action {action!r} is outside [0, {2 * self.n_tpp - 1}]")
             j, down = divmod(a, 2)
             new = tpp.copy()
-            new[j] = min(max(new[j] * self._factors[j, down], min(self._lo[j], new[j])), self._hi[j])
+            new[j] = min(max(new[j] * self._factors[j, down], self._floor(tpp)[j]), self._hi[j])
             return new
         return self.action_to_tpp(action)
 
