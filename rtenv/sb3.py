@@ -6,8 +6,8 @@ seeds and options set by ``seed()`` / ``set_options()`` apply to the next reset,
 sub-environments restart in the same step. A finished env's step info is that of its last step,
 with ``terminal_observation``, ``TimeLimit.truncated`` (True when the episode hit ``max_steps``
 without reaching full score, so SB3 bootstraps it) and ``episode`` (return, length, time: what
-SB3's ``Monitor`` records, so its logger reports ``ep_rew_mean``); the new episode's info goes to
-``reset_infos``.
+SB3's ``Monitor`` records, so its logger reports ``ep_rew_mean``, and ``env_is_wrapped(Monitor)``
+is True, so ``evaluate_policy`` reads it); the new episode's info goes to ``reset_infos``.
 
     from rtenv.sb3 import make_sb3_vec_env
     venv = make_sb3_vec_env("S1", num_envs=8)
@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from rtenv.env import TPPTuningVectorEnv
@@ -108,7 +109,9 @@ class SB3VecEnv(VecEnv):
                                   "supported: 'action_masks', 'render'")
 
     def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
-        return [False for _ in self._indices(indices)]
+        """True for SB3's ``Monitor`` only: the adapter writes Monitor's ``episode`` info itself,
+        so ``evaluate_policy`` reads episode returns from it (and does not warn)."""
+        return [wrapper_class is Monitor for _ in self._indices(indices)]
 
     def _indices(self, indices) -> list[int]:
         if indices is None:

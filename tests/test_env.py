@@ -314,6 +314,27 @@ def test_sb3_adapter_hands_over_terminal_observations():
     assert not np.array_equal(starts[0], starts[2]) and not np.array_equal(randomised.reset(), starts[0])
 
 
+def test_sb3_evaluate_policy_reads_the_adapters_episode_info():
+    import warnings
+
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.monitor import Monitor
+
+    class Raise:  # raises t_rectum each step: the episodes end at max_steps
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            return np.full(len(obs), 4), None
+
+    venv = make_sb3_vec_env("S1", num_envs=2, max_steps=2)
+    assert venv.env_is_wrapped(Monitor) == [True, True] and venv.env_is_wrapped(gym.Wrapper) == [False, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not wrapped with a Monitor" warning
+        returns, lengths = evaluate_policy(Raise(), venv, n_eval_episodes=2, return_episode_rewards=True)
+    single = TPPTuningEnv("S1", max_steps=2)
+    single.reset(seed=0)
+    expected = sum(single.step(4)[1] for _ in range(2))
+    assert lengths == [2, 2] and returns == pytest.approx([expected, expected])
+
+
 def test_sb3_adapter_per_env_attributes_methods_and_images():
     venv = make_sb3_vec_env("S1", num_envs=2, cases=2, render_mode="rgb_array")
     venv.set_options([{"index": 1}, {"index": 0}])
