@@ -7,16 +7,19 @@ case from the SPEC default TPPs; S3 starts every test case from a SPEC random TP
 case index). (The seed's Table 3 runs S3 as 10 random starts on one liver case; the Table 3
 benchmark does that. Calibration covers the cohort, so no single phantom decides it.)
 For each start it records the initial plan score (binary, the seed's scoring; linear too) and runs
-the CMA-ES search baseline (:func:`rtenv.search.cma_search`) from it to find a full-score plan.
+the CMA-ES search baseline (:func:`rtenv.search.cma_search`) from it to find a full-score plan (a
+start already at full score is found with 0 evaluations).
 
-Each finished case is appended to the JSON at once; a rerun resumes after the last finished case
-unless ``--fresh`` is given.
+Each finished case is written to the JSON at once (replacing the file whole, so a crash never
+leaves half a file); a rerun with the same settings resumes after the last finished case unless
+``--fresh`` is given, and a JSON made with other settings is an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -61,8 +64,12 @@ def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh:
                  "paper_initial_mean_sd": PAPER_INITIAL[scenario][:2], "cases": []}
     if json_path is not None and json_path.is_file() and not fresh:
         previous = json.loads(json_path.read_text())
-        if previous.get("scenario") == scenario and previous.get("budget") == budget:
-            res = previous
+        settings = {k: res[k] for k in ("scenario", "budget", "popsize")}
+        differ = {k: previous.get(k) for k in settings if previous.get(k) != settings[k]}
+        if differ:
+            raise ValueError(f"{json_path} holds a calibration run with {differ}, not {settings}: "
+                             "pass --fresh to start over, or another --json")
+        res = previous
     todo = starts(scenario, core.structures)
     for k, (key, tpp, label) in enumerate(tqdm(todo, desc=f"calibration {scenario}", unit="case")):
         if k < len(res["cases"]):
@@ -71,20 +78,26 @@ def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh:
         ep = EpisodeState(key, tpp)
         core.solve([ep], warm=[False])
         linear = score_plan(core.case(key), ep.dose, mode="linear").total
-        found = cma_search(core, key, tpp, budget=budget, popsize=popsize, seed=k)
+        if ep.result.full_score:  # the start is a full-score plan: nothing to search
+            success, evaluations, best_score, best_tpp = True, 0, ep.result.total, tpp
+        else:
+            found = cma_search(core, key, tpp, budget=budget, popsize=popsize, seed=k)
+            success, evaluations, best_score, best_tpp = (found.success, found.evaluations, found.best_score,
+                                                          found.best_tpp)
         res["max_score"] = ep.result.max_score
         res["cases"].append({
             "case": f"{scenario}-{key[0]}-{key[1]}", "start": label, "initial_score": ep.result.total,
             "initial_linear_score": linear, "initial_violated": [c.name for c in ep.result.violated],
-            "search_success": found.success, "search_evaluations": found.evaluations,
-            "search_best_score": found.best_score,
-            "search_best_tpp": dict(zip(core.names, map(float, found.best_tpp), strict=True)),
+            "search_success": success, "search_evaluations": evaluations, "search_best_score": best_score,
+            "search_best_tpp": dict(zip(core.names, map(float, best_tpp), strict=True)),
             "seconds": time.perf_counter() - t0,
         })
         summarise(res)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(res, indent=2))
+            tmp = json_path.with_name(json_path.name + ".tmp")
+            tmp.write_text(json.dumps(res, indent=2))
+            os.replace(tmp, json_path)
     summarise(res)
     return res
 
@@ -113,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--popsize", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="ignore a previous partial JSON")
     args = p.parse_args(argv)
-    print(table(run(args.scenario, args.json, args.budget, args.popsize, args.fresh)))
+    try:
+        res = run(args.scenario, args.json, args.budget, args.popsize, args.fresh)
+    except ValueError as e:  # a JSON from other settings, a bad budget or popsize
+        p.error(str(e))
+    print(table(res))
     return 0
 
 

@@ -2,10 +2,12 @@
 
     python -m benchmarks.env_speed --scenario S1 --json OUT.json [--envs 8,32] [--steps 16] [--rounds 3] [--device cpu]
 
-Env ``i`` takes a fixed stream of uniformly random discrete actions on the training case (episodes
-end at full score or after 20 steps and restart), seeded ``i``. The vector env runs streams
-``0..N-1`` together; the single env replays the same streams one after another, so both sides
-solve identical plans (vector sub-envs equal single envs step for step). Steps per second count
+Env ``i`` takes stream ``i`` of uniformly random discrete actions on the training case (episodes
+start from the SPEC default TPPs, end at full score or after 20 steps and restart): column ``i``
+of one ``(steps, largest env count)`` action matrix drawn with seed 0, so the streams depend on
+``--steps`` and the largest of ``--envs``. The vector env runs streams ``0..N-1`` together; the
+single env replays the same streams one after another, so both sides solve identical plans
+(vector sub-envs equal single envs step for step). Steps per second count
 transitions, each including the TPS solve, the DVH observation and scoring.
 """
 

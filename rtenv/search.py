@@ -29,7 +29,8 @@ class SearchResult:
         best_tpp: Best TPP vector found (full score first, then fine score).
         best_score: Its score (the core's scoring mode).
         best_fine_score: Its fine score.
-        history: Best score after each generation.
+        history: After each generation, the score of the best plan so far (ranked by full
+            score, then fine score: it can fall when a plan with a higher fine score scores lower).
     """
 
     success: bool

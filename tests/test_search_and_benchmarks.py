@@ -44,8 +44,16 @@ def test_calibration_writes_resumable_json(tmp_path, capsys):
     res["cases"][0]["seconds"] = -1.0
     out.write_text(json.dumps(res))
     calibration.main(["--scenario", "S1", "--json", str(out), "--budget", "64"])
-    assert json.loads(out.read_text())["cases"][0]["seconds"] == -1.0
+    res = json.loads(out.read_text())
+    assert res["cases"][0]["seconds"] == -1.0
     assert "initial score" in capsys.readouterr().out
+    # S1 test case 5 starts at full score: found without a search
+    assert res["cases"][5]["initial_score"] == 9 and res["cases"][5]["search_evaluations"] == 0
+    assert res["cases"][5]["search_success"] and res["cases"][5]["search_best_score"] == 9
+    # a JSON made with other settings is not resumed into
+    with pytest.raises(SystemExit):
+        calibration.main(["--scenario", "S1", "--json", str(out), "--budget", "64", "--popsize", "8"])
+    assert "{'popsize': 16}" in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.slow
