@@ -50,8 +50,9 @@ def _objective(x: np.ndarray, terms: list) -> float:
 def objective_scale(terms: list) -> float:
     """The factor that makes the largest diagonal entry of the objective's Hessian
     ``sum_s w_s D_s^T D_s`` equal to 1."""
-    diag = sum(wt * np.asarray(Ds.multiply(Ds).sum(0)).ravel() for Ds, wt, _ in terms)
-    return 1.0 / float(np.max(diag))
+    diag = sum((wt * np.asarray(Ds.multiply(Ds).sum(0)).ravel() for Ds, wt, _ in terms), np.zeros(1))
+    top = float(np.max(diag))
+    return 1.0 / top if top > 0 else 1.0  # no objective term reaches any beamlet: nothing to scale
 
 
 def _augmented_lagrangian(terms: list, Dc: sp.csr_matrix, scale: float, x0: np.ndarray, tol: float,
@@ -110,6 +111,8 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown reference solver {solver!r}; valid: {list(SOLVERS)}")
+    if not tol > 0 or not (isinstance(max_outer, int) and max_outer >= 1):
+        raise ValueError(f"tol = {tol!r} must be > 0 and max_outer = {max_outer!r} an integer >= 1")
     terms, Dc = subproblem["terms"], subproblem["D_cover"]
     n = Dc.shape[1]
     if solver != "lbfgsb":
