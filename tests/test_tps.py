@@ -212,6 +212,9 @@ def test_reference_solvers_agree_and_report_status(small_case):
     clarabel, lbfgsb = solve_reference(free, "clarabel"), solve_reference(free, "lbfgsb")
     assert lbfgsb.objective == pytest.approx(clarabel.objective, rel=1e-3, abs=1e-9)
     assert clarabel.objective < ref["clarabel"].objective
+    # no objective terms either: the coverage alone
+    bare = solve_reference({"terms": [], "D_cover": sub["D_cover"]}, "lbfgsb")
+    assert bare.objective == 0.0 and bare.coverage_violation <= 1e-6
 
 
 def test_plan_is_rescaled_to_exact_d95(s1):
