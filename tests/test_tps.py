@@ -19,7 +19,7 @@ TUNED = [1.03, 0.7, 0.6, 5.0, 3.0, 3.0, 0.15, 0.5, 0.5]  # OARs pushed below Rx:
 # every OAR voxel above 1 % of Rx active: no beamlet reaches only inactive voxels, so the frozen
 # sub-problem has no cost-free directions and its optimum is a plan (with TUNED on the small case,
 # 7 beamlets that reach only cold PTV voxels and tissue raise coverage for free: the optimum sends
-# fluence 1e7 through them, 5 % below where any practical solve of the plan settles)
+# fluence 1e7 through them, 4.4 % below where the ADMM after 20 000 iterations settles)
 ALL_OAR_ACTIVE = [1.0, 0.01, 0.01, 1.0, 1.0, 1.0, 0.3, 1.0, 1.0]
 
 
