@@ -115,10 +115,10 @@ def _dose(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # a bad --out fails before the solve, not after
     case = load_case(args.scenario, args.cohort, args.case, progress=True)
     tpp = TPP.load(args.tpp, case.structure_names) if args.tpp else TPP.default(case.structure_names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # a bad --out fails before the solve, not after
     tps = TPS(case, device=args.device)
     plan = tps.optimize(tpp)
     result = score_plan(case, plan.dose[0], mode=args.mode)

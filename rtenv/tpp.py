@@ -16,7 +16,8 @@ fractions, each in the case's structure order (target first)::
     [t_PTV, t_bladder, t_rectum, lambda_PTV, lambda_bladder, lambda_rectum, V_PTV, V_bladder, V_rectum]
 
 Valid ranges (:data:`RANGES`): ``t_PTV`` in [1, 1.2], ``t_OAR`` in (0, 1], ``lambda`` in
-(0, 10000], ``V_PTV`` in (0, 0.3], ``V_OAR`` in (0, 1].
+[1e-6, 10000], ``V_PTV`` in (0, 0.3], ``V_OAR`` in (0, 1]. The weights' floor keeps their ratios
+(at most 1e10) inside the TPS's float32 arithmetic; SPEC only asks for positive weights.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ KINDS = ("t", "lambda", "V")
 RANGES: dict[tuple[str, bool], tuple[float, float, bool]] = {
     ("t", True): (1.0, 1.2, True),
     ("t", False): (0.0, 1.0, False),
-    ("lambda", True): (0.0, 1e4, False),
-    ("lambda", False): (0.0, 1e4, False),
+    ("lambda", True): (1e-6, 1e4, True),
+    ("lambda", False): (1e-6, 1e4, True),
     ("V", True): (0.0, 0.3, False),
     ("V", False): (0.0, 1.0, False),
 }
@@ -45,7 +46,7 @@ DEFAULTS = {("t", True): 1.0, ("t", False): 1.0, ("lambda", True): 1.0, ("lambda
             ("V", True): 0.1, ("V", False): 1.0}
 RANDOM_START = {("t", True): (1.0, 1.2), ("t", False): (0.0, 1.0), ("lambda", True): (0.0, 30.0),
                 ("lambda", False): (0.0, 30.0), ("V", True): (0.0, 0.3), ("V", False): (0.0, 1.0)}
-_TINY = 1e-3  # random starts stay this far inside open lower bounds
+_TINY = 1e-3  # random-start draws from 0 start at this fraction of their top (inside open lower bounds)
 
 
 def structure_key(name: str, is_target: bool) -> str:
@@ -90,14 +91,11 @@ class TPP:
     def __post_init__(self) -> None:
         if len(self.structures) < 1:
             raise ValueError("a TPP needs at least the target structure")
-        raw = np.asarray(self.values)
-        if raw.dtype.kind not in "iuf":  # bools, strings, complex and objects are not TPP values
-            raise ValueError(f"TPP values must be real numbers, got dtype {raw.dtype}")
-        v = raw.astype(np.float64)
+        v = _real_array(self.values).astype(np.float64)
         if v.shape != (3 * len(self.structures),):
             raise ValueError(
-                f"TPP vector has {v.size} values; {len(self.structures)} structures need "
-                f"{3 * len(self.structures)} ({', '.join(self.names)})"
+                f"TPP vector has shape {v.shape}; {len(self.structures)} structures need shape "
+                f"({3 * len(self.structures)},) ({', '.join(self.names)})"
             )
         v = v.copy()
         v.setflags(write=False)
@@ -136,7 +134,7 @@ class TPP:
         for name, value in changes.items():
             if name not in self.names:
                 raise KeyError(f"no TPP {name!r}; valid names: {self.names}")
-            v[self.names.index(name)] = value
+            v[self.names.index(name)] = _number(name, value)
         return TPP(self.structures, v)
 
     # --------------------------------------------------------- constructors
@@ -148,11 +146,10 @@ class TPP:
     @classmethod
     def random(cls, structures: Sequence[str], rng: np.random.Generator) -> TPP:
         """SPEC random start: t_PTV ~ U(1, 1.2), t_OAR ~ U(0, 1), lambda ~ U(0, 30),
-        V_PTV ~ U(0, 0.3), V_OAR ~ U(0, 1) (kept inside open lower bounds)."""
+        V_PTV ~ U(0, 0.3), V_OAR ~ U(0, 1) (each draw from 0 starts at 1e-3 of its top instead)."""
         def draw(kind: str, tgt: bool) -> float:
             lo, hi = RANDOM_START[(kind, tgt)]
-            low_inclusive = RANGES[(kind, tgt)][2]
-            return float(rng.uniform(lo if low_inclusive else max(lo, _TINY * hi), hi))
+            return float(rng.uniform(max(lo, _TINY * hi), hi))
         return cls(tuple(structures), _per_kind(structures, draw))
 
     @classmethod
@@ -163,13 +160,7 @@ class TPP:
         extra = [k for k in data if k not in names]
         if missing or extra:
             raise ValueError(f"TPP dict must have exactly {names}; missing {missing}, unexpected {extra}")
-        values = []
-        for n in names:
-            value = data[n]
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ValueError(f"TPP {n} = {value!r} is not a number")
-            values.append(float(value))
-        return cls(tuple(structures), np.array(values))
+        return cls(tuple(structures), np.array([_number(n, data[n]) for n in names]))
 
     def to_dict(self) -> dict[str, float]:
         return {n: float(v) for n, v in zip(self.names, self.values, strict=True)}
@@ -185,8 +176,13 @@ class TPP:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"TPP JSON must be an object, got {type(data).__name__}")
+        if "structures" in data and "tpp" not in data:
+            raise ValueError("the TPP JSON has 'structures' but no 'tpp' object of values")
         if "tpp" in data:
             file_structures = data.get("structures")
+            if file_structures is not None and not (
+                    isinstance(file_structures, list) and all(isinstance(n, str) for n in file_structures)):
+                raise ValueError(f"'structures' in the TPP JSON must be a list of names, got {file_structures!r}")
             if structures is not None and file_structures is not None and list(file_structures) != list(structures):
                 raise ValueError(f"TPPs are for structures {file_structures}, the case has {list(structures)}")
             structures = file_structures or structures
@@ -194,7 +190,7 @@ class TPP:
             if not isinstance(data, dict):
                 raise ValueError(f"'tpp' in the TPP JSON must be an object, got {type(data).__name__}")
         if structures is None:
-            raise ValueError("no 'structures' in the TPP JSON; pass the case's structures")
+            raise ValueError("a bare TPP JSON object (no 'tpp' key) needs the case's structures passed in")
         return cls.from_dict(structures, data)
 
     @classmethod
@@ -206,6 +202,24 @@ class TPP:
             raise ValueError(f"{path}: {e}") from None
 
 
+def _number(name: str, value: object) -> float:
+    """``value`` as a float, or ``ValueError`` naming the TPP if it is not a real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"TPP {name} = {value!r} is not a number")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise ValueError(f"TPP {name} is a {len(str(abs(value)))}-digit integer, too large for a float") from None
+
+
+def _real_array(values: object) -> np.ndarray:
+    """``values`` as an array of real numbers; bools, strings, complex and objects raise."""
+    raw = np.asarray(values)
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"TPP values must be real numbers, got dtype {raw.dtype}")
+    return raw
+
+
 def _per_kind(structures: Sequence[str], value) -> np.ndarray:
     return np.array([value(kind, target) for kind, target in tpp_kinds(structures)], dtype=np.float64)
 
@@ -215,7 +229,7 @@ def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> None:
 
     ``values`` may be one vector ``(3 n,)`` or a batch ``(B, 3 n)``.
     """
-    v = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    v = np.atleast_2d(_real_array(values).astype(np.float64))
     names = tpp_names(structures)
     if v.shape[1] != len(names):
         raise ValueError(f"TPP vectors have {v.shape[1]} values; expected {len(names)} ({', '.join(names)})")

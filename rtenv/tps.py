@@ -88,12 +88,17 @@ class ADMMSettings:
     underdose_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_iter, int) and 1 <= self.max_iter <= 100_000):
+        def integer(value: object) -> bool:
+            return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+        if not (integer(self.max_iter) and 1 <= self.max_iter <= 100_000):
             raise ValueError(f"max_iter = {self.max_iter!r} must be an integer in [1, 100000]")
-        if not (isinstance(self.cg_steps, int) and 1 <= self.cg_steps <= 1000):
+        if not (integer(self.cg_steps) and 1 <= self.cg_steps <= 1000):
             raise ValueError(f"cg_steps = {self.cg_steps!r} must be an integer in [1, 1000]")
-        if not (isinstance(self.precond_every, int) and self.precond_every >= 1):
+        if not (integer(self.precond_every) and self.precond_every >= 1):
             raise ValueError(f"precond_every = {self.precond_every!r} must be an integer >= 1")
+        for name in ("max_iter", "cg_steps", "precond_every"):  # numpy integers stored as int
+            object.__setattr__(self, name, int(getattr(self, name)))
         for name, value, lo, hi in (("tol", self.tol, 0.0, 1.0), ("beta", self.beta, 0.0, 1e6),
                                     ("coverage", self.coverage, 0.0, 1.0),
                                     ("underdose_weight", self.underdose_weight, 0.0, 1e6)):
@@ -165,14 +170,25 @@ def spmm(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return torch.addmm(out, A, X, beta=0.0, out=out)
 
 
+# torch's CPU sum splits a reduction with a single output across threads from 32 768 elements
+# (its grain size), which changes the summation order; below this length one row is summed serially
+_SERIAL_SUM = 16384
+
+
 def coldot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Column dot products of two ``(n, B)`` blocks, ``(B,)``, each summed in the same order
     whatever B is (``(u * v).sum(0)`` is not), so a plan solved in a batch takes exactly the path
-    it takes alone: the products are laid out plan-major and each plan's row is summed alone."""
-    if u.shape[1] == 1:
+    it takes alone: the products are laid out plan-major and each plan's row is summed alone (one
+    thread per row). A single long column is summed as two identical rows for the same reason."""
+    n, B = u.shape
+    if B == 1 and n < _SERIAL_SUM:
         return (u * v).view(1, -1).sum(1)
-    prod = torch.empty((u.shape[1], u.shape[0]), dtype=u.dtype, device=u.device)
-    return torch.mul(u.t(), v.t(), out=prod).sum(1)
+    prod = torch.empty((max(B, 2), n), dtype=u.dtype, device=u.device)
+    if B == 1:
+        torch.mul(u.t().expand(2, n), v.t().expand(2, n), out=prod)
+    else:
+        torch.mul(u.t(), v.t(), out=prod)
+    return prod.sum(1)[:B]
 
 
 def kth_largest(x: torch.Tensor, k: int | torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,7 +310,8 @@ class TPS:
         if isinstance(tpps, TPP):
             tpps = [tpps]
         if isinstance(tpps, np.ndarray):
-            v = np.atleast_2d(np.asarray(tpps, dtype=np.float64))
+            check_tpp_vector(tpps, self.structures)  # rejects non-real dtypes before the float cast
+            v = np.atleast_2d(tpps.astype(np.float64))
         else:
             for t in tpps:
                 if not isinstance(t, TPP):

@@ -64,6 +64,8 @@ def test_plan_rejects_bad_tpp_file(capsys, tmp_path):
     assert main(["plan", "S1", "--tpp", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert f"rtenv: error: {bad}: TPP t_PTV = 1.5 is outside its valid range [1, 1.2]" in capsys.readouterr().err
     assert main(["plan", "S1", "--tpp", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["plan", "S1", "--case", "99", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()  # bad input leaves no empty output folder behind
 
 
 def test_plan_rejects_bad_device_and_paths(capsys, tmp_path):
@@ -75,5 +77,5 @@ def test_plan_rejects_bad_device_and_paths(capsys, tmp_path):
     taken = tmp_path / "afile"
     taken.write_text("")
     assert main(["plan", "S1", "--out", str(taken)]) == 2
-    captured = capsys.readouterr()  # the --out check comes before the case loads and the solve runs
+    captured = capsys.readouterr()  # the --out check comes before the solve runs
     assert "rtenv: error:" in captured.err and "File exists" in captured.err and "optimised" not in captured.out

@@ -73,8 +73,14 @@ def test_tpp_json_roundtrip(tmp_path):
         TPP.load(path, ["PTV", "Liver", "Heart"])
     for back in (TPP.from_json(t.to_json()), TPP.from_json(json.dumps(t.to_dict()), t.structures)):
         assert back.structures == t.structures and np.array_equal(back.values, t.values)
-    with pytest.raises(ValueError, match="no 'structures'"):
+    with pytest.raises(ValueError, match="bare TPP JSON object .* needs the case's structures"):
         TPP.from_json(json.dumps(t.to_dict()))
+    with pytest.raises(ValueError, match="has 'structures' but no 'tpp'"):
+        TPP.from_json(json.dumps({"structures": list(t.structures), **t.to_dict()}), t.structures)
+    with pytest.raises(ValueError, match="'structures' in the TPP JSON must be a list of names, got 5"):
+        TPP.from_json(json.dumps({"structures": 5, "tpp": t.to_dict()}))
+    with pytest.raises(ValueError, match="TPP lambda_PTV is a 401-digit integer, too large for a float"):
+        TPP.from_json(json.dumps({**t.to_dict(), "lambda_PTV": 10**400}), t.structures)
     with pytest.raises(ValueError, match="must be an object"):
         TPP.from_json("[1.0, 2.0]")
     with pytest.raises(ValueError, match="'tpp' in the TPP JSON must be an object"):
@@ -85,7 +91,8 @@ def test_tpp_json_roundtrip(tmp_path):
     (0, np.nan, r"t_PTV = nan is outside its valid range \[1, 1.2\]"),
     (0, 1.3, r"t_PTV = 1.3 .*\[1, 1.2\]"),
     (1, 0.0, r"t_bladder = 0.0 .*\(0, 1\]"),
-    (4, -2.0, r"lambda_bladder = -2.0 .*\(0, 10000\]"),
+    (4, -2.0, r"lambda_bladder = -2.0 .*\[1e-06, 10000\]"),
+    (3, 1e-46, r"lambda_PTV = 1e-46 .*\[1e-06, 10000\]"),  # would underflow float32 in the TPS
     (3, np.inf, r"lambda_PTV = inf"),
     (6, 0.5, r"V_PTV = 0.5 .*\(0, 0.3\]"),
     (8, 1.5, r"V_rectum = 1.5 .*\(0, 1\]"),
@@ -104,6 +111,11 @@ def test_tpp_equality_hash_and_value_types():
     for bad in (np.array(["1"] * 9), np.ones(9, dtype=bool), np.ones(9, dtype=complex)):
         with pytest.raises(ValueError, match="must be real numbers"):
             TPP(("PTV", "Bladder", "Rectum"), bad)
+    for value in ("1.1", True):
+        with pytest.raises(ValueError, match=f"TPP t_PTV = {value!r} is not a number"):
+            a.replace(t_PTV=value)
+    with pytest.raises(ValueError, match=r"TPP vector has shape \(1, 9\); 3 structures need shape \(9,\)"):
+        TPP(("PTV", "Bladder", "Rectum"), np.ones((1, 9)))
     with pytest.raises(ValueError, match=r"same TPP names for \['bladder'\]"):
         TPP(("PTV", "Bladder", "bladder"), np.array(TUNED))
 
@@ -112,6 +124,9 @@ def test_tps_rejects_bad_batches(s1):
     tps = TPS(s1)
     with pytest.raises(ValueError, match="8 values; expected 9"):
         tps.optimize(np.ones((2, 8)))
+    for dtype in (str, complex):  # as TPP() rejects them, not cast (complex: imaginary part dropped)
+        with pytest.raises(ValueError, match="must be real numbers"):
+            tps.optimize(np.array(TUNED).astype(dtype))
     bad = np.tile(TUNED, (3, 1))
     bad[2, 5] = -1
     with pytest.raises(ValueError, match=r"lambda_rectum = -1.0 \(plan 2\)"):
@@ -124,6 +139,9 @@ def test_tps_rejects_bad_batches(s1):
         ADMMSettings(max_iter=0)
     with pytest.raises(ValueError, match=r"precond_every = 0 must be an integer >= 1"):
         ADMMSettings(precond_every=0)
+    with pytest.raises(ValueError, match=r"max_iter = True must be an integer"):
+        ADMMSettings(max_iter=True)
+    assert type(ADMMSettings(max_iter=np.int64(7)).max_iter) is int
 
 
 def test_cuda_request_without_gpu_is_a_clear_error(s1):
@@ -275,6 +293,23 @@ def test_kth_largest_and_coldot_against_numpy():
     block = coldot(x, y)
     assert all(coldot(x[:, b:b + 1], y[:, b:b + 1]).item() == block[b].item() for b in range(6))
     np.testing.assert_allclose(block.numpy(), (x.numpy() * y.numpy()).sum(0), rtol=1e-6)
+
+
+def test_coldot_of_a_long_column_equals_its_batched_value_with_threads():
+    """Above torch's reduction grain size (32 768 elements) a sum with one output is split across
+    threads in another order; a plan alone must still sum as it does in a batch (large cases)."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    x, y = (torch.from_numpy(rng.random((70_000, 3)).astype(np.float32)) for _ in range(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        block = coldot(x, y)
+        alone = [coldot(x[:, b:b + 1].contiguous(), y[:, b:b + 1].contiguous()).item() for b in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert alone == block.tolist()
 
 
 def test_warm_start_reaches_the_same_plan_faster(s1):
