@@ -18,7 +18,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
-from rtenv.evaluation import ProtocolResult, criterion_score, cumulative_dvh, dvh_of_sorted, score_plan
+from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, cumulative_dvh, dvh_of_sorted, score_plan
 from rtenv.scenarios import cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
@@ -39,7 +39,7 @@ CONTINUOUS_BOUNDS = {
     ("lambda", True): (-2.0, 3.0), ("lambda", False): (-2.0, 3.0),
     ("V", True): (0.001, 0.3), ("V", False): (0.01, 1.0),
 }
-_FLOOR = 1e-3  # discrete steps down keep open lower bounds (t_OAR, lambda, V) at least this far from 0
+_FLOOR = 1e-3  # discrete steps down keep t_OAR, lambda and V at least this far from 0
 
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
 
@@ -119,8 +119,11 @@ class TuningCore:
             raise ValueError(f"action_mode {action_mode!r} is invalid; valid: 'discrete', 'continuous'")
         if start not in ("default", "random"):
             raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
-        if not (isinstance(max_steps, int) and max_steps >= 1):
+        if not (_is_index(max_steps) and max_steps >= 1):
             raise ValueError(f"max_steps = {max_steps!r} must be an integer >= 1")
+        if scoring_mode is not None and scoring_mode not in SCORE_MODES:
+            valid = ", ".join(map(repr, SCORE_MODES))
+            raise ValueError(f"scoring_mode {scoring_mode!r} is invalid; valid: None, {valid}")
         if isinstance(reward, str) and reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; valid: {sorted(REWARDS)} or a callable")
         self.action_mode, self.cohort, self.start, self.max_steps = action_mode, cohort, start, max_steps
@@ -150,7 +153,7 @@ class TuningCore:
         self._kinds = tpp_kinds(self.structures)
         # discrete steps per TPP: (up, down) factors and the clamp range
         self._factors = np.array([ACTION_FACTORS[k] for k in self._kinds])
-        self._lo = np.array([RANGES[k][0] if RANGES[k][2] else max(RANGES[k][0], _FLOOR) for k in self._kinds])
+        self._lo = np.array([max(RANGES[k][0], _FLOOR) for k in self._kinds])
         self._hi = np.array([RANGES[k][1] for k in self._kinds])
 
     # ------------------------------------------------------------------ spaces
@@ -228,10 +231,11 @@ class TuningCore:
     def apply_action(self, tpp: np.ndarray, action: Any) -> np.ndarray:
         """The TPP vector after ``action`` (discrete: one TPP up or down; continuous: a new vector)."""
         if self.action_mode == "discrete":
-            a = int(action)
-            if not 0 <= a < 2 * self.n_tpp:
-                raise ValueError(f"action {action!r} is outside [0, {2 * self.n_tpp - 1}]")
-            j, down = divmod(a, 2)
+            if isinstance(action, np.ndarray) and action.shape == ():
+                action = action[()]
+            if not _is_index(action) or not 0 <= action < 2 * self.n_tpp:
+                raise ValueError(f"action {action!r} is not an integer in [0, {2 * self.n_tpp - 1}]")
+            j, down = divmod(int(action), 2)
             new = tpp.copy()
             new[j] = min(max(new[j] * self._factors[j, down], self._floor(tpp)[j]), self._hi[j])
             return new
@@ -318,10 +322,14 @@ class TuningCore:
             ep.initial_score = ep.result.total  # type: ignore[union-attr]
 
     def step_batch(self, episodes: list[EpisodeState], actions: Sequence[Any]) -> list[tuple[float, bool, bool]]:
-        """Apply actions, solve, and return ``(reward, terminated, truncated)`` per episode."""
+        """Apply actions, solve, and return ``(reward, terminated, truncated)`` per episode. Every
+        action is checked before any episode changes, so a bad one leaves all of them as they were."""
+        if len(actions) != len(episodes):
+            raise ValueError(f"got {len(actions)} actions for {len(episodes)} envs")
         previous = [ep.result for ep in episodes]
-        for ep, a in zip(episodes, actions, strict=True):
-            ep.tpp = self.apply_action(ep.tpp, a)
+        new = [self.apply_action(ep.tpp, a) for ep, a in zip(episodes, actions, strict=True)]
+        for ep, tpp in zip(episodes, new, strict=True):
+            ep.tpp = tpp
             ep.steps += 1
         self.solve(episodes, warm=[True] * len(episodes))
         out = []
@@ -441,8 +449,9 @@ class TPPTuningEnv(gym.Env):
 
 
 class TPPTuningVectorEnv(gym.vector.VectorEnv):
-    __doc__ = ("A batch of TPP tuning episodes stepped together (same-step autoreset); all episodes on "
-               "one case share one batched TPS solve." + _DOC)
+    __doc__ = ("A batch of TPP tuning episodes stepped together (same-step autoreset); each step makes one "
+               "batched TPS solve per case for its episodes, and one more per case for the episodes that "
+               "restart in that step." + _DOC)
     metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 2,
                 "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
@@ -585,8 +594,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         if self.render_mode is None or not self._eps:
             return None
         if self.render_mode == "ansi":
-            return [ep.result.table() for ep in self._eps]  # type: ignore[union-attr]
-        return [_dvh_rgb(self.core, ep) for ep in self._eps]
+            return tuple(ep.result.table() for ep in self._eps)  # type: ignore[union-attr]
+        return tuple(_dvh_rgb(self.core, ep) for ep in self._eps)
 
 
 def _dvh_rgb(core: TuningCore, ep: EpisodeState) -> np.ndarray:

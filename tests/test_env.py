@@ -1,5 +1,7 @@
 """Gymnasium environments: API conformance, dynamics, vector env, SB3 adapter and training."""
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -63,7 +65,7 @@ def test_discrete_actions_follow_spec_factors():
     assert info["tpp"]["t_PTV"] == 1.0
     _, _, _, _, info = env.step(2 * names.index("V_PTV"))  # 0.1 * 1.25
     assert info["tpp"]["V_PTV"] == pytest.approx(0.125)
-    with pytest.raises(ValueError, match=r"outside \[0, 17\]"):
+    with pytest.raises(ValueError, match=r"not an integer in \[0, 17\]"):
         env.step(18)
 
 
@@ -234,6 +236,10 @@ def test_render_modes():
     env = TPPTuningEnv("S1", render_mode="ansi")
     env.reset(seed=0)
     assert "Rectum V75Gy" in env.render()
+    venv = TPPTuningVectorEnv(2, scenario="S1", render_mode="ansi")
+    venv.reset(seed=0)
+    frames = venv.render()  # Gymnasium's VectorEnv.render returns a tuple of frames
+    assert isinstance(frames, tuple) and len(frames) == 2 and "Rectum V75Gy" in frames[0]
 
 
 def test_a_step_down_never_raises_a_tpp_below_the_floor():
@@ -267,6 +273,27 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"case indices \[12\] are outside the range \[0, 9\] of cohort 'test'"):
         TPPTuningEnv("S1", cohort="test", cases=[0, 12])
     assert TPPTuningEnv("S1", cohort="test", cases=np.int64(2)).core.case_indices == [0, 1]
+    assert TPPTuningEnv("S1", max_steps=np.int64(5)).core.max_steps == 5
+    with pytest.raises(ValueError, match="scoring_mode 'bogus' is invalid"):  # at construction, not reset
+        TPPTuningEnv("S1", scoring_mode="bogus")
+    env = TPPTuningEnv("S1")
+    env.reset(seed=0)
+    for action in (8.9, "8", np.array([8]), True, np.float32(-0.5), 18):
+        assert action is True or not env.action_space.contains(action)  # (Discrete takes bools as ints)
+        with pytest.raises(ValueError, match=rf"action {re.escape(repr(action))} is not an integer in \[0, 17\]"):
+            env.step(action)
+    env.step(np.array(8))  # a 0-d integer array is a valid action
+
+
+def test_a_bad_vector_action_changes_no_env():
+    venv = TPPTuningVectorEnv(3, scenario="S1")
+    venv.reset(seed=0)
+    before = [(ep.tpp.copy(), ep.steps) for ep in venv._eps]
+    for actions, pattern in (([8, 8, 99], "action np.int64(99) is not an integer"),
+                             ([8, 8], "got 2 actions for 3 envs")):
+        with pytest.raises(ValueError, match=re.escape(pattern)):
+            venv.step(np.array(actions))
+        assert all(np.array_equal(ep.tpp, t) and ep.steps == n for ep, (t, n) in zip(venv._eps, before, strict=True))
 
 
 @pytest.mark.slow
