@@ -7,6 +7,7 @@ observations, rewards and infos.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -479,16 +480,33 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         """Start a new episode in every env. ``seed``: env ``i`` gets ``seed + i``, or one seed
         per env; ``None`` (for all or for one env) keeps that env's generator, as a single env's
         ``reset(seed=None)`` does. ``options``: one dict for every env (Gymnasium's form), or one
-        per env (what SB3's ``set_options`` gives the adapter)."""
+        per env (what SB3's ``set_options`` gives the adapter). As in Gymnasium's vector envs,
+        ``options["reset_mask"]`` (bool array ``(num_envs,)``) resets only the envs it marks: the
+        others keep their episodes and observations, and the infos carry only the reset envs.
+        A reset that raises leaves every env as it was."""
+        mask = None
+        if isinstance(options, dict) and "reset_mask" in options:
+            options = dict(options)
+            mask = self._check_reset_mask(options.pop("reset_mask"))
+        obs, infos = self.reset_episodes(seed, options, mask)
         if isinstance(seed, int):  # the vector env's own generator, as Gymnasium's VectorEnv.reset seeds it
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
-        obs, infos = self.reset_episodes(seed, options)
         return obs, self._stack_infos(infos)
 
+    def _check_reset_mask(self, mask: Any) -> np.ndarray:
+        if not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (self.num_envs,)):
+            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},), got {mask!r}")
+        if not mask.any():
+            raise ValueError("options['reset_mask'] marks no env to reset")
+        if not self._eps:
+            raise RuntimeError("call reset() without a reset_mask first: the unmarked envs have no episode yet")
+        return mask
+
     def reset_episodes(self, seed: int | Sequence[int | None] | None = None,
-                       options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None
-                       ) -> tuple[np.ndarray, list[dict]]:
-        """:meth:`reset` with one info dict per env instead of the stacked infos."""
+                       options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None,
+                       mask: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+        """:meth:`reset` with one info dict per env instead of the stacked infos (``{}`` for the
+        envs that ``mask``, where given, leaves running)."""
         if seed is None or isinstance(seed, int):
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
@@ -501,11 +519,22 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
             per_env = list(options)
             if len(per_env) != self.num_envs:
                 raise ValueError(f"got {len(per_env)} option dicts for {self.num_envs} envs")
-        self._rngs = [gym.utils.seeding.np_random(s)[0] if s is not None or not self._rngs else self._rngs[i]
-                      for i, s in enumerate(seeds)]
-        self._eps = [self.core.new_episode(rng, opts) for rng, opts in zip(self._rngs, per_env, strict=True)]
-        self.core.reset_batch(self._eps)
-        return np.stack([self.core.observe(ep) for ep in self._eps]), [self.core.info(ep) for ep in self._eps]
+        chosen = range(self.num_envs) if mask is None else np.flatnonzero(mask).tolist()
+        # new generators and episodes are built aside (kept generators copied) and only replace
+        # the current ones once every episode could start
+        rngs, eps = list(self._rngs or [None] * self.num_envs), list(self._eps or [None] * self.num_envs)
+        for i in chosen:
+            s, kept = seeds[i], rngs[i]
+            rngs[i] = gym.utils.seeding.np_random(s)[0] if s is not None or kept is None else copy.deepcopy(kept)
+        new = [self.core.new_episode(rngs[i], per_env[i]) for i in chosen]
+        self.core.reset_batch(new)
+        for i, ep in zip(chosen, new, strict=True):
+            eps[i] = ep
+        self._rngs, self._eps = rngs, eps
+        infos = [{} for _ in range(self.num_envs)]
+        for i, ep in zip(chosen, new, strict=True):
+            infos[i] = self.core.info(ep)
+        return np.stack([self.core.observe(ep) for ep in self._eps]), infos
 
     def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
         """Step every episode; finished ones restart at once. Returns the batched observations,

@@ -198,6 +198,41 @@ def test_vector_env_equals_gymnasiums_sync_vector_env():
     assert compared_final
 
 
+def test_partial_reset_equals_gymnasiums_sync_vector_env():
+    """``options["reset_mask"]`` resets only the marked envs, as in Gymnasium's vector envs."""
+    kw = {"cases": 3, "start": "random", "max_steps": 5}
+    ours = TPPTuningVectorEnv(num_envs=3, scenario="S1", **kw)
+    sync = gym.vector.SyncVectorEnv([lambda: TPPTuningEnv("S1", **kw) for _ in range(3)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    ours.reset(seed=3), sync.reset(seed=3)
+    ours.step(np.array([0, 4, 9])), sync.step(np.array([0, 4, 9]))
+    for steps_before, seed in enumerate((None, 11), start=1):
+        mask = np.array([True, False, True])
+        (o1, i1), (o2, i2) = (v.reset(seed=seed, options={"reset_mask": mask}) for v in (ours, sync))
+        np.testing.assert_array_equal(o1, o2)
+        _same_infos(i1, i2)
+        assert not i1["_score"][1] and ours._eps[1].steps == steps_before  # env 1 goes on
+        a, b = ours.step(np.array([2, 7, 12])), sync.step(np.array([2, 7, 12]))
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+    for bad in (np.array([1, 0, 1]), np.array([True, False]), [True, False, True], np.zeros(3, dtype=bool)):
+        with pytest.raises(ValueError, match="reset_mask"):
+            ours.reset(options={"reset_mask": bad})
+    with pytest.raises(RuntimeError, match="without a reset_mask first"):
+        TPPTuningVectorEnv(num_envs=2, scenario="S1").reset(options={"reset_mask": np.array([True, False])})
+
+
+def test_a_failed_vector_reset_changes_nothing():
+    venv = TPPTuningVectorEnv(num_envs=2, scenario="S1", cohort="test", cases=3, start="random")
+    twin = TPPTuningVectorEnv(num_envs=2, scenario="S1", cohort="test", cases=3, start="random")
+    venv.reset(seed=4), twin.reset(seed=4)
+    with pytest.raises(ValueError, match="outside cohort 'test'"):
+        venv.reset(seed=9, options=[None, {"index": 99}])
+    (o1, i1), (o2, i2) = venv.reset(), twin.reset()  # both continue the seed-4 generators
+    np.testing.assert_array_equal(o1, o2)
+    assert i1["case"].tolist() == i2["case"].tolist()
+
+
 def test_reset_without_seed_keeps_the_generators():
     venv = TPPTuningVectorEnv(num_envs=2, scenario="S1", cases=4, start="random")
     single = [TPPTuningEnv("S1", cases=4, start="random") for _ in range(2)]
