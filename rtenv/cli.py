@@ -7,6 +7,7 @@ Commands::
     rtenv cases import cort|matrad|portpy PATH --protocol NAME [--beams ...] [--structures ...] --out case.rtcase
     rtenv dose S1 [--cohort test] [--case 0] --uniform --out DIR [--mode linear|binary|relative]
     rtenv plan S1 [--cohort test] [--case 0] [--tpp FILE.json] [--device cpu|cuda] --out DIR
+               [--max-iter 40] [--cg-steps 3] [--tol 5e-3] [--beta 2] [--precond-every 1] [--ptv-underdose]
     rtenv train acer --scenario S1 --train-cases 1 --timesteps N --out DIR [--num-envs 16] [--seed 0]
     rtenv evaluate --policy acer:DIR/model.zip --scenario S1 [--cohort test] --json OUT.json
     rtenv explain --policy acer:DIR/model.zip --scenario S1 [--case 0] --out DIR
@@ -19,6 +20,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -31,7 +33,7 @@ from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
 from rtenv.scenarios import COHORTS, SCENARIOS, load_case
 from rtenv.tpp import TPP
-from rtenv.tps import TPS
+from rtenv.tps import TPS, ADMMSettings
 
 
 def _add_case_args(p: argparse.ArgumentParser) -> None:
@@ -115,11 +117,13 @@ def _dose(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    settings = ADMMSettings(max_iter=args.max_iter, cg_steps=args.cg_steps, tol=args.tol, beta=args.beta,
+                            precond_every=args.precond_every, ptv_underdose=args.ptv_underdose)
     case = load_case(args.scenario, args.cohort, args.case, progress=True)
     tpp = TPP.load(args.tpp, case.structure_names) if args.tpp else TPP.default(case.structure_names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # a bad --out fails before the solve, not after
-    tps = TPS(case, device=args.device)
+    tps = TPS(case, device=args.device, settings=settings)
     plan = tps.optimize(tpp)
     result = score_plan(case, plan.dose[0], mode=args.mode)
     status = "converged" if plan.converged[0] else f"NOT converged (max_iter {tps.settings.max_iter})"
@@ -131,7 +135,7 @@ def _plan(args: argparse.Namespace) -> int:
         "case": case.name, "scenario": args.scenario, "cohort": args.cohort, "index": args.case,
         "tpp": tpp.to_dict(), "score": result.to_dict(), "objective": float(plan.objective[0]),
         "iterations": int(plan.iterations[0]), "converged": bool(plan.converged[0]),
-        "seconds": plan.seconds, "device": plan.device,
+        "seconds": plan.seconds, "device": plan.device, "settings": dataclasses.asdict(settings),
         "active_voxels": {k: int(v[0]) for k, v in plan.active_voxels.items()},
         "fluence": plan.fluence[0].tolist(),
     }
@@ -311,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(plan)
     plan.add_argument("--tpp", default=None, help="TPP JSON file (default: the SPEC default start)")
     plan.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
+    solver = plan.add_argument_group("ADMM settings (defaults: SPEC section 1)")
+    defaults = ADMMSettings()
+    solver.add_argument("--max-iter", type=int, default=defaults.max_iter, help="outer ADMM iterations at most")
+    solver.add_argument("--cg-steps", type=int, default=defaults.cg_steps, help="CG steps per x-update")
+    solver.add_argument("--tol", type=float, default=defaults.tol,
+                        help="convergence: relative fluence change between outer iterations")
+    solver.add_argument("--beta", type=float, default=defaults.beta, help="ADMM penalty of the PTV coverage split")
+    solver.add_argument("--precond-every", type=int, default=defaults.precond_every,
+                        help="rebuild the CG preconditioner every this many iterations")
+    solver.add_argument("--ptv-underdose", action="store_true", help="add the one-sided PTV under-dose term")
     _add_mode_arg(plan)
     plan.add_argument("--out", required=True, help="output directory for plan.json and PNGs")
     plan.set_defaults(func=_plan)

@@ -73,9 +73,11 @@ class ADMMSettings:
             4 more iterations move them (docs/tps_and_envs.md).
         coverage: Fraction of the PTV that must receive the prescription (0.95: D95 >= Rx).
         ptv_underdose: Add the one-sided PTV under-dose term.
-        underdose_weight: Its weight relative to ``lambda_PTV``: the term is
-            ``underdose_weight * lambda_PTV * sum((d - Rx)^2) / (2 |U|)`` over the PTV voxels U
-            below Rx, on the same scale as the other terms (and included in the reported objective).
+        underdose_weight: Its weight relative to ``lambda_PTV``: in the reported objective
+            (relative dose ``d = D x / Rx``, weights ``lambda_s / lambda_PTV``) the term is
+            ``underdose_weight * sum((d_U - 1)^2) / (2 |U|)`` over the PTV voxels U below Rx,
+            on the same scale as the PTV hot-spot term. Not part of the frozen sub-problem
+            (:meth:`TPS.subproblem`), whose set U would move with the dose.
     """
 
     max_iter: int = 40
@@ -592,7 +594,10 @@ class TPS:
     def subproblem(self, tpp: TPP, frozen: FrozenSets) -> dict:
         """The frozen convex sub-problem as scipy matrices (relative-dose units):
         ``terms`` = list of ``(D_s[active], weight / |active|, t_s)`` and ``D_cover`` (rows that
-        must reach 1). Its objective is ``sum weight/2 * ||D_s x - t_s||^2``, ``x >= 0``."""
+        must reach 1). Its objective is ``sum weight/2 * ||D_s x - t_s||^2``, ``x >= 0``. Defined
+        without the PTV under-dose term: a TPS with ``ptv_underdose`` raises."""
+        if self.settings.ptv_underdose:
+            raise ValueError("the frozen sub-problem has no PTV under-dose term; use a TPS with ptv_underdose=False")
         n = len(self.structures)
         v = self._tpp_batch(tpp)[0]
         t, lam = v[:n], v[n:2 * n]

@@ -56,6 +56,18 @@ def test_plan_writes_json_and_figures(capsys, tmp_path):
     assert (out / "dvh.png").stat().st_size > 10_000 and (out / "dose_slice.png").stat().st_size > 10_000
 
 
+def test_plan_takes_solver_settings(capsys, tmp_path):
+    out = tmp_path / "plan"
+    assert main(["plan", "S1", "--max-iter", "3", "--tol", "1e-6", "--precond-every", "2", "--out", str(out)]) == 0
+    assert "3 ADMM iterations, NOT converged (max_iter 3)" in capsys.readouterr().out
+    record = json.loads((out / "plan.json").read_text())
+    assert record["iterations"] == 3 and not record["converged"]
+    assert record["settings"]["max_iter"] == 3 and record["settings"]["precond_every"] == 2
+    assert main(["plan", "S1", "--cg-steps", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "rtenv: error: cg_steps = 0 must be an integer in [1, 1000]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_plan_rejects_bad_tpp_file(capsys, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"structures": ["PTV", "Bladder", "Rectum"], "tpp": {

@@ -334,8 +334,11 @@ def test_underdose_term_raises_cold_ptv_dose(s1):
     cold = lambda p: dose_at_volume_percent(p.dose[0][s1.target.rows], 99)  # noqa: E731
     assert cold(under) > cold(base)
     # the reported objective adds the term, weighted relative to lambda_PTV like every other term
-    tps = TPS(s1, settings=ADMMSettings(ptv_underdose=True, underdose_weight=20.0))
-    base_terms = tps.objective_of(under.fluence[0], tps.subproblem(tpp, tps.freeze(tpp, under.fluence[0])))
+    tps, plain = TPS(s1, settings=ADMMSettings(ptv_underdose=True, underdose_weight=20.0)), TPS(s1)
+    frozen = plain.freeze(tpp, under.fluence[0])
+    base_terms = plain.objective_of(under.fluence[0], plain.subproblem(tpp, frozen))
+    with pytest.raises(ValueError, match="frozen sub-problem has no PTV under-dose term"):
+        tps.subproblem(tpp, frozen)
     short = np.minimum(under.dose[0][s1.target.rows] / s1.prescription_gy - 1.0, 0.0)
     expected = base_terms + 20.0 * np.sum(short ** 2) / (2 * np.count_nonzero(short))
     assert np.count_nonzero(short) > 0 and under.objective[0] == pytest.approx(expected, rel=1e-3)
