@@ -23,7 +23,10 @@ a JSON header carrying a format name and version).
 from __future__ import annotations
 
 import json
+import os
+import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -175,29 +178,43 @@ class PlanningCase:
     def coverage_scale(self, dose: np.ndarray, volume_pct: float = 95.0) -> float:
         """Factor that makes the target's D``volume_pct``% equal the prescription.
 
-        Dx% is the minimum dose of the hottest x % of the target's voxels (voxel-based).
+        Dx% is the minimum dose of the hottest x % of the target's voxels (voxel-based). For a
+        float32 dose (what :meth:`dose` returns) the factor is a float32 value rounded so that
+        ``dose * factor``, computed in float32, has Dx% at or just above the prescription (the
+        plain ratio often lands one rounding step below it, which fails a ``D95 >= Rx`` goal).
         """
         if not (0.0 < volume_pct <= 100.0):
             raise ValueError(f"volume_pct = {volume_pct} is outside the valid range (0, 100]")
-        dx = dose_at_volume_percent(np.asarray(dose)[self.target.rows], volume_pct)
+        dose = self._check_dose(dose)
+        dx = dose_at_volume_percent(dose[self.target.rows], volume_pct)
         if dx <= 0:
             raise ValueError(f"target D{volume_pct:g}% is {dx} Gy: the plan gives no dose to rescale")
-        return self.prescription_gy / dx
+        if dose.dtype != np.float32:
+            return self.prescription_gy / dx
+        dx32, rx = np.float32(dx), self.prescription_gy
+        scale = np.float32(rx / dx)
+        while float(dx32 * scale) < rx:  # at most a step or two
+            scale = np.nextafter(scale, np.float32(np.inf))
+        return float(scale)
 
-    def structure_doses(self, dose: np.ndarray) -> dict[str, np.ndarray]:
-        """Split a dose vector over the dose rows (Gy) into per-structure voxel doses."""
+    def _check_dose(self, dose: np.ndarray) -> np.ndarray:
         dose = np.asarray(dose)
         if dose.shape != (self.n_rows,):
             raise ValueError(
                 f"dose has shape {dose.shape}; case {self.name!r} needs ({self.n_rows},) "
                 "(one value per dose row)"
             )
+        return dose
+
+    def structure_doses(self, dose: np.ndarray) -> dict[str, np.ndarray]:
+        """Split a dose vector over the dose rows (Gy) into per-structure voxel doses."""
+        dose = self._check_dose(dose)
         return {s.name: dose[s.rows] for s in self.structures}
 
     def dose_grid(self, dose: np.ndarray, fill: float = np.nan) -> np.ndarray:
         """Scatter a dose vector over the dose rows (Gy) into a ``grid_shape`` array."""
         grid = np.full(int(np.prod(self.grid_shape)), fill, dtype=np.float32)
-        grid[self.dose_rows] = dose
+        grid[self.dose_rows] = self._check_dose(dose)
         return grid.reshape(self.grid_shape)
 
     def mask(self, name: str) -> np.ndarray:
@@ -263,10 +280,12 @@ class PlanningCase:
         for s in self.structures:
             if s.role not in ("target", "oar"):
                 raise CaseFormatError(f"structure {s.name!r} has role {s.role!r}; valid: 'target', 'oar'")
-            if s.rows.size == 0 or s.rows.min() < 0 or s.rows.max() >= rows.size:
+            if s.rows.size == 0 or s.rows.dtype.kind not in "iu" or s.rows.min() < 0 or s.rows.max() >= rows.size:
                 raise CaseFormatError(
-                    f"structure {s.name!r} rows must be non-empty indices in [0, {rows.size - 1}]"
+                    f"structure {s.name!r} rows must be non-empty integer indices in [0, {rows.size - 1}]"
                 )
+            if np.any(np.diff(s.rows) <= 0):  # a repeated row would count its voxel twice
+                raise CaseFormatError(f"structure {s.name!r} rows must be strictly increasing (sorted, no repeats)")
         if self.density is not None and self.density.shape != tuple(self.grid_shape):
             raise CaseFormatError(
                 f"density has shape {self.density.shape}, grid_shape is {tuple(self.grid_shape)}"
@@ -314,10 +333,15 @@ class PlanningCase:
         if self.density is not None:
             arrays["density"] = self.density.astype(np.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        tmp.replace(path)
+        # a temporary name of this writer's own, so that concurrent writers of one case (parallel
+        # workers building it) each publish a whole file
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -334,7 +358,7 @@ class PlanningCase:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as exc:
             raise CaseFormatError(f"{path} is not a readable rtenv case file ({exc})") from exc
         if "header" not in arrays:
             raise CaseFormatError(f"{path} has no 'header' entry: not an rtenv case file")
@@ -388,6 +412,8 @@ class PlanningCase:
             )
         except KeyError as exc:
             raise CaseFormatError(f"{path}: header lacks field {exc}") from exc
+        except (TypeError, IndexError) as exc:  # header fields of the wrong type
+            raise CaseFormatError(f"{path}: malformed header ({exc})") from exc
         except CaseFormatError as exc:
             raise CaseFormatError(f"{path}: {exc}") from exc
         except ValueError as exc:  # scipy's own shape checks

@@ -216,10 +216,17 @@ def criterion_score(value: float, goal: float, limit: float, points: float = 1.0
                     sense: str = "upper", mode: str = "linear") -> float:
     """Score of one criterion value (0..points); see the module docstring for the modes.
 
-    ``value``, ``goal`` and ``limit`` share one unit (Gy or %).
+    ``value``, ``goal`` and ``limit`` share one unit (Gy or %); the limit lies beyond the goal
+    (``limit >= goal`` for an upper bound, ``<=`` for a lower one) and ``points > 0``.
     """
     if sense not in SENSES:
         raise ValueError(f"unknown sense {sense!r}; valid senses: {', '.join(SENSES)}")
+    if not math.isfinite(value):
+        raise ValueError(f"criterion value {value!r} is not finite")
+    if not points > 0:
+        raise ValueError(f"points = {points!r} must be > 0")
+    if (limit < goal) if sense == "upper" else (limit > goal):
+        raise ValueError(f"limit {limit:g} lies on the wrong side of goal {goal:g} for sense {sense!r}")
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown score mode {mode!r}; valid modes: {', '.join(SCORE_MODES)}")
     margin = value - goal if sense == "upper" else goal - value
@@ -338,6 +345,10 @@ class Criterion:
         if not isinstance(constraints, Mapping):
             raise fail("'constraints' must be an object")
         flavours = ("volume_perc",) if unit == "%" else ("dose_gy", "dose_perc")
+        foreign = [k for k in constraints if k not in {f"{e}_{f}" for e in ("goal", "limit") for f in flavours}]
+        if foreign:
+            keys = ", ".join(f"{e}_{f}" for f in flavours for e in ("goal", "limit"))
+            raise fail(f"constraints {foreign} do not apply to a {ctype} criterion; valid: {keys}")
         used = [f for f in flavours if f"goal_{f}" in constraints or f"limit_{f}" in constraints]
         if len(used) != 1:
             keys = " / ".join(f"goal_{f}, limit_{f}" for f in flavours)
@@ -542,7 +553,10 @@ class Protocol:
                 raise ValueError(f"unknown protocol {name_or_path!r}; shipped protocols: "
                                  f"{', '.join(available_protocols())} (or pass a path to a .json file)")
             text, stem = resource.read_text(encoding="utf-8"), str(name_or_path)
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"protocol {name_or_path}: not valid JSON ({exc})") from None
         if isinstance(data, dict) and "name" not in data and "protocol_name" not in data:
             data["name"] = stem
         return cls.from_dict(data)
@@ -602,8 +616,16 @@ def dola_reward(result: ProtocolResult) -> float:
     return 50.0 * i_ptv + others - 50.0 * (1.0 - i_ptv)
 
 
-@lru_cache(maxsize=32)
 def _load_protocol(name_or_path: str) -> Protocol:
+    """:meth:`Protocol.load`, cached; a file's entry is keyed on its modification time and size,
+    so an edited protocol file is read again."""
+    path = Path(name_or_path)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    return _load_protocol_cached(name_or_path, stamp)
+
+
+@lru_cache(maxsize=32)
+def _load_protocol_cached(name_or_path: str, stamp: tuple[int, int] | None) -> Protocol:
     return Protocol.load(name_or_path)
 
 

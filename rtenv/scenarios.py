@@ -124,6 +124,9 @@ def case_seed(cohort: str, index: int) -> int:
     if cohort not in COHORTS:
         raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
     size, first = COHORTS[cohort]
+    if isinstance(index, bool) or not isinstance(index, int | np.integer):
+        raise ValueError(f"case index {index!r} must be an integer")
+    index = int(index)
     if index < 0 or (size is not None and index >= size):
         hi = "inf" if size is None else size - 1
         raise ValueError(f"case index {index} is outside cohort {cohort!r}'s range [0, {hi}]")

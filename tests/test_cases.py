@@ -1,5 +1,6 @@
 """Phantoms, scenarios, cohorts and the case file format."""
 
+import dataclasses
 import json
 import zipfile
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from rtenv.case import CaseFormatError, PlanningCase
+from rtenv.evaluation import dose_at_volume_percent
 from rtenv.phantom import BONE, LUNG, make_phantom
 from rtenv.scenarios import COHORTS, SCENARIOS, case_seed, load_case
 
@@ -138,6 +140,50 @@ def test_corrupt_and_mismatched_files(s1, tmp_path):
         with pytest.raises(CaseFormatError, match=message):
             PlanningCase.load(bad)
     assert zipfile.is_zipfile(good)
+
+
+def test_damaged_member_is_a_case_format_error(s1, tmp_path):
+    data = bytearray(s1.save(tmp_path / "c.rtcase").read_bytes())
+    with zipfile.ZipFile(tmp_path / "c.rtcase") as z:
+        info = z.getinfo("D_data.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the compressed member's bytes
+    for i in range(start + 100, start + 300):
+        data[i] ^= 0xFF
+    bad = tmp_path / "bad.rtcase"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CaseFormatError, match="not a readable rtenv case file"):  # was a raw zlib.error
+        PlanningCase.load(bad)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # save left no temporary
+
+
+def test_structure_rows_must_be_sorted_unique_integers(s1):
+    ptv = s1.target
+    for rows, match in ((np.r_[ptv.rows, ptv.rows[:1]], "strictly increasing"),
+                        (ptv.rows[::-1].copy(), "strictly increasing"),
+                        (ptv.rows.astype(float), "integer indices")):
+        structures = [dataclasses.replace(ptv, rows=rows), *s1.structures[1:]]
+        with pytest.raises(CaseFormatError, match=match):
+            dataclasses.replace(s1, structures=structures)
+
+
+def test_coverage_scale_lands_at_or_above_the_prescription(s1):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        dose = s1.dose(rng.random(s1.n_beamlets).astype(np.float32))
+        dose *= s1.coverage_scale(dose)
+        d95 = dose_at_volume_percent(dose[s1.target.rows], 95)
+        assert s1.prescription_gy <= d95 <= s1.prescription_gy * (1 + 1e-6)
+    with pytest.raises(ValueError, match="dose has shape"):
+        s1.coverage_scale(np.ones(s1.n_rows + 1, dtype=np.float32))
+    with pytest.raises(ValueError, match="dose has shape"):
+        s1.dose_grid(np.float32(1.0))
+
+
+def test_case_seed_needs_an_integer_index():
+    assert case_seed("test", np.int64(1)) == case_seed("test", 1)
+    for index in (1.0, True, 1.5):
+        with pytest.raises(ValueError, match="must be an integer"):
+            case_seed("test", index)
 
 
 def test_dose_input_checks(s1):

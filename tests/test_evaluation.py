@@ -17,6 +17,7 @@ from rtenv.evaluation import (
     dose_at_volume_percent,
     max_dose,
     mean_dose,
+    score_plan,
     volume_at_dose_percent,
 )
 
@@ -228,6 +229,31 @@ def test_load_from_path(tmp_path):
         Protocol.load("nope")
 
 
+def test_score_plan_reads_an_edited_protocol_file_again(tmp_path):
+    from rtenv.scenarios import load_case
+
+    case = load_case("S1", "test", 0)
+    dose = case.dose(np.ones(case.n_beamlets))
+    path = tmp_path / "mine.json"
+    data = Protocol.load("prostate9").to_dict()
+    path.write_text(json.dumps(data))
+    assert score_plan(case, dose, protocol=str(path)).max_score == 9
+    data["criteria"] = data["criteria"][:3]
+    path.write_text(json.dumps(data))
+    assert score_plan(case, dose, protocol=str(path)).max_score == 3
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"protocol {path}: not valid JSON"):
+        Protocol.load(path)
+
+
+def test_criterion_score_rejects_what_a_protocol_rejects():
+    for kwargs, match in (({"value": float("nan")}, "not finite"), ({"points": 0.0}, "points = 0.0"),
+                          ({"goal": 10.0, "limit": 5.0}, "wrong side of goal 10")):
+        with pytest.raises(ValueError, match=match):
+            criterion_score(**{"value": 12.0, "goal": 5.0, "limit": 10.0, **kwargs})
+    assert criterion_score(12.0, 10.0, 5.0, sense="lower") == 1.0
+
+
 def test_portpy_style_dict_with_unknown_keys():
     protocol = Protocol.from_dict({
         "protocol_name": "Lung_2Gy_30Fx", "disease_site": "Lung", "num_of_fractions": 30,
@@ -274,6 +300,8 @@ def base_protocol(**criterion):
         (base_protocol(constraints={"goal_dose_gy": 5}), r"goal_volume_perc, limit_volume_perc"),
         (base_protocol(constraints={}), "no goal or limit"),
         (base_protocol(type="mean_dose", constraints={"goal_dose_gy": 5, "limit_dose_perc": 9}), "mix units"),
+        (base_protocol(constraints={"goal_volume_perc": 15, "limit_dose_gy": 20}),  # was dropped: limit = goal
+         r"constraints \['limit_dose_gy'\] do not apply to a dose_volume_V criterion"),
         (base_protocol(parameters={"structure_name": "Bladder", "dose_gy": -80}), r"dose_gy = -80"),
         (base_protocol(parameters={"structure_name": "Bladder"}), "dose_gy / dose_perc"),
         (base_protocol(parameters={"dose_gy": 80}), "structure_name"),
