@@ -21,6 +21,7 @@ without importing that package.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import ipaddress
 import json
@@ -134,8 +135,11 @@ class LlamaCppBackend:
         if not self.model_path.is_file():
             raise BackendError(f"no GGUF model file at {self.model_path}")
         t0 = time.perf_counter()
-        self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                                    n_gpu_layers=n_gpu_layers, verbose=False)
+        try:
+            self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
+                                        n_threads=n_threads or os.cpu_count(), n_gpu_layers=n_gpu_layers, verbose=False)
+        except ValueError as exc:  # llama.cpp could not load the file
+            raise BackendError(f"llama.cpp could not load the GGUF model {self.model_path} ({exc})") from exc
         self.load_seconds = time.perf_counter() - t0
         self.bounded = bounded
         self._grammars: dict[str, Any] = {}
@@ -321,9 +325,11 @@ class OpenAIBackend:
             return {"type": "json_object"}
         return None
 
-    def _post(self, body: dict[str, Any], retry5xx: bool) -> dict[str, Any]:
-        """One request with retries; raises ``urllib.error.HTTPError`` for a 4xx (and a 5xx that
-        survived the retries) so the caller can fall back, :class:`BackendError` otherwise."""
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request with retries (HTTP 429 and 5xx but 501; connection failures); raises
+        ``urllib.error.HTTPError`` for other statuses and those that survived the retries, so the
+        caller can fall back, :class:`BackendError` otherwise.
+        Redirects are not followed (they would carry the API key, and the request, elsewhere)."""
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
@@ -333,15 +339,15 @@ class OpenAIBackend:
         for attempt in range(self.retries + 1):
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with _OPENER.open(req, timeout=self.timeout_s) as resp:
                     return json.loads(resp.read().decode())
             except urllib.error.HTTPError as exc:
-                if (exc.code == 429 or (exc.code >= 500 and retry5xx)) and attempt < self.retries:
+                if (exc.code == 429 or (exc.code >= 500 and exc.code != 501)) and attempt < self.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
                 raise
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
                 if attempt < self.retries:
                     time.sleep(delay)
@@ -349,7 +355,7 @@ class OpenAIBackend:
                     continue
                 kind = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "unreachable"
                 raise BackendError(f"endpoint {self.url} {kind} after {self.retries + 1} attempts ({reason})") from exc
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BackendError(f"endpoint {self.url} returned a body that is not JSON") from exc
         raise AssertionError("unreachable")
 
@@ -366,23 +372,37 @@ class OpenAIBackend:
             fmt = self._format(mode, schema) if schema is not None else None
             if fmt is not None:
                 body["response_format"] = fmt
-            try:  # with a format, a 5xx may mean "unsupported format": fall back instead of retrying
-                out = self._post(body, retry5xx=mode == "text")
+            try:
+                out = self._post(body)
             except urllib.error.HTTPError as exc:
+                # with a format, a 500 that outlasts the retries may mean "format unsupported"
+                # (llama-cpp-python's server answers json_schema so): try the next format
                 if mode != "text" and exc.code in (400, 404, 415, 422, 500, 501):
                     continue
                 detail = exc.read().decode(errors="replace")[:300] if exc.fp else ""
+                if 300 <= exc.code < 400:
+                    detail = f"redirect to {exc.headers.get('Location')!r} not followed"
                 raise BackendError(f"endpoint {self.url} answered HTTP {exc.code} {exc.reason}: {detail}") from exc
             if schema is not None:
                 _ENDPOINT_MODE[key] = mode
             try:
                 text = out["choices"][0]["message"]["content"] or ""
             except (KeyError, IndexError, TypeError) as exc:
-                raise BackendError(f"endpoint {self.url} returned no choices[0].message.content") from exc
+                error = out.get("error") if isinstance(out, dict) else None
+                said = f": {json.dumps(error)[:300]}" if error else ""
+                raise BackendError(f"endpoint {self.url} returned no choices[0].message.content{said}") from exc
             usage = out.get("usage") or {}
             return Completion(text, _loads_or_none(text), int(usage.get("prompt_tokens", 0)),
                               int(usage.get("completion_tokens", 0)), time.perf_counter() - t0, mode)
         raise BackendError(f"endpoint {self.url} rejected every output mode {modes}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx then surfaces as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def make_backend(kind: str, model: str | None = None, base_url: str | None = None, device: str = "cpu",

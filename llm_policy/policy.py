@@ -25,7 +25,7 @@ import numpy as np
 
 from llm_policy.backends import DEFAULT_TEMPERATURE, LLMBackend
 from llm_policy.prompt import Attempt, Message, PlanState, PromptOptions, build_messages
-from llm_policy.proposal import ProposalError, parse_proposal, proposal_schema, scoped_names
+from llm_policy.proposal import ProposalError, parse_proposal, proposal_bounds, proposal_schema, scoped_names
 
 
 @dataclass
@@ -143,11 +143,18 @@ class LLMPolicy:
         if proposal is None:
             log.fallback = True
             proposal = {}
-        log.proposal = {**state.tpp, **proposal}
+        # the TPPs the answer leaves as they are, inside the range the env's action map realises
+        # (a start may lie outside it: the env would clip them the same way)
+        bounds = proposal_bounds(self.structures)
+        kept = {n: min(max(v, bounds[n][0]), bounds[n][1]) for n, v in state.tpp.items()}
+        log.proposal = {**kept, **proposal}
         self.log.append(log)
         return log.proposal, log
 
     def __call__(self, obs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+        """The action for a step; a new episode (``info["steps"] == 0``) starts with :meth:`reset`."""
+        if info.get("steps") == 0:
+            self.reset()
         tpp, _ = self.propose(obs, info)
         vector = np.array([tpp[n] for n in info["tpp"]], dtype=np.float64)
         return self.to_action(vector) if self.to_action is not None else vector
@@ -165,7 +172,7 @@ class PlanningResult:
     final_tpp: dict[str, float]
     final_dv_metrics: dict[str, float]
     score_trajectory: list[float]
-    valid_first_rate: float
+    valid_first_rate: float | None
     fallbacks: int
     prompt_tokens: int
     completion_tokens: int
@@ -251,11 +258,11 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
     finally:
         if transcript is not None:
             transcript.close()
-    n = max(len(records), 1)
     result = PlanningResult(
         initial_score=initial_score, final_score=info["score"], max_score=info["max_score"], steps=info["steps"],
         full_score=bool(info["full_score"]), final_tpp=info["tpp"], final_dv_metrics=info["dv_metrics"],
-        score_trajectory=trajectory, valid_first_rate=sum(r["valid_first"] for r in records) / n,
+        score_trajectory=trajectory,
+        valid_first_rate=sum(r["valid_first"] for r in records) / len(records) if records else None,
         fallbacks=sum(r["fallback"] for r in records), prompt_tokens=sum(r["prompt_tokens"] for r in records),
         completion_tokens=sum(r["completion_tokens"] for r in records),
         llm_seconds=sum(r["llm_seconds"] for r in records), seconds=time.perf_counter() - t_start, records=records,

@@ -87,20 +87,29 @@ def extract_json(text: str) -> Any:
     Raises:
         ProposalError: no JSON object could be decoded (NaN/Infinity literals count as invalid).
     """
+    return next(iter(_json_objects(text)))
+
+
+def _json_objects(text: str) -> list[dict]:
+    """Every JSON object in ``text``, in order (objects nested in an earlier one included); raises
+    :class:`ProposalError` where there is none."""
     if not isinstance(text, str) or not text.strip():
         raise ProposalError(["the answer is empty"])
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
     start = text.find("{")
     last_error = "no '{' found"
+    found = []
     while start != -1:
         try:
             obj, _ = decoder.raw_decode(text, start)
             if isinstance(obj, dict):
-                return obj
+                found.append(obj)
         except ValueError as exc:  # JSONDecodeError or a rejected constant
             last_error = str(exc)
         start = text.find("{", start + 1)
-    raise ProposalError([f"the answer holds no JSON object ({last_error}); answer with one JSON object only"])
+    if not found:
+        raise ProposalError([f"the answer holds no JSON object ({last_error}); answer with one JSON object only"])
+    return found
 
 
 def validate_proposal(obj: Any, structures: Sequence[str], action_scope: str = "all",
@@ -114,16 +123,20 @@ def validate_proposal(obj: Any, structures: Sequence[str], action_scope: str = "
     if chain_of_thought:
         if not isinstance(obj, dict) or not isinstance(obj.get("tpp"), dict):
             raise ProposalError(['the answer must be {"reasoning": "...", "tpp": {...}} with an object "tpp"'])
-        reasoning = obj.get("reasoning") if isinstance(obj.get("reasoning"), str) else ""
-        extra_top = sorted(set(obj) - {"reasoning", "tpp"})
+        reasoning = obj.get("reasoning")
+        problems = [f"unexpected top-level key {k!r}" for k in sorted(set(obj) - {"reasoning", "tpp"})]
+        if not isinstance(reasoning, str):
+            problems.append(f'"reasoning" must be a string, got {reasoning!r}')
+            reasoning = ""
+        elif len(reasoning) > REASONING_MAX_CHARS:
+            problems.append(f'"reasoning" has {len(reasoning)} characters; at most {REASONING_MAX_CHARS}')
         obj = obj["tpp"]
     else:
-        extra_top = []
+        problems = []
     if not isinstance(obj, dict):
         raise ProposalError([f"the answer must be a JSON object, got {type(obj).__name__}"])
     bounds = proposal_bounds(structures)
     names = scoped_names(structures, action_scope)
-    problems = [f"unexpected top-level key {k!r}" for k in extra_top]
     missing = [n for n in names if n not in obj]
     if missing:
         problems.append(f"missing keys {missing}")
@@ -138,12 +151,18 @@ def validate_proposal(obj: Any, structures: Sequence[str], action_scope: str = "
         lo, hi = bounds[n]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             problems.append(f"{n} must be a number in [{lo:g}, {hi:g}], got {v!r}")
-        elif not math.isfinite(v):
+            continue
+        try:
+            v = float(v)
+        except OverflowError:  # an integer written out beyond float range
+            problems.append(f"{n} (a {len(str(abs(v)))}-digit integer) is outside [{lo:g}, {hi:g}]")
+            continue
+        if not math.isfinite(v):
             problems.append(f"{n} must be finite, got {v!r}")
         elif not lo <= v <= hi:
             problems.append(f"{n} = {v:g} is outside [{lo:g}, {hi:g}]")
         else:
-            values[n] = float(v)
+            values[n] = v
     if problems:
         raise ProposalError(problems)
     return values, reasoning
@@ -151,5 +170,12 @@ def validate_proposal(obj: Any, structures: Sequence[str], action_scope: str = "
 
 def parse_proposal(text: str, structures: Sequence[str], action_scope: str = "all",
                    chain_of_thought: bool = False) -> tuple[dict[str, float], str]:
-    """:func:`extract_json` then :func:`validate_proposal`."""
-    return validate_proposal(extract_json(text), structures, action_scope, chain_of_thought)
+    """:func:`validate_proposal` of the first JSON object in ``text`` that passes it (an answer may
+    show a format before the real one); where none passes, the first object's problems."""
+    first: ProposalError | None = None
+    for obj in _json_objects(text):
+        try:
+            return validate_proposal(obj, structures, action_scope, chain_of_thought)
+        except ProposalError as exc:
+            first = first or exc
+    raise first  # type: ignore[misc]  # _json_objects returned at least one object

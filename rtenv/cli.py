@@ -264,7 +264,8 @@ def _llm_plan(args: argparse.Namespace) -> int:
     res = plan_episode(env, policy, seed=args.seed, options={"index": args.case}, out_dir=args.out, on_step=row)
     print(f"score {res.initial_score:.2f} -> {res.final_score:.2f} of {res.max_score:g} in {res.steps} steps "
           f"({'full score' if res.full_score else 'not full score'}); valid before repair "
-          f"{100 * res.valid_first_rate:.0f} %; {res.prompt_tokens + res.completion_tokens} tokens; "
+          f"{'n/a' if res.valid_first_rate is None else f'{100 * res.valid_first_rate:.0f} %'}; "
+          f"{res.prompt_tokens + res.completion_tokens} tokens; "
           f"{res.seconds:.1f} s")
     print(f"wrote {Path(args.out) / 'transcript.jsonl'}, summary.json and DVH PNGs under {args.out}")
     return 0

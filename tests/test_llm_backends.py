@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from knowledge_extraction.knowledge import save_knowledge
@@ -89,6 +90,20 @@ def test_guided_llama_cpp_planning_writes_the_transcript(llama, tmp_path):
     assert (tmp_path / "dvh" / "step_00.png").stat().st_size > 10_000 and (tmp_path / "dvh_initial_final.png").is_file()
     if res.steps == 2:  # memory: the second prompt shows the first attempt
         assert "## Memory" in json.loads(lines[1])["prompt"][1]["content"]
+
+
+def test_a_reused_policy_starts_each_episode_fresh(llama):
+    """run_episode / evaluate_cohort reuse one policy: a new episode (info steps == 0) must not
+    see the last one's attempts in its prompt, nor get other seeds."""
+    env = s1_env(1)
+    policy = LLMPolicy.for_env(env, llama, options=PromptOptions(guidance=False, memory_k=3))
+    actions, prompts = [], []
+    for _ in range(2):
+        obs, info = env.reset(seed=0, options={"index": 0})
+        actions.append(policy(obs, info))
+        prompts.append(policy.log[-1].messages)
+    assert len(policy.history) == len(policy.log) == 1
+    assert prompts[0] == prompts[1] and np.array_equal(actions[0], actions[1])
 
 
 def test_llama_cpp_schema_mode_enforces_keys_not_bounds():
@@ -195,6 +210,72 @@ def serve(handler):
     return server
 
 
+def _completion(text: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"content": text}}], "usage": {}}).encode()
+
+
+class _Busy503Once(_Always500):
+    """A server that is briefly overloaded, then answers in the first output mode it is asked."""
+
+    def do_POST(self):  # noqa: N802
+        type(self).calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).calls == 1:
+            self.send_response(503)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(_completion(json.dumps({"ok": 1})))
+
+
+class _Redirect(_Always500):
+    target = ""
+
+    def do_POST(self):  # noqa: N802
+        type(self).calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(302)
+        self.send_header("Location", type(self).target)
+        self.end_headers()
+
+
+class _ErrorBody(_Always500):
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": {"message": "model 'x' is not loaded"}}).encode())
+
+
+def test_endpoint_retries_refuses_redirects_and_quotes_errors(monkeypatch):
+    msgs = [{"role": "user", "content": "hi"}]
+    server = serve(_Busy503Once)
+    try:  # a 503 is retried in the structured mode, not taken as "format unsupported"
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        c = OpenAIBackend(url, backoff_s=0.01).complete(msgs, proposal_schema(S1))
+        assert c.mode == "json_schema" and _Busy503Once.calls == 2
+    finally:
+        server.shutdown()
+    sink, redirect = serve(_Always500), serve(_Redirect)
+    _Always500.calls = 0
+    _Redirect.target = f"http://127.0.0.1:{sink.server_port}/v1/chat/completions"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-to-be-forwarded")
+    try:  # the key and the request stay with the endpoint that was named
+        with pytest.raises(BackendError, match="HTTP 302.*not followed"):
+            OpenAIBackend(f"http://127.0.0.1:{redirect.server_port}/v1", local_only=True).complete(msgs)
+        assert _Always500.calls == 0
+    finally:
+        sink.shutdown()
+        redirect.shutdown()
+    server = serve(_ErrorBody)
+    try:
+        with pytest.raises(BackendError, match="no choices.*model 'x' is not loaded"):
+            OpenAIBackend(f"http://127.0.0.1:{server.server_port}/v1").complete(msgs)
+    finally:
+        server.shutdown()
+
+
 def test_endpoint_failures_give_clear_errors():
     msgs = [{"role": "user", "content": "hi"}]
     port = free_port()  # nothing listens there
@@ -205,7 +286,7 @@ def test_endpoint_failures_give_clear_errors():
         url = f"http://127.0.0.1:{server.server_port}/v1"
         with pytest.raises(BackendError, match="HTTP 500"):
             OpenAIBackend(url, retries=2, backoff_s=0.01).complete(msgs, proposal_schema(S1))
-        assert _Always500.calls == 3 + 3  # one try per structured mode, then text mode with 2 retries
+        assert _Always500.calls == 4 * 3  # each of the 3 structured modes and text mode, with 2 retries each
     finally:
         server.shutdown()
     server = serve(_Slow)

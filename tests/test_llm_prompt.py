@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from knowledge_extraction.knowledge import build_knowledge
 from llm_policy.prompt import Attempt, PlanState, PromptOptions, build_messages, knowledge_guidance, select_memory
 from llm_policy.proposal import (
+    REASONING_MAX_CHARS,
     ProposalError,
     extract_json,
     parse_proposal,
@@ -149,6 +150,21 @@ def test_fuzz_json_objects_in_prose(obj, before, after):
 
 def test_extract_json_skips_broken_objects():
     assert extract_json('{"a": 1,, } then {"b": 2}') == {"b": 2}
+
+
+def test_parse_edge_cases_never_escape_as_other_errors():
+    huge = json.dumps(good_answer()).replace("2,", "1" + "0" * 400 + ",", 1)  # an int beyond float range
+    with pytest.raises(ProposalError, match="401-digit integer"):
+        parse_proposal(huge, S1)
+    # a format shown before the answer: the first object that validates counts
+    values, _ = parse_proposal("Format: {} . Answer: " + json.dumps(good_answer()), S1)
+    assert values == {k: float(v) for k, v in good_answer().items()}
+    # chain of thought: the reasoning is required, a string, and bounded like the schema says
+    for reasoning, match in ((None, "must be a string"), (7, "must be a string"),
+                             ("x" * (REASONING_MAX_CHARS + 1), f"at most {REASONING_MAX_CHARS}")):
+        answer = {"tpp": good_answer()} if reasoning is None else {"reasoning": reasoning, "tpp": good_answer()}
+        with pytest.raises(ProposalError, match=match):
+            parse_proposal(json.dumps(answer), S1, chain_of_thought=True)
 
 
 # --------------------------------------------------------------------------------------- prompt
