@@ -528,12 +528,10 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
             rngs[i] = gym.utils.seeding.np_random(s)[0] if s is not None or kept is None else copy.deepcopy(kept)
         new = [self.core.new_episode(rngs[i], per_env[i]) for i in chosen]
         self.core.reset_batch(new)
+        infos: list[dict] = [{} for _ in range(self.num_envs)]
         for i, ep in zip(chosen, new, strict=True):
-            eps[i] = ep
+            eps[i], infos[i] = ep, self.core.info(ep)
         self._rngs, self._eps = rngs, eps
-        infos = [{} for _ in range(self.num_envs)]
-        for i, ep in zip(chosen, new, strict=True):
-            infos[i] = self.core.info(ep)
         return np.stack([self.core.observe(ep) for ep in self._eps]), infos
 
     def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
