@@ -30,11 +30,12 @@ point per criterion met), as in the seed. Every finished episode is appended to
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -103,6 +104,10 @@ def episode_specs(scenarios: Sequence[str], policies: Sequence[str], cases: int 
         raise ValueError(f"--cases {cases} is outside [1, 10] (the test cohort has 10 cases)")
     if max_steps < 1:
         raise ValueError(f"--max-steps {max_steps} must be >= 1")
+    names = [policy_count(entry, cases)[0] for entry in policies]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"policies {twice} are listed more than once")
     out = []
     for sc in scenarios:
         if sc not in SCENARIO_CHOICES:
@@ -266,9 +271,14 @@ def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, wo
                  ignore_reinit_error=True, **({} if ray_address else {"num_cpus": workers}))
         remote = ray.remote(num_cpus=1)(run_episode_spec)
         pending = [remote.remote(s, knowledge, llm, device) for s in todo]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+
+        def arrivals() -> Iterator[Callable[[], dict[str, Any]]]:
+            nonlocal pending
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield lambda ref=done[0]: ray.get(ref)
+
+        yield from _failures_last(arrivals())
         return
     if workers <= 1:
         for s in todo:
@@ -276,8 +286,22 @@ def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, wo
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
         futures = [ex.submit(run_episode_spec, s, knowledge, llm, device) for s in todo]
-        for fut in as_completed(futures):
-            yield fut.result()
+        yield from _failures_last(fut.result for fut in as_completed(futures))
+
+
+def _failures_last(results: Iterable[Callable[[], dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The records of parallel episodes as they arrive; an episode that failed does not cost the
+    others (each finished one is handed on, and written), and the first failure is raised at the end."""
+    failures: list[Exception] = []
+    for result in results:
+        try:
+            record = result()
+        except Exception as exc:  # noqa: BLE001 (re-raised below)
+            failures.append(exc)
+            continue
+        yield record
+    if failures:
+        raise failures[0]
 
 
 def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Path, cases: int = 10,
@@ -295,6 +319,7 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     if needs_kb and not knowledge:
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
     path = out / "results.jsonl"
+    _check_run_settings(out / "run_settings.json", knowledge, llm)
     done = {r["key"]: r for r in load_records(path)}
     # starting state first: every policy's first episodes finish first (a cut run stays balanced)
     todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
@@ -321,6 +346,25 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     if figures:
         write_figures(records, out)
     return summary
+
+
+def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions) -> None:
+    """Episode keys name the policy, case, start, seed and budget, not the settings every
+    episode shares: the knowledge base (by content) and the LLM options. They are written beside
+    the results, and a resume with other ones is refused rather than mixed in."""
+    from knowledge_extraction.knowledge import load_knowledge
+
+    kb = None if knowledge is None else hashlib.sha256(
+        json.dumps(load_knowledge(knowledge), sort_keys=True).encode()).hexdigest()
+    settings = {"knowledge_sha256": kb, "llm": asdict(llm)}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{path.parent} holds episodes run with other {', '.join(changed)} "
+                             f"(was {[before.get(k) for k in changed]}); use another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=2))
 
 
 # ------------------------------------------------------------------------------------ reporting

@@ -6,6 +6,7 @@ policy's results (DRL, LLM, baselines) can be compared. Figures are PNG files.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,16 +14,30 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from rtenv.plots import save_figure  # sets the Agg backend: figures are files, never windows
+
+EXACT_MAX_N = 8  # 8! = 40 320 pairings
+
+
+def _exact_p(x: np.ndarray, y: np.ndarray, rho: float) -> float:
+    """Two-sided permutation p-value of Spearman's rho: the fraction of all pairings of the ranks
+    (ties keep their average ranks) whose |rho| reaches the observed one."""
+    rx, ry = rankdata(x), rankdata(y)
+    perms = np.array(list(itertools.permutations(range(len(x)))))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    all_rho = (ry[perms] @ rx) / np.sqrt((rx @ rx) * (ry @ ry))
+    return float(np.mean(np.abs(all_rho) >= abs(rho) - 1e-12))
 
 
 def spearman_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Spearman rho and p-value between every final TPP and every final dose-volume metric.
 
     Returns ``{"tpps": [...], "metrics": [...], "rho": [[...]], "p": [[...]], "n": N}``; a pair
-    where either side is constant over the plans gets NaN.
+    where either side is constant over the plans gets NaN. Two-sided p-values are exact (all
+    pairings of the ranks) for up to :data:`EXACT_MAX_N` plans, where scipy's t-approximation is
+    far off (it gives p = 0 for any perfect correlation, even of 3 plans), and scipy's above.
     """
     if len(records) < 3:
         raise ValueError(f"Spearman correlations need at least 3 plans, got {len(records)}")
@@ -36,7 +51,8 @@ def spearman_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for j in range(len(metrics)):
             if np.ptp(X[:, i]) > 0 and np.ptp(Y[:, j]) > 0:
                 res = spearmanr(X[:, i], Y[:, j])
-                rho[i, j], p[i, j] = float(res.statistic), float(res.pvalue)
+                rho[i, j] = float(res.statistic)
+                p[i, j] = _exact_p(X[:, i], Y[:, j], rho[i, j]) if len(records) <= EXACT_MAX_N else float(res.pvalue)
     return {"tpps": tpps, "metrics": metrics, "rho": rho.tolist(), "p": p.tolist(), "n": len(records)}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort
+from rtenv.tpp import RANGES
 
 FORMAT = "rtenv-knowledge"
 VERSION = 1
@@ -54,6 +56,10 @@ def build_knowledge(records: Sequence[EpisodeRecord], source: dict[str, Any]) ->
     if not good:
         raise ValueError(f"no full-score plan among {len(records)} episodes: nothing to export")
     names = list(good[0].final_tpp)
+    for r in good:
+        if set(r.final_tpp) != set(names):  # e.g. records of two scenarios
+            raise ValueError(f"full-score records differ in their TPPs: {r.case} has {sorted(r.final_tpp)}, "
+                             f"{good[0].case} has {sorted(names)}; build one knowledge base per scenario")
     params = {n: _stats([r.final_tpp[n] for r in good], n.split("_", 1)[0]) for n in names}
     src = {**source, "episodes": len(records), "successful": len(good),
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -66,6 +72,11 @@ def save_knowledge(kb: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(kb, indent=2))
     return path
+
+
+# the widest TPP range of each kind (target or OAR; rtenv.tpp.RANGES), open lower ends taken as 0
+KIND_RANGES = {kind: (min(lo for (k, _), (lo, _, _) in RANGES.items() if k == kind),
+                      max(hi for (k, _), (_, hi, _) in RANGES.items() if k == kind)) for kind in ("t", "lambda", "V")}
 
 
 def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
@@ -82,11 +93,19 @@ def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
     if not kb["parameters"]:
         raise KnowledgeFormatError(f"{where}: 'parameters' is empty")
     for name, p in kb["parameters"].items():
+        kind = name.split("_", 1)[0]
+        if not re.fullmatch(r"(t|lambda|V)_\w+", name):
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} is not a TPP name (t_*, lambda_* or V_*)")
         if not isinstance(p, dict) or not isinstance(p.get("values"), list) or not p["values"]:
             raise KnowledgeFormatError(f"{where}: parameter {name!r} needs a non-empty 'values' list")
+        if p.get("kind", kind) != kind:
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} has kind {p['kind']!r}, its name says {kind!r}")
         vals = p["values"]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in vals):
             raise KnowledgeFormatError(f"{where}: parameter {name!r} has non-finite or non-positive values")
+        lo, hi = KIND_RANGES[kind]
+        if not all(lo <= x <= hi for x in vals):
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} has values outside [{lo:g}, {hi:g}]")
         for stat in ("median", "q1", "q3", "min", "max"):
             if not isinstance(p.get(stat), (int, float)):
                 raise KnowledgeFormatError(f"{where}: parameter {name!r} lacks statistic {stat!r}")

@@ -211,10 +211,12 @@ def _knowledge(args: argparse.Namespace) -> int:
                                                   seed=args.seed)
             rate = sum(r.full_score for r in records) / len(records)
         else:
-            from drl.train import as_policy, load_policy
+            from drl.train import load_policy
+            from drl.transfer import policy_for_scenario  # as `rtenv evaluate`: S1 planners act on S2/S3
 
-            kb, summary = export_knowledge(as_policy(load_policy(args.policy)), args.policy, args.scenario,
-                                           args.cohort, max_steps=args.max_steps, seed=args.seed)
+            policy = policy_for_scenario(load_policy(args.policy), args.scenario)
+            kb, summary = export_knowledge(policy, args.policy, args.scenario, args.cohort,
+                                           max_steps=args.max_steps, seed=args.seed)
             rate = summary["full_score_rate"]
         save_knowledge(kb, args.out)
         print(knowledge_table(kb))

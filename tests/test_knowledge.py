@@ -36,6 +36,10 @@ def test_build_keeps_full_score_plans_parameter_wise():
     assert kb["parameters"]["t_PTV"]["q1"] == pytest.approx(1.015)
     with pytest.raises(ValueError, match="no full-score plan"):
         build_knowledge([record(1, full=False)], {})
+    other = record(2)
+    other.final_tpp = {**other.final_tpp, "t_bowel": 0.5}  # a TPP the first record lacks
+    with pytest.raises(ValueError, match="differ in their TPPs"):
+        build_knowledge([record(1), other], {})
 
 
 def test_save_load_and_validation(tmp_path):
@@ -48,6 +52,10 @@ def test_save_load_and_validation(tmp_path):
         "version": ({**kb, "version": 7}, "version 7"),
         "values": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [math.nan]}}}, "non-finite"),
         "empty": ({**kb, "parameters": {}}, "empty"),
+        "name": ({**kb, "parameters": {"tPTV": kb["parameters"]["t_PTV"]}}, "'tPTV' is not a TPP name"),
+        "kind": ({**kb, "parameters": {"V_PTV": kb["parameters"]["t_PTV"]}}, "has kind 't', its name says 'V'"),
+        "range": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [1.5]}}},
+                  r"outside \[0, 1.2\]"),
     }
     for name, (data, message) in bad.items():
         f = tmp_path / f"{name}.json"
@@ -66,7 +74,9 @@ def test_spearman_by_construction(tmp_path):
     table = spearman_table(recs)
     i, j = table["tpps"].index("lambda_PTV"), table["metrics"].index("PTV hot spot")
     assert table["rho"][i][j] == pytest.approx(-1.0)  # hot spot falls as lambda_PTV rises
-    assert table["p"][i][j] < 0.01
+    assert table["p"][i][j] == pytest.approx(2 / 720)  # exact: 2 of the 6! pairings are as extreme
+    three = spearman_table(recs[:3])  # scipy's t-approximation said p = 0 here
+    assert three["p"][i][j] == pytest.approx(1 / 3)
     assert np.isnan(table["rho"][table["tpps"].index("V_PTV")][j])  # constant TPP: undefined
     with pytest.raises(ValueError, match="at least 3"):
         spearman_table(recs[:2])

@@ -79,6 +79,22 @@ def test_ray_local_matches_sequential(reference, tmp_path):
     assert finals(load_records(tmp_path / "results.jsonl")) == finals(load_records(ref_out / "results.jsonl"))
 
 
+def test_resume_with_other_shared_settings_is_refused(tmp_path):
+    kw = {"cases": 1, "max_steps": 1, "workers": 1, "progress": False, "figures": False}
+    run_table3(["S1"], ["random"], tmp_path, knowledge="S1-acer", **kw)
+    run_table3(["S1"], ["random"], tmp_path, knowledge="S1-acer", **kw)  # same settings: resumes
+    with pytest.raises(ValueError, match="other knowledge_sha256"):
+        run_table3(["S1"], ["random"], tmp_path, knowledge="S1-search", **kw)
+    assert len(load_records(tmp_path / "results.jsonl")) == 1
+
+
+def test_a_failing_parallel_episode_keeps_the_others(tmp_path):
+    with pytest.raises(Exception, match="nonexistent"):
+        run_table3(["S1"], ["acer:/nonexistent/model.zip@1", "random@3"], tmp_path, max_steps=2, workers=2,
+                   progress=False, figures=False)
+    assert sorted(r["policy"] for r in load_records(tmp_path / "results.jsonl")) == ["random"] * 3
+
+
 def test_specs_and_policy_names(tmp_path):
     specs = episode_specs(["S1", "S3"], ["default"], cases=3)
     assert [s.start for s in specs] == ["default"] * 3 + ["random:0", "random:1", "random:2"]
@@ -91,6 +107,8 @@ def test_specs_and_policy_names(tmp_path):
             parse_policy(bad)
     with pytest.raises(ValueError, match="--cases 11"):
         episode_specs(["S1"], ["default"], cases=11)
+    with pytest.raises(ValueError, match=r"policies \['random'\] are listed more than once"):
+        episode_specs(["S1"], ["random@2", "default", "random"], cases=3)
     few = episode_specs(["S1", "S3"], ["default", "random@2"], cases=3)
     assert [(s.policy, s.case, s.start) for s in few if s.scenario == "S1"] == [
         ("default", 0, "default"), ("default", 1, "default"), ("default", 2, "default"),
