@@ -63,6 +63,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import obs_as_tensor, safe_mean
+from stable_baselines3.common.vec_env import VecEnvWrapper
 from torch import nn
 
 from drl.acer_math import acer_policy_loss_terms, retrace_targets, trust_region_step
@@ -429,10 +430,16 @@ class ACER(BaseAlgorithm):
         super().__init__(policy, env, learning_rate, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
                          verbose=verbose, device=device, support_multi_env=True, seed=seed,
                          supported_action_spaces=(spaces.Discrete,))
+        for name, value in (("n_steps", n_steps), ("buffer_size", buffer_size), ("replay_start", replay_start)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise ValueError(f"{name} = {value!r} must be an integer")
         for name, value, lo, hi in (("n_steps", n_steps, 1, 1e6), ("gamma", gamma, 0, 1),
                                     ("replay_ratio", replay_ratio, 0, 1e3), ("truncation", truncation, 1e-6, 1e6),
-                                    ("alpha", alpha, 0, 1), ("delta", delta, 0, 1e6)):
-            if not (lo <= value <= hi):
+                                    ("alpha", alpha, 0, 1), ("delta", delta, 0, 1e6), ("q_coef", q_coef, 0, 1e6),
+                                    ("ent_coef", ent_coef, 0, 1e6), ("mask_coef", mask_coef, 0, 1e6),
+                                    ("max_grad_norm", max_grad_norm, 1e-8, 1e12), ("buffer_size", buffer_size, 1, 1e9),
+                                    ("replay_start", replay_start, 0, 1e12)):
+            if not (lo <= value <= hi):  # NaN fails too
                 raise ValueError(f"{name} = {value} is outside its valid range [{lo}, {hi}]")
         self.n_steps, self.gamma, self.q_coef, self.ent_coef = n_steps, gamma, q_coef, ent_coef
         self.buffer_size, self.replay_ratio, self.replay_start = buffer_size, replay_ratio, replay_start
@@ -534,12 +541,20 @@ class ACER(BaseAlgorithm):
                 masks[i] = np.asarray(m, dtype=bool)
         return usable_masks(masks)
 
+    def _reset_infos(self) -> Any:
+        """The new episodes' infos: a ``VecEnvWrapper`` (``VecMonitor``, ``VecNormalize``, ...)
+        keeps a list of its own, so they are read from the innermost VecEnv."""
+        env = self.env
+        while isinstance(env, VecEnvWrapper):
+            env = env.venv
+        return getattr(env, "reset_infos", None)
+
     def _step_masks(self, infos: Any, dones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """After a step: the masks of each finished episode's last state and of every env's next
         state. SB3 VecEnvs (``DummyVecEnv``, ``SubprocVecEnv``, :class:`rtenv.sb3.SB3VecEnv`)
         leave a finished episode's last info in ``infos`` and put the new episode's in
         ``env.reset_infos``."""
-        resets = getattr(self.env, "reset_infos", None)
+        resets = self._reset_infos()
         final_infos, next_infos = [], []
         for i, info in enumerate(infos):
             info = info or {}
@@ -753,10 +768,11 @@ class ACER(BaseAlgorithm):
     # --------------------------------------------------------------------- learn
     def learn(self, total_timesteps: int, callback: MaybeCallback = None, log_interval: int = 10,
               tb_log_name: str = "ACER", reset_num_timesteps: bool = True, progress_bar: bool = False) -> ACER:
+        resets_env = reset_num_timesteps or self._last_obs is None  # as _setup_learn decides (set_env clears it)
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name,
                                                       progress_bar)
-        if reset_num_timesteps or self._last_masks is None:  # _setup_learn has just reset the env
-            self._last_masks = self._masks_from(getattr(self.env, "reset_infos", None))
+        if resets_env or self._last_masks is None:  # the env was just reset: its masks are the new episodes'
+            self._last_masks = self._masks_from(self._reset_infos())
         callback.on_training_start(locals(), globals())
         iteration = 0
         while self.num_timesteps < total_timesteps:

@@ -424,7 +424,7 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     dose_points = {s: (np.linspace(*(TARGET_DVH_RANGE if i == 0 else OAR_DVH_RANGE), DVH_POINTS) * rx)
                    for i, s in enumerate(structures)}
     initial_score = float(info["score"])
-    terminated = truncated = bool(info["full_score"])
+    terminated, truncated = bool(info["full_score"]), False  # a full-score start takes no step
     steps: list[dict[str, Any]] = []
     float_net = copy.deepcopy(logits_net).to(device=device, dtype=torch.float32).eval()
     lstm_policy, lstm_state = None, None

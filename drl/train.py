@@ -208,7 +208,10 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     kept; see :class:`ReplayCheckpointCallback`). With ``resume`` a rerun continues from the newest
     model checkpoint with its replay and rng state restored (:func:`replay_checkpoint`; if that
     file is missing, e.g. after an interruption between the two writes, a warning says the replay
-    restarts empty). Resuming a run of the other ``policy`` is an error. Logs: CSV and, when the
+    restarts empty). Resuming a run of the other ``policy`` is an error; a resumed run keeps the
+    checkpoint's ACER settings (``acer_kwargs`` that differ are warned about), and
+    ``train_config.json`` records those. Without ``resume`` the folder's old checkpoints are
+    deleted, so that a later resume cannot pick up the earlier run. Logs: CSV and, when the
     ``tensorboard`` package is installed, TensorBoard, under ``out/logs``.
     """
     if timesteps < 1 or train_cases < 1 or num_envs < 1:
@@ -223,6 +226,9 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     venv.seed(seed)
     settings = {**PLANNER_SETTINGS, **acer_kwargs}
     done = 0
+    if not resume:  # a fresh run replaces the folder's checkpoints: a later resume must not find the old run's
+        for old in (out / "checkpoints").glob("acer_*_steps.*"):
+            old.unlink()
     previous = latest_checkpoint(out) if resume else None
     if previous is not None:
         model = ACER.load(previous[0], env=venv, device=device)
@@ -230,6 +236,12 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
         if not isinstance(model.policy, ACER.policy_aliases[policy]):
             raise ValueError(f"the checkpoint {previous[0]} holds a {type(model.policy).__name__}, not the requested "
                              f"policy {policy!r}; train into another folder or start fresh (resume=False, --fresh)")
+        # the checkpoint's hyperparameters stay in force: record those, not the ones asked for
+        ignored = sorted(k for k, v in acer_kwargs.items() if getattr(model, k, v) != v)
+        if ignored:
+            warnings.warn(f"resuming {previous[0]}: its settings {ignored} stay as they were saved",
+                          RuntimeWarning, stacklevel=2)
+        settings = {k: getattr(model, k, v) for k, v in settings.items()}
         replay = replay_checkpoint(out, done)
         if replay.is_file():
             model.load_replay_buffer(replay)

@@ -114,6 +114,10 @@ def test_rejects_continuous_actions_and_bad_settings():
     with pytest.raises(ValueError, match="buffer_size = 1000 holds 960 transitions.*replay_start = 1000"):
         ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=8), buffer_size=1000, replay_start=1000, device="cpu")
     ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=8), buffer_size=1000, replay_ratio=0, device="cpu")
+    for kwargs, match in (({"ent_coef": float("nan")}, "ent_coef = nan"), ({"q_coef": -1}, "q_coef = -1"),
+                          ({"max_grad_norm": 0}, "max_grad_norm = 0"), ({"n_steps": 2.5}, "n_steps = 2.5 must be an")):
+        with pytest.raises(ValueError, match=match):
+            ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), device="cpu", **kwargs)
 
 
 def test_masks_follow_the_sb3_vector_env_convention():
@@ -131,6 +135,18 @@ def test_masks_follow_the_sb3_vector_env_convention():
         model.learn(4)  # every step ends an episode (max_steps = 1)
         seg = model._replay.sample()
         assert (seg["masks"] == first).all()  # each step starts an episode: the reset infos' masks
+    # a VecEnvWrapper keeps reset_infos of its own (empty): the masks come from the wrapped env
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    model = ACER("MlpPolicy", VecMonitor(make_sb3_vec_env("S1", 2, max_steps=1)), seed=0, n_steps=2,
+                 replay_start=4, device="cpu")
+    model.learn(4)
+    assert (model._replay.sample()["masks"] == first).all()
+    # set_env makes SB3 reset the new env: the first step uses that reset's masks, not the old env's
+    model.set_env(make_sb3_vec_env("S1", 2, max_steps=20, start="default"))
+    model._last_masks[:] = True
+    model.learn(2, reset_num_timesteps=False)
+    assert (model._replay.segments[-1]["masks"][0] == first).all()
     last = np.ones(18, dtype=bool)
     last[3] = False
     dones = np.array([True, False])
