@@ -120,6 +120,7 @@ def test_rejects_continuous_actions_and_bad_settings():
             ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), device="cpu", **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:The environment is already wrapped with a `Monitor`")  # VecMonitor below
 def test_masks_follow_the_sb3_vector_env_convention():
     """SB3's DummyVecEnv and rtenv's adapter alike: the finished episode's info in ``infos``, the
     new one's in ``env.reset_infos``."""

@@ -114,8 +114,9 @@ def test_resume_restores_the_checkpointed_replay(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="policy = 'GruPolicy'"):
         train_acer("S1", out, 32, **{**kw, "policy": "GruPolicy"})
     # a resumed run keeps the checkpoint's settings, says so, and records what is in force
-    with pytest.warns(RuntimeWarning, match=r"settings \['n_steps'\] stay as they were saved"):
+    with pytest.warns(RuntimeWarning) as caught:  # (the 24-step replay is still missing: that warns too)
         train_acer("S1", out, 32, **{**kw, "n_steps": 4})
+    assert any("settings ['n_steps'] stay as they were saved" in str(w.message) for w in caught)
     assert json.loads((out / "train_config.json").read_text())["settings"]["n_steps"] == 2
     # a fresh run removes the old checkpoints: a later resume continues the fresh run, not the old one
     train_acer("S1", out, 8, **kw, resume=False)
