@@ -211,7 +211,8 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     restarts empty). Resuming a run of the other ``policy`` is an error; a resumed run keeps the
     checkpoint's ACER settings (``acer_kwargs`` that differ are warned about), and
     ``train_config.json`` records those. Without ``resume`` the folder's old checkpoints are
-    deleted, so that a later resume cannot pick up the earlier run. Logs: CSV and, when the
+    deleted, so that a later resume cannot pick up the earlier run. The envs' random state is not
+    checkpointed: a run resumed at step N seeds its envs with ``seed + N``. Logs: CSV and, when the
     ``tensorboard`` package is installed, TensorBoard, under ``out/logs``.
     """
     if timesteps < 1 or train_cases < 1 or num_envs < 1:
@@ -242,6 +243,9 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
             warnings.warn(f"resuming {previous[0]}: its settings {ignored} stay as they were saved",
                           RuntimeWarning, stacklevel=2)
         settings = {k: getattr(model, k, v) for k, v in settings.items()}
+        # the env's random state is not in the checkpoint: seed the resumed episodes apart from the
+        # first run's (with `seed` they would repeat its opening episodes), still by the seed alone
+        venv.seed(seed + done)
         replay = replay_checkpoint(out, done)
         if replay.is_file():
             model.load_replay_buffer(replay)

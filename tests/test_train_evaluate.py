@@ -97,7 +97,13 @@ def test_resume_restores_the_checkpointed_replay(tmp_path, monkeypatch):
         return learn(self, *args, **kwargs)
 
     monkeypatch.setattr(ACER, "learn", spy_learn)
+    from rtenv.sb3 import SB3VecEnv
+
+    seeds: list[int] = []
+    seed_envs = SB3VecEnv.seed
+    monkeypatch.setattr(SB3VecEnv, "seed", lambda self, seed=None: (seeds.append(seed), seed_envs(self, seed))[1])
     train_acer("S1", out, 24, **kw)
+    assert seeds[-1] == 0 + 16  # resumed at 16 steps: the envs do not replay the first run's episodes
     assert json.loads((out / "train_config.json").read_text())["resumed_from_steps"] == 16
     assert len(resumed["segments"]) == len(segments)
     for a, b in zip(segments, resumed["segments"], strict=True):
