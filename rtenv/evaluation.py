@@ -618,9 +618,13 @@ def dola_reward(result: ProtocolResult) -> float:
 
 def _load_protocol(name_or_path: str) -> Protocol:
     """:meth:`Protocol.load`, cached; a file's entry is keyed on its modification time and size,
-    so an edited protocol file is read again."""
+    so an edited protocol file is read again (one ``stat`` per call, as :meth:`Protocol.load`
+    decides what a path is)."""
     path = Path(name_or_path)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    stamp = None
+    if path.suffix == ".json" or len(path.parts) > 1 or path.is_file():
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
     return _load_protocol_cached(name_or_path, stamp)
 
 
