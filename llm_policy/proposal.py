@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rtenv.env import CONTINUOUS_BOUNDS
@@ -87,29 +87,29 @@ def extract_json(text: str) -> Any:
     Raises:
         ProposalError: no JSON object could be decoded (NaN/Infinity literals count as invalid).
     """
-    return next(iter(_json_objects(text)))
+    return next(_json_objects(text))
 
 
-def _json_objects(text: str) -> list[dict]:
-    """Every JSON object in ``text``, in order (objects nested in an earlier one included); raises
-    :class:`ProposalError` where there is none."""
+def _json_objects(text: str) -> Iterator[dict]:
+    """The JSON objects in ``text``, in order and decoded as they are asked for (objects nested in
+    an earlier one included); raises :class:`ProposalError` where there is none."""
     if not isinstance(text, str) or not text.strip():
         raise ProposalError(["the answer is empty"])
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
     start = text.find("{")
     last_error = "no '{' found"
-    found = []
+    found = False
     while start != -1:
         try:
             obj, _ = decoder.raw_decode(text, start)
             if isinstance(obj, dict):
-                found.append(obj)
+                found = True
+                yield obj
         except ValueError as exc:  # JSONDecodeError or a rejected constant
             last_error = str(exc)
         start = text.find("{", start + 1)
     if not found:
         raise ProposalError([f"the answer holds no JSON object ({last_error}); answer with one JSON object only"])
-    return found
 
 
 def validate_proposal(obj: Any, structures: Sequence[str], action_scope: str = "all",
