@@ -67,6 +67,7 @@ from stable_baselines3.common.vec_env import VecEnvWrapper
 from torch import nn
 
 from drl.acer_math import acer_policy_loss_terms, retrace_targets, trust_region_step
+from rtenv.validation import is_integer
 
 _MASKED_LOGIT = -1e9  # logit of a masked action: probability 0, and 0 * log-probability stays finite
 _MASK_MARGIN = 1.0  # masked logits are taught to stay this far below the best allowed one
@@ -431,7 +432,7 @@ class ACER(BaseAlgorithm):
                          verbose=verbose, device=device, support_multi_env=True, seed=seed,
                          supported_action_spaces=(spaces.Discrete,))
         for name, value in (("n_steps", n_steps), ("buffer_size", buffer_size), ("replay_start", replay_start)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            if not is_integer(value):
                 raise ValueError(f"{name} = {value!r} must be an integer")
         for name, value, lo, hi in (("n_steps", n_steps, 1, 1e6), ("gamma", gamma, 0, 1),
                                     ("replay_ratio", replay_ratio, 0, 1e3), ("truncation", truncation, 1e-6, 1e6),

@@ -23,6 +23,7 @@ from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, cumul
 from rtenv.scenarios import cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
+from rtenv.validation import is_integer
 
 DVH_POINTS = 100
 TARGET_DVH_RANGE = (1.00, 1.15)  # fraction of Rx (SPEC section 3)
@@ -43,10 +44,6 @@ CONTINUOUS_BOUNDS = {
 _FLOOR = 1e-3  # discrete steps down keep t_OAR, lambda and V at least this far from 0
 
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
-
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def fine_score(result: ProtocolResult) -> float:
@@ -120,7 +117,7 @@ class TuningCore:
             raise ValueError(f"action_mode {action_mode!r} is invalid; valid: 'discrete', 'continuous'")
         if start not in ("default", "random"):
             raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
-        if not (_is_index(max_steps) and max_steps >= 1):
+        if not (is_integer(max_steps) and max_steps >= 1):
             raise ValueError(f"max_steps = {max_steps!r} must be an integer >= 1")
         if scoring_mode is not None and scoring_mode not in SCORE_MODES:
             valid = ", ".join(map(repr, SCORE_MODES))
@@ -133,9 +130,9 @@ class TuningCore:
         size = cohort_size(self.scenario, cohort)
         if cases is None:
             cases = 1 if size is None else size
-        if _is_index(cases):
+        if is_integer(cases):
             self.case_indices = list(range(int(cases)))
-        elif isinstance(cases, Sequence | np.ndarray) and all(_is_index(i) for i in cases):
+        elif isinstance(cases, Sequence | np.ndarray) and all(is_integer(i) for i in cases):
             self.case_indices = [int(i) for i in cases]
         else:
             raise ValueError(f"cases = {cases!r} must be a number of cases or a sequence of case indices")
@@ -186,7 +183,7 @@ class TuningCore:
             raise ValueError(f"unknown reset options {sorted(unknown)}; valid: cohort, index, start, tpp")
         cohort = options.get("cohort", self.cohort)
         index = options.get("index")
-        if index is not None and not _is_index(index):
+        if index is not None and not is_integer(index):
             raise ValueError(f"reset option index = {index!r} must be an integer case index")
         start = options.get("start", self.start)
         if start not in ("default", "random"):
@@ -234,7 +231,7 @@ class TuningCore:
         if self.action_mode == "discrete":
             if isinstance(action, np.ndarray) and action.shape == ():
                 action = action[()]
-            if not _is_index(action) or not 0 <= action < 2 * self.n_tpp:
+            if not is_integer(action) or not 0 <= action < 2 * self.n_tpp:
                 raise ValueError(f"action {action!r} is not an integer in [0, {2 * self.n_tpp - 1}]")
             j, down = divmod(int(action), 2)
             new = tpp.copy()

@@ -62,6 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from rtenv.validation import check_integer, check_real
+
 __all__ = [
     "CRITERION_TYPES",
     "MAX_DOSE_METHODS",
@@ -102,19 +104,6 @@ def _check_dose(dose: Any, label: str = "dose") -> np.ndarray:
     return arr
 
 
-def _check_number(value: Any, label: str, low: float = 0.0, high: float = math.inf,
-                  low_inclusive: bool = True) -> float:
-    """Return ``value`` as float if it is a finite number in the range, else ValueError."""
-    ok_type = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    number = float(value) if ok_type else math.nan
-    above = number >= low if low_inclusive else number > low
-    if not (math.isfinite(number) and above and number <= high):
-        bracket = "[" if low_inclusive else "("
-        upper = "inf)" if math.isinf(high) else f"{high:g}]"
-        raise ValueError(f"{label} = {value!r} is invalid; expected a number in {bracket}{low:g}, {upper}")
-    return number
-
-
 def _ceil(x: float) -> int:
     """Ceiling that ignores floating-point noise (e.g. 1.1/0.1 -> 11, not 12)."""
     return math.ceil(round(x, 9))
@@ -140,7 +129,7 @@ def dvh_of_sorted(sorted_dose: np.ndarray, dose_points: np.ndarray) -> np.ndarra
 
 def dose_at_volume_percent(dose: np.ndarray, pct: float) -> float:
     """Dx%: minimum dose (Gy) of the hottest ``pct`` % of voxels (``pct`` in [0, 100])."""
-    return _dose_at_volume_percent(_check_dose(dose), _check_number(pct, "volume percent", 0.0, 100.0))
+    return _dose_at_volume_percent(_check_dose(dose), check_real("volume percent", pct, 0.0, 100.0))
 
 
 def dose_at_volume_cc(dose: np.ndarray, cc: float, voxel_cc: float) -> float:
@@ -148,13 +137,13 @@ def dose_at_volume_cc(dose: np.ndarray, cc: float, voxel_cc: float) -> float:
 
     At least one voxel is used; if ``cc`` exceeds the structure volume, the minimum dose.
     """
-    return _dose_at_volume_cc(_check_dose(dose), _check_number(cc, "volume_cc", 0.0),
-                              _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False))
+    return _dose_at_volume_cc(_check_dose(dose), check_real("volume_cc", cc, 0.0),
+                              check_real("voxel_cc", voxel_cc, 0.0, low_inclusive=False))
 
 
 def volume_at_dose_percent(dose: np.ndarray, dose_gy: float) -> float:
     """Vx: percentage (0..100) of the structure volume receiving >= ``dose_gy`` Gy."""
-    return _volume_at_dose_percent(_check_dose(dose), _check_number(dose_gy, "dose_gy", 0.0))
+    return _volume_at_dose_percent(_check_dose(dose), check_real("dose_gy", dose_gy, 0.0))
 
 
 def max_dose(dose: np.ndarray, method: str = "hottest_voxels", n_voxels: int = 3,
@@ -168,14 +157,13 @@ def max_dose(dose: np.ndarray, method: str = "hottest_voxels", n_voxels: int = 3
     arr = _check_dose(dose)
     if method not in MAX_DOSE_METHODS:
         raise ValueError(f"unknown max_dose method {method!r}; valid methods: {', '.join(MAX_DOSE_METHODS)}")
-    if method == "hottest_voxels" and (isinstance(n_voxels, bool) or not isinstance(n_voxels, (int, np.integer))
-                                       or n_voxels < 1):
-        raise ValueError(f"n_voxels = {n_voxels!r} is invalid; expected an integer >= 1")
+    if method == "hottest_voxels":
+        check_integer("n_voxels", n_voxels, 1)
     if method == "cc":
         if voxel_cc is None:
             raise ValueError("max_dose method 'cc' needs voxel_cc (cc)")
-        volume_cc = _check_number(volume_cc, "volume_cc", 0.0)
-        voxel_cc = _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False)
+        volume_cc = check_real("volume_cc", volume_cc, 0.0)
+        voxel_cc = check_real("voxel_cc", voxel_cc, 0.0, low_inclusive=False)
     return _max_dose(arr, method, n_voxels, volume_cc, voxel_cc)
 
 
@@ -276,8 +264,8 @@ class Criterion:
 
     def measure(self, dose: np.ndarray, voxel_cc: float, prescription_gy: float) -> float:
         """The criterion's metric (Gy or %) for one structure's voxel doses (Gy)."""
-        return self._measure(_check_dose(dose), _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False),
-                             _check_number(prescription_gy, "prescription_gy", 0.0, low_inclusive=False))
+        return self._measure(_check_dose(dose), check_real("voxel_cc", voxel_cc, 0.0, low_inclusive=False),
+                             check_real("prescription_gy", prescription_gy, 0.0, low_inclusive=False))
 
     def _measure(self, arr: np.ndarray, voxel_cc: float, prescription_gy: float) -> float:
         p = self.parameters
@@ -304,7 +292,7 @@ class Criterion:
 
         def num(value: Any, key: str, high: float = math.inf, low_inclusive: bool = True) -> float:
             try:
-                return _check_number(value, key, 0.0, high, low_inclusive)
+                return check_real(key, value, 0.0, high, low_inclusive)
             except ValueError as exc:
                 raise fail(str(exc)) from None
 
@@ -518,7 +506,7 @@ class Protocol:
         for key in ("pres_per_fraction_gy", "num_of_fractions", "criteria"):
             if key not in data:
                 raise ValueError(f"protocol is missing required field {key!r}")
-        per_fraction = _check_number(data["pres_per_fraction_gy"], "pres_per_fraction_gy", 0.0, low_inclusive=False)
+        per_fraction = check_real("pres_per_fraction_gy", data["pres_per_fraction_gy"], 0.0, low_inclusive=False)
         fractions = data["num_of_fractions"]
         if isinstance(fractions, bool) or not isinstance(fractions, int) or fractions < 1:
             raise ValueError(f"num_of_fractions = {fractions!r} is invalid; expected an integer >= 1")
@@ -573,8 +561,8 @@ class Protocol:
         mode = self.score_mode if mode is None else mode
         if mode not in SCORE_MODES:
             raise ValueError(f"unknown score mode {mode!r}; valid modes: {', '.join(SCORE_MODES)}")
-        rx = self.prescription_gy if prescription_gy is None else _check_number(
-            prescription_gy, "prescription_gy", 0.0, low_inclusive=False)
+        rx = self.prescription_gy if prescription_gy is None else check_real(
+            "prescription_gy", prescription_gy, 0.0, low_inclusive=False)
         missing = [s for s in self.structures if s not in doses]
         if missing:
             raise ValueError(f"protocol {self.name!r} needs structure(s) {', '.join(map(repr, missing))} "
@@ -585,9 +573,9 @@ class Protocol:
             if isinstance(voxel_cc, Mapping):
                 if s not in voxel_cc:
                     raise ValueError(f"voxel_cc has no entry for structure {s!r}")
-                voxels[s] = _check_number(voxel_cc[s], f"voxel_cc[{s!r}]", 0.0, low_inclusive=False)
+                voxels[s] = check_real(f"voxel_cc[{s!r}]", voxel_cc[s], 0.0, low_inclusive=False)
             else:
-                voxels[s] = _check_number(voxel_cc, "voxel_cc", 0.0, low_inclusive=False)
+                voxels[s] = check_real("voxel_cc", voxel_cc, 0.0, low_inclusive=False)
 
         results = []
         for c in self.criteria:

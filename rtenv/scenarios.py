@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.dose_engine import ENGINE_VERSION, BeamModel, beam_influence, select_beamlets
 from rtenv.phantom import GENERATOR_VERSION, Phantom, make_phantom
+from rtenv.validation import is_integer
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def case_seed(cohort: str, index: int) -> int:
     if cohort not in COHORTS:
         raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
     size, first = COHORTS[cohort]
-    if isinstance(index, bool) or not isinstance(index, int | np.integer):
+    if not is_integer(index):
         raise ValueError(f"case index {index!r} must be an integer")
     index = int(index)
     if index < 0 or (size is not None and index >= size):
@@ -172,7 +173,7 @@ def load_case(
         try:
             return PlanningCase.load(path)
         except CaseFormatError:
-            path.unlink()  # a stale or torn cache entry: rebuild it
+            path.unlink(missing_ok=True)  # a stale or torn cache entry (maybe removed by another worker): rebuild
     case = build_case(make_phantom(sc.site, seed, sc.voxel_mm), sc, name=name, progress=progress)
     if cache:
         case.save(path)

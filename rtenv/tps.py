@@ -54,6 +54,7 @@ import torch
 
 from rtenv.case import PlanningCase
 from rtenv.tpp import TPP, check_tpp_vector, tpp_names
+from rtenv.validation import check_integer, check_real
 
 
 @dataclass(frozen=True)
@@ -90,22 +91,12 @@ class ADMMSettings:
     underdose_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        def integer(value: object) -> bool:
-            return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-        if not (integer(self.max_iter) and 1 <= self.max_iter <= 100_000):
-            raise ValueError(f"max_iter = {self.max_iter!r} must be an integer in [1, 100000]")
-        if not (integer(self.cg_steps) and 1 <= self.cg_steps <= 1000):
-            raise ValueError(f"cg_steps = {self.cg_steps!r} must be an integer in [1, 1000]")
-        if not (integer(self.precond_every) and self.precond_every >= 1):
-            raise ValueError(f"precond_every = {self.precond_every!r} must be an integer >= 1")
-        for name in ("max_iter", "cg_steps", "precond_every"):  # numpy integers stored as int
-            object.__setattr__(self, name, int(getattr(self, name)))
+        for name, hi in (("max_iter", 100_000), ("cg_steps", 1000), ("precond_every", None)):
+            object.__setattr__(self, name, check_integer(name, getattr(self, name), 1, hi))  # numpy ints -> int
         for name, value, lo, hi in (("tol", self.tol, 0.0, 1.0), ("beta", self.beta, 0.0, 1e6),
                                     ("coverage", self.coverage, 0.0, 1.0),
                                     ("underdose_weight", self.underdose_weight, 0.0, 1e6)):
-            if not (lo < value <= hi):
-                raise ValueError(f"{name} = {value!r} is outside its valid range ({lo:g}, {hi:g}]")
+            check_real(name, value, lo, hi, low_inclusive=False)
 
 
 @dataclass(frozen=True)
