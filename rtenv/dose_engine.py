@@ -16,12 +16,17 @@ where
 * ``A(x) = (erf((x + w/2)/(sqrt(2) s)) - erf((x - w/2)/(sqrt(2) s))) / 2`` is the square beamlet
   aperture of side ``w`` (mm at the isocentre plane) convolved with a Gaussian penumbra kernel of
   width ``s = (sigma_0 + sigma_slope * d_rad) * SAD / r`` (projected to the isocentre plane);
-* ``K`` (``output_gy``) is the dose per unit fluence at ``d_max`` on the axis of a wide beamlet
-  at SAD in water: 1 Gy by default.
+* ``K`` (``output_gy``) scales the whole matrix: 1 Gy per unit fluence by default.
 
 Each lateral profile is truncated at ``w/2 + cutoff_sigmas * s`` from the beamlet axis, which keeps
-the matrix sparse; the profile's value at the cut-off (0.6 % with the default 2.5 sigmas) is
-subtracted so that dose stays continuous as the penumbra widens with depth.
+the matrix sparse; the profile's value at the cut-off (0.6 % per axis with the default 2.5 sigmas)
+is subtracted so that dose stays continuous as the penumbra widens with depth. The subtraction
+also lowers the central value: on the axis of a wide beamlet at ``d_max`` the dose is
+about 0.987 K, and an open field tiled by beamlets of width ``w`` gets less still where
+neighbouring windows overlap: relative to a wide beamlet, 0.98 (10 mm beamlets) and 0.95 (5 mm)
+at ``d_max``, falling to 0.96 and 0.94 at 10 cm depth, so the field's depth dose is about 1.5 %
+steeper than ``PDD``. Plans are normalised to the prescription (D95 rescaling), so the offset
+scales the fluence, not the scored doses.
 The model has no long-range scatter tail; the 80-20 % penumbra is ``1.68 s``, about 6-7 mm at
 10 cm depth with the defaults, as for a clinical 6 MV beam.
 
@@ -42,6 +47,8 @@ from scipy.ndimage import map_coordinates
 from scipy.optimize import brentq
 from scipy.special import erf
 
+from rtenv.validation import check_real
+
 ENGINE_VERSION = 1
 
 
@@ -57,7 +64,8 @@ class BeamModel:
         sigma0_mm: Penumbra Gaussian width at the surface.
         sigma_slope: Penumbra width growth per mm of radiological depth.
         cutoff_sigmas: Lateral truncation beyond the aperture edge, in penumbra widths.
-        output_gy: Dose per unit fluence at ``d_max`` on a wide beamlet's axis at SAD (Gy).
+        output_gy: Dose scale ``K`` per unit fluence (Gy); see the module docstring for the
+            on-axis dose that results.
         ray_step_mm: Step of the radiological-depth ray march.
     """
 
@@ -84,15 +92,21 @@ class BeamModel:
             "ray_step_mm": (self.ray_step_mm, 0.1, 10.0),
         }
         for name, (value, lo, hi) in checks.items():
-            if not (lo <= value <= hi):
-                raise ValueError(f"BeamModel.{name} = {value} is outside the valid range [{lo}, {hi}]")
+            check_real(f"BeamModel.{name}", value, lo, hi)
+        # d/dd [(1 - a e^{-d/l}) e^{-mu d}] = 0  <=>  a e^{-d/l} (1/l + mu) = mu has a root l < d_max
+        # (the physical, steep build-up) only if its left side at l = d_max exceeds mu
+        a, mu, d = 1.0 - self.surface_dose, self.mu_per_mm, self.d_max_mm
+        if not a * math.exp(-1.0) * (1.0 / d + mu) > mu:
+            raise ValueError(
+                f"BeamModel: surface_dose = {self.surface_dose}, d_max_mm = {d} and mu_per_mm = {mu} admit no "
+                f"build-up curve peaking at d_max; they need (1 - surface_dose) * (1/d_max_mm + mu_per_mm) / e "
+                f"> mu_per_mm, here {a * math.exp(-1.0) * (1.0 / d + mu):.3g} <= {mu}")
 
     @property
     def buildup_mm(self) -> float:
-        """Build-up length ``l_b`` that puts the PDD maximum at ``d_max_mm``."""
+        """Build-up length ``l_b`` (mm) that puts the PDD maximum at ``d_max_mm``."""
         a, mu, d = 1.0 - self.surface_dose, self.mu_per_mm, self.d_max_mm
-        # d/dd [(1 - a e^{-d/l}) e^{-mu d}] = 0  <=>  a e^{-d/l} (1/l + mu) = mu; of the two
-        # roots in l, the short one (l < d_max) is the physical, steep build-up
+        # of the two roots in l of the condition in __post_init__, the short one (l < d_max)
         return brentq(lambda lb: a * math.exp(-d / lb) * (1.0 / lb + mu) - mu, 1e-2, d)
 
     def pdd(self, depth_mm: np.ndarray) -> np.ndarray:
@@ -163,6 +177,7 @@ def radiological_depth(
     Rays are marched from each point back towards the source in steps of ``step_mm`` with
     trilinear density interpolation; density outside the grid is 0 (air).
     """
+    _check_density(density, grid)
     dz, dy, dx = grid.voxel_mm
     nz, ny, nx = grid.shape
     lo = np.array(grid.origin_mm) - 0.5 * np.array([dx, dy, dz])
@@ -191,12 +206,32 @@ def radiological_depth(
     return out
 
 
+def _check_density(density: np.ndarray, grid: Grid) -> None:
+    if np.shape(density) != tuple(grid.shape):
+        raise ValueError(f"density has shape {np.shape(density)}, but the grid is (nz, ny, nx) = {tuple(grid.shape)}")
+
+
+def _check_geometry(isocenter: np.ndarray, gantry_deg: float, couch_deg: float, beamlet_mm: float) -> None:
+    """Finite angles (deg) and isocentre ``(x, y, z)`` (mm), and a positive beamlet width (mm)."""
+    check_real("gantry_deg", gantry_deg)
+    check_real("couch_deg", couch_deg)
+    check_real("beamlet_mm", beamlet_mm, 0.0, 1000.0, low_inclusive=False)
+    iso = np.asarray(isocenter)
+    if iso.shape != (3,) or iso.dtype.kind not in "iuf" or not np.all(np.isfinite(iso)):
+        raise ValueError(f"isocenter must be 3 finite coordinates (x, y, z) in mm, got {isocenter!r}")
+
+
 def select_beamlets(
     target_points: np.ndarray, isocenter: np.ndarray, gantry_deg: float, couch_deg: float,
     beamlet_mm: float, margin_mm: float, sad_mm: float, voxel_radius_mm: float,
 ) -> np.ndarray:
     """Beamlet centres ``(n, 2)`` (u, v mm at the isocentre plane) covering the target's
     beam's-eye-view projection dilated by ``margin_mm`` (plus each voxel's own extent)."""
+    _check_geometry(isocenter, gantry_deg, couch_deg, beamlet_mm)
+    check_real("margin_mm", margin_mm, 0.0)
+    if np.shape(target_points)[1:] != (3,) or len(target_points) == 0:
+        raise ValueError(f"target_points must be a non-empty (n, 3) array of (x, y, z) mm, got shape "
+                         f"{np.shape(target_points)}")
     w, u_hat, v_hat = beam_frame(gantry_deg, couch_deg)
     source = isocenter - sad_mm * w
     rel = target_points - source
@@ -222,7 +257,23 @@ def beam_influence(
     density: np.ndarray, grid: Grid, rows: np.ndarray, isocenter: np.ndarray, gantry_deg: float,
     couch_deg: float, beamlet_uv_mm: np.ndarray, beamlet_mm: float, model: BeamModel,
 ) -> sp.csr_matrix:
-    """Dose-influence matrix ``(len(rows), n_beamlets)`` of one beam (Gy per unit fluence)."""
+    """Dose-influence matrix ``(len(rows), n_beamlets)`` of one beam (Gy per unit fluence).
+
+    ``rows`` are flat C-order indices into ``grid`` and ``beamlet_uv_mm`` the ``(n, 2)`` distinct
+    beamlet centres (mm at the isocentre plane) on a lattice of pitch ``beamlet_mm``.
+    """
+    _check_density(density, grid)
+    _check_geometry(isocenter, gantry_deg, couch_deg, beamlet_mm)
+    rows = np.asarray(rows)
+    n_grid = int(np.prod(grid.shape))
+    if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and not (0 <= rows.min() and rows.max() < n_grid)):
+        raise ValueError(f"rows must be a 1-D array of flat voxel indices in [0, {n_grid - 1}]")
+    beamlet_uv_mm = np.asarray(beamlet_uv_mm, dtype=np.float64)
+    if beamlet_uv_mm.ndim != 2 or beamlet_uv_mm.shape[1] != 2 or beamlet_uv_mm.shape[0] == 0:
+        raise ValueError(f"beamlet_uv_mm must be a non-empty (n, 2) array of (u, v) mm, got shape "
+                         f"{beamlet_uv_mm.shape}")
+    if not np.all(np.isfinite(beamlet_uv_mm)):
+        raise ValueError("beamlet_uv_mm contains NaN or inf")
     w, u_hat, v_hat = beam_frame(gantry_deg, couch_deg)
     source = isocenter - model.sad_mm * w
     pts = grid.points(rows)
@@ -241,8 +292,15 @@ def beam_influence(
     offset = np.mod(beamlet_uv_mm[0], beamlet_mm)
     lattice = (beamlet_uv_mm - offset) / beamlet_mm
     cell = np.round(lattice).astype(np.int64)
-    if np.abs(lattice - cell).max() > 1e-3:
-        raise ValueError(f"beamlet centres must lie on a regular {beamlet_mm} mm lattice")
+    off = np.abs(lattice - cell).max(axis=1) > 1e-3
+    if off.any():
+        raise ValueError(f"beamlet centres must lie on a regular {beamlet_mm} mm lattice; centre "
+                         f"{beamlet_uv_mm[np.argmax(off)].tolist()} is off the lattice through "
+                         f"{beamlet_uv_mm[0].tolist()}")
+    unique, first = np.unique(cell, axis=0, return_index=True)
+    if unique.shape[0] != cell.shape[0]:
+        dup = np.setdiff1d(np.arange(cell.shape[0]), first)[0]
+        raise ValueError(f"beamlet centre {beamlet_uv_mm[dup].tolist()} (index {dup}) is given twice")
     c0 = cell.min(axis=0)
     table = -np.ones(tuple(cell.max(axis=0) - c0 + 1), dtype=np.int64)
     table[cell[:, 0] - c0[0], cell[:, 1] - c0[1]] = np.arange(cell.shape[0])

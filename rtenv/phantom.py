@@ -29,6 +29,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 
 from rtenv.dose_engine import Grid
+from rtenv.validation import check_integer, check_real
 
 SOFT_TISSUE = 1.0
 BONE = 1.4  # femoral head / vertebral body: trabecular bone inside a cortical shell, averaged
@@ -105,10 +106,8 @@ def make_phantom(site: str, seed: int, voxel_mm: float = 5.0) -> Phantom:
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; valid sites: {list(SITES)}")
-    if not (2.5 <= voxel_mm <= 10.0):
-        raise ValueError(f"voxel_mm = {voxel_mm} is outside the valid range [2.5, 10] mm")
-    if seed < 0:
-        raise ValueError(f"seed = {seed} must be >= 0")
+    check_real("voxel_mm", voxel_mm, 2.5, 10.0)
+    check_integer("seed", seed, 0)
     rng = np.random.default_rng([GENERATOR_VERSION, SITES.index(site), seed])
     return (_prostate if site == "prostate" else _liver)(rng, seed, voxel_mm)
 

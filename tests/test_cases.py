@@ -59,6 +59,9 @@ def test_bad_phantom_arguments():
         make_phantom("lung", 0)
     with pytest.raises(ValueError, match=r"voxel_mm = 1.0 .* \[2.5, 10\]"):
         make_phantom("prostate", 0, voxel_mm=1.0)
+    for seed in (-1, True, 1.5, "3", None):
+        with pytest.raises(ValueError, match=rf"seed = {seed!r} must be an integer in \[0, inf\]"):
+            make_phantom("prostate", seed)
 
 
 def test_cohorts_are_disjoint_and_checked():

@@ -128,3 +128,25 @@ def test_beam_model_rejects_bad_parameters():
         BeamModel(sigma0_mm=-1.0)
     with pytest.raises(ValueError, match="surface_dose"):
         BeamModel(surface_dose=1.5)
+    # in range one by one, but together no build-up curve peaks at d_max (brentq found no root)
+    with pytest.raises(ValueError, match="admit no build-up curve"):
+        BeamModel(d_max_mm=35.0, mu_per_mm=0.02)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(density=np.ones((5, 5, 5), np.float32)), r"density has shape \(5, 5, 5\)"),
+    (dict(gantry=float("nan")), "gantry_deg = nan"),
+    (dict(isocenter=np.array([np.nan, 0.0, 0.0])), "isocenter must be 3 finite"),
+    (dict(beamlet_mm=-10.0), r"beamlet_mm = -10.0 .* \(0, 1000\]"),
+    (dict(uv=np.zeros((0, 2))), "beamlet_uv_mm must be a non-empty"),
+    (dict(uv=np.array([[5.0, 5.0], [5.0, 5.0]])), r"beamlet centre \[5.0, 5.0\] \(index 1\) is given twice"),
+    (dict(uv=np.array([[5.0, 5.0], [11.0, 5.0]])), r"centre \[11.0, 5.0\] is off the lattice"),
+    (dict(rows=np.array([10**7])), "rows must be a 1-D array of flat voxel indices"),
+])
+def test_beam_influence_rejects_bad_input(change, message):
+    grid, rho = water_box(half_mm=(20.0, 20.0, 10.0), voxel=(5.0, 5.0, 5.0))
+    args = dict(density=rho, rows=np.arange(int(np.prod(grid.shape))), isocenter=np.zeros(3), gantry=0.0,
+                uv=np.array([[5.0, 5.0]]), beamlet_mm=10.0) | change
+    with pytest.raises(ValueError, match=message):
+        beam_influence(args["density"], grid, args["rows"], args["isocenter"], args["gantry"], 0.0, args["uv"],
+                       args["beamlet_mm"], MODEL)
