@@ -62,7 +62,8 @@ from torch import nn
 from drl.acer import ACERLstmPolicy, ACERPolicy, usable_masks
 from rtenv.env import DVH_POINTS, OAR_DVH_RANGE, TARGET_DVH_RANGE, TPPTuningEnv, TuningCore
 from rtenv.evaluation import Protocol, ProtocolResult, score_plan
-from rtenv.plots import save_figure
+from rtenv.plots import new_figure, save_figure
+from rtenv.validation import check_integer, is_integer
 
 __all__ = [
     "BASELINES",
@@ -201,10 +202,12 @@ def reference_dvh(scenario: str = "S1", cohort: str = "knowledge", cases: int | 
 
     if cohort not in COHORTS:
         raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
+    size = COHORTS[cohort][0]
     if cases is None:
-        size = COHORTS[cohort][0]
         cases = 1 if size is None else size
-    indices = tuple(range(cases)) if isinstance(cases, int) else tuple(int(i) for i in cases)
+    if is_integer(cases):
+        check_integer("reference cases", cases, 1, size)
+    indices = tuple(range(cases)) if is_integer(cases) else tuple(int(i) for i in cases)
     if not indices:
         raise ValueError("the reference DVH needs at least one case")
     return _reference_dvh_cached(scenario, cohort, indices, device).copy()
@@ -557,7 +560,6 @@ def plot_attribution_heatmaps(res: dict[str, Any], baseline: str, path: str | Pa
     Rows are structures (violated ones marked ``*``), columns the 100 DVH points; a shared
     symmetric colour scale over all steps; violated criteria's dose points are marked ``x``.
     """
-    import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
     structures, steps = res["structures"], res["steps"]
@@ -566,8 +568,8 @@ def plot_attribution_heatmaps(res: dict[str, Any], baseline: str, path: str | Pa
     rows = math.ceil(n / cols)
     vmax = max(max(float(np.abs(_step_matrix(r, baseline, structures)).max()) for r in steps), 1e-12)
     norm = Normalize(-vmax, vmax)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1.0, 0.45 * len(structures) + 1.6 * rows + 0.4),
-                             dpi=100, squeeze=False, layout="constrained")
+    fig, axes = new_figure(rows, cols, figsize=(4.2 * cols + 1.0, 0.45 * len(structures) + 1.6 * rows + 0.4),
+                           dpi=100, squeeze=False, layout="constrained")  # one colour bar shared by all axes
     im = None
     for k, ax in enumerate(axes.flat):
         if k >= n:
@@ -589,23 +591,18 @@ def plot_attribution_heatmaps(res: dict[str, Any], baseline: str, path: str | Pa
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="IG attribution (logit units)")
     fig.suptitle(f"{res['case_name']}: IG of the chosen action's logit, {baseline} baseline "
                  f"(* violated structure, x violated criterion)", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)  # constrained layout (a colour bar shared by all axes): not save_figure's tight_layout
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_structure_shares(res: dict[str, Any], path: str | Path) -> Path:
     """Per baseline, a steps x structures image of each structure's share of |attribution| mass,
     violated structures outlined."""
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     structures, steps = res["structures"], res["steps"]
     bases = list(res["baselines"])
-    fig, axes = plt.subplots(1, len(bases), figsize=(1.2 + 1.1 * len(structures) * len(bases),
-                                                     1.5 + 0.28 * len(steps)), dpi=100, squeeze=False)
+    fig, axes = new_figure(1, len(bases), figsize=(1.2 + 1.1 * len(structures) * len(bases),
+                                                   1.5 + 0.28 * len(steps)), dpi=100, squeeze=False)
     for ax, base in zip(axes[0], bases, strict=True):
         share = np.array([[rec["structure_share"][base][s] for s in structures] for rec in steps])
         im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -627,7 +624,6 @@ def plot_structure_shares(res: dict[str, Any], path: str | Path) -> Path:
 def plot_dvh_attribution(res: dict[str, Any], step: int, path: str | Path) -> Path:
     """The DVHs the agent saw at ``step``, each segment coloured by its IG attribution (one row per
     baseline, one panel per structure; dose in Gy, volume in %), violated criteria's doses dashed."""
-    import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     from matplotlib.colors import Normalize
 
@@ -635,8 +631,8 @@ def plot_dvh_attribution(res: dict[str, Any], step: int, path: str | Path) -> Pa
     rec = res["steps"][step]
     bases = list(res["baselines"])
     obs = _observation_of(res, step)
-    fig, axes = plt.subplots(len(bases), len(structures), figsize=(3.3 * len(structures) + 1.0, 2.6 * len(bases)),
-                             dpi=100, squeeze=False)
+    fig, axes = new_figure(len(bases), len(structures), figsize=(3.3 * len(structures) + 1.0, 2.6 * len(bases)),
+                           dpi=100, squeeze=False)
     for r, base in enumerate(bases):
         attr = _step_matrix(rec, base, structures)
         vmax = max(float(np.abs(attr).max()), 1e-12)

@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 from scipy.stats import rankdata, spearmanr
 
-from rtenv.plots import save_figure  # sets the Agg backend: figures are files, never windows
+from rtenv.plots import new_figure, save_figure
 
 EXACT_MAX_N = 8  # 8! = 40 320 pairings
 
@@ -59,7 +58,7 @@ def spearman_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def plot_spearman(table: Mapping[str, Any], path: str | Path, title: str = "Spearman correlation") -> Path:
     """Heatmap of rho (TPPs x metrics), pairs with p < 0.05 marked with an asterisk."""
     rho, p = np.array(table["rho"], dtype=float), np.array(table["p"], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(table["metrics"]), 1.0 + 0.4 * len(table["tpps"])), dpi=110)
+    fig, ax = new_figure(figsize=(1.0 + 0.6 * len(table["metrics"]), 1.0 + 0.4 * len(table["tpps"])))
     im = ax.imshow(rho, cmap="coolwarm", vmin=-1, vmax=1)
     ax.set_xticks(range(len(table["metrics"])), table["metrics"], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(table["tpps"])), table["tpps"], fontsize=7)
@@ -75,7 +74,7 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
     """Box plots of each TPP per group (e.g. policy -> {tpp name: values}), one panel per kind
     (t, lambda on a log scale, V), as the seed's Fig. 2 and Fig. 5."""
     kinds = ("t", "lambda", "V")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
+    fig, axes = new_figure(1, 3, figsize=(13, 4))
     labels = list(groups)
     for ax, kind in zip(axes, kinds, strict=True):
         names = [n for n in next(iter(groups.values())) if n.split("_", 1)[0] == kind]
@@ -108,7 +107,7 @@ def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]
     percent = [m for m in metrics if re.search(r"\bV\d", m)]  # volume metrics (V70Gy ...) are in %
     panels = {"Gy": [m for m in metrics if m not in percent], "%": percent}
     panels = {k: v for k, v in panels.items() if v}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), dpi=110, squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     for ax, (unit, names) in zip(axes[0], panels.items(), strict=True):
         width = 0.8 / max(len(labels), 1)
         for g, label in enumerate(labels):

@@ -1,18 +1,20 @@
-"""Figures: DVH curves and axial dose slices, written as PNG files (never shown interactively)."""
+"""Figures: DVH curves and axial dose slices, written as PNG files (never shown interactively).
+
+Figures are built as :class:`matplotlib.figure.Figure` objects without pyplot, so importing this
+module leaves the caller's matplotlib backend alone and a figure is freed with its last reference.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from rtenv.case import PlanningCase  # noqa: E402
-from rtenv.evaluation import cumulative_dvh  # noqa: E402
+from rtenv.case import PlanningCase
+from rtenv.evaluation import cumulative_dvh
 
 STRUCTURE_COLORS = {
     "PTV": "tab:red", "Bladder": "tab:olive", "Rectum": "tab:brown", "FemoralHead_L": "tab:purple",
@@ -34,16 +36,21 @@ def plot_dvh(
         case: The case (for structure names and the prescription).
         doses: One plan's dose (a vector over dose rows in Gy) or several, ``label -> vector``;
             plans after the first are drawn dashed.
-        path: PNG file to write.
+        path: PNG file to write (``.png``).
         title: Figure title.
     """
-    plans = {"plan": doses} if isinstance(doses, np.ndarray) else dict(doses)
+    path = _png_path(path)
+    if not isinstance(doses, Mapping):
+        doses = {"plan": doses}
+    if not doses:
+        raise ValueError("doses is empty: give one dose vector (Gy) or a mapping label -> dose vector")
+    plans = {str(label): case.structure_doses(_finite_dose(d, f"dose {label!r}")) for label, d in doses.items()}
     rx = case.prescription_gy
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    top = max(float(np.nanmax(d)) for d in plans.values())
+    top = max(float(d.max()) for p in plans.values() for d in p.values())
     grid = np.linspace(0.0, max(top, rx) * 1.05, 400)
-    for p, dose in enumerate(plans.values()):
-        for i, (name, d) in enumerate(case.structure_doses(dose).items()):
+    fig, ax = new_figure(figsize=(7, 4.5))
+    for p, by_structure in enumerate(plans.values()):
+        for i, (name, d) in enumerate(by_structure.items()):
             ax.plot(grid, 100 * cumulative_dvh(d, grid), color=_color(name, i),
                     ls=("-", "--", ":", "-.")[p % 4], label=name if p == 0 else None)
     ax.axvline(rx, color="0.5", lw=0.8, ls=":")
@@ -69,12 +76,13 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
     k = case.metadata.get("iso_slice")
     if k is None:
         k = int(np.argmax(case.mask(case.target.name).sum(axis=(1, 2))))
-    grid = case.dose_grid(dose)[k]
+    path = _png_path(path)
+    grid = case.dose_grid(_finite_dose(dose, "dose"))[k]
     dz, dy, dx = case.voxel_mm
     ny, nx = grid.shape
     origin = case.metadata.get("grid_origin_mm", [0.0, 0.0, 0.0])
     extent = (origin[0] - dx / 2, origin[0] + (nx - 0.5) * dx, origin[1] - dy / 2, origin[1] + (ny - 0.5) * dy)
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    fig, ax = new_figure(figsize=(7, 5))
     if case.density is not None:
         ax.imshow(case.density[k], cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1.8)
     rx = case.prescription_gy
@@ -95,11 +103,34 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
     return save_figure(fig, path)
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG (creating parent folders), close it, and return the path."""
+def _finite_dose(dose: Any, label: str) -> np.ndarray:
+    arr = np.asarray(dose, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{label} contains NaN or inf values")
+    return arr
+
+
+def _png_path(path: str | Path) -> Path:
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"figure path {str(path)!r} must end in .png (figures are written as PNG)")
+    return path
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (7, 4.5), dpi: int = 110,
+               layout: str | None = None, **subplots: Any) -> tuple[Figure, Any]:
+    """A figure (size in inches) with a grid of axes (further ``Figure.subplots`` arguments), not
+    registered with pyplot; ``layout`` is matplotlib's layout engine (default: tight at save)."""
+    fig = Figure(figsize=figsize, dpi=dpi, layout=layout)
+    return fig, fig.subplots(nrows, ncols, **subplots)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` (which must end in ``.png``; parent folders are created)
+    and return the path."""
+    path = _png_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, format="png")
     return path
