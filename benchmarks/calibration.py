@@ -1,6 +1,6 @@
 """Calibration: do the built-in cases start where the papers' plans start, and is full score reachable?
 
-    python -m benchmarks.calibration --scenario S1|S2|S3 --json OUT.json [--budget 400] [--fresh]
+    python -m benchmarks.calibration --scenario S1|S2|S3 --json OUT.json [--budget 400] [--fresh] [--device cpu]
 
 Over the scenario's test cohort, with the M2M seed's starting TPPs: S1 and S2 start every test
 case from the SPEC default TPPs; S3 starts every test case from a SPEC random TPP vector (seed =
@@ -58,13 +58,14 @@ def summarise(res: dict) -> None:
     res["within_one_sd_of_paper"] = abs(res["initial_score_mean"] - mean) <= sd
 
 
-def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh: bool) -> dict:
-    core = TuningCore(scenario, action_mode="continuous", cohort="test", scoring_mode="binary")
-    res: dict = {"scenario": scenario, "max_score": None, "budget": budget, "popsize": popsize,
+def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh: bool, device: str = "cpu") -> dict:
+    core = TuningCore(scenario, action_mode="continuous", cohort="test", scoring_mode="binary", device=device)
+    res: dict = {"scenario": scenario, "max_score": None, "budget": budget, "popsize": popsize, "device": device,
                  "paper_initial_mean_sd": PAPER_INITIAL[scenario][:2], "cases": []}
     if json_path is not None and json_path.is_file() and not fresh:
         previous = json.loads(json_path.read_text())
-        settings = {k: res[k] for k in ("scenario", "budget", "popsize")}
+        previous.setdefault("device", "cpu")  # runs before the device was recorded were CPU runs
+        settings = {k: res[k] for k in ("scenario", "budget", "popsize", "device")}
         differ = {k: previous.get(k) for k in settings if previous.get(k) != settings[k]}
         if differ:
             raise ValueError(f"{json_path} holds a calibration run with {differ}, not {settings}: "
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=400, help="plan evaluations per search")
     p.add_argument("--popsize", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="ignore a previous partial JSON")
+    p.add_argument("--device", default="cpu", help="torch device of the TPS (cpu, cuda)")
     args = p.parse_args(argv)
     try:
-        res = run(args.scenario, args.json, args.budget, args.popsize, args.fresh)
+        res = run(args.scenario, args.json, args.budget, args.popsize, args.fresh, args.device)
     except ValueError as e:  # a JSON from other settings, a bad budget or popsize
         p.error(str(e))
     print(table(res))

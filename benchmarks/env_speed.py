@@ -24,6 +24,7 @@ import torch
 
 from rtenv.env import TPPTuningEnv, TPPTuningVectorEnv
 from rtenv.scenarios import SCENARIOS
+from rtenv.validation import check_integer, is_integer
 
 
 def _workload(num_envs: int, calls: int, n_actions: int) -> np.ndarray:
@@ -75,8 +76,10 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     interleaved rounds (all single-env replays, then each vector env), so that a change in machine
     speed during the run hits both sides alike; figures are medians over rounds, each round's
     speedup comparing the vector env with the single-env replays of the same streams."""
-    if not (isinstance(rounds, int) and rounds >= 1):
-        raise ValueError(f"rounds = {rounds!r} must be an integer >= 1")
+    check_integer("rounds (--rounds)", rounds, 1)
+    check_integer("calls (--steps)", calls, 1)
+    if not envs or not all(is_integer(n) and n >= 1 for n in envs):
+        raise ValueError(f"env counts (--envs) {list(envs)} must be integers >= 1")
     probe = TPPTuningEnv(scenario, device=device)
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
@@ -113,8 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their medians")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    res = run(args.scenario, tuple(int(n) for n in args.envs.split(",")), args.steps, args.device, args.json,
-              args.rounds)
+    try:
+        envs = tuple(int(n) for n in args.envs.split(","))
+    except ValueError:
+        p.error(f"--envs {args.envs!r} must be comma-separated integers >= 1")
+    try:
+        res = run(args.scenario, envs, args.steps, args.device, args.json, args.rounds)
+    except ValueError as e:  # counts out of range
+        p.error(str(e))
     print(f"env speed {res['scenario']} on {res['device']}: single env {res['single_steps_per_s']:.1f} steps/s "
           f"({res['steps_per_env']} steps of each of {max(map(int, res['vector_steps_per_s']))} episode streams)")
     for n, sps in res["vector_steps_per_s"].items():

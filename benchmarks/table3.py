@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from rtenv.validation import check_integer
+
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
 SEARCH_POPSIZE = 8
 # M2M seed, Table 3 (SPEC section 4): mean, sd over 10 episodes; scores binary
@@ -310,14 +312,16 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
                progress: bool = True, figures: bool = True) -> dict[str, Any]:
     """Run (or resume) a Table 3 and write ``results.jsonl``, ``table3.md``, ``summary.json``
     and figures under ``out``; returns the summary."""
+    if workers is not None:
+        check_integer("workers", workers, 1)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     llm = llm or LLMOptions()
     specs = episode_specs(scenarios, policies, cases, max_steps, seed)
     names = [policy_count(p, cases)[0] for p in policies]
     needs_kb = [p for p in names if p == "knowledge-sample" or (p.startswith("llm:") and parse_policy(p)["guided"])]
     if needs_kb and not knowledge:
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
     _check_run_settings(out / "run_settings.json", knowledge, llm)
     done = {r["key"]: r for r in load_records(path)}
@@ -424,22 +428,20 @@ def table_markdown(summary: dict[str, Any]) -> str:
 
 def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """Score trajectories, final TPP and dose-volume distributions per policy, Spearman heatmaps."""
-    import matplotlib.pyplot as plt
-
     from knowledge_extraction.analysis import (
         plot_metric_distributions,
         plot_spearman,
         plot_tpp_distributions,
         spearman_table,
     )
-    from rtenv.plots import save_figure
+    from rtenv.plots import new_figure, save_figure
 
     paths = []
     by_sc: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         by_sc.setdefault(r["scenario"], {}).setdefault(r["policy"], []).append(r)
     for sc, groups in by_sc.items():
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        fig, ax = new_figure(figsize=(6.4, 4.0))
         for pol, rs in groups.items():
             length = max(len(r["score_trajectory"]) for r in rs)
             padded = np.array([(t := r["score_trajectory"]) + [t[-1]] * (length - len(t)) for r in rs], dtype=float)
@@ -488,7 +490,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    args = args or build_parser().parse_args(argv)
+    """The command line; ``args`` comes parsed from ``rtenv bench table3``, which reports bad input itself."""
+    if args is None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            return main(args=args)
+        except ValueError as e:  # unknown scenario or policy, bad counts, a resume with other settings
+            parser.error(str(e))
     llm = LLMOptions(chain_of_thought=args.cot, memory_k=args.memory_k, action_scope=args.action_scope,
                      base_url=args.base_url)
     summary = run_table3(args.scenarios.split(","), args.policies.split(","), args.out, cases=args.cases,
