@@ -35,6 +35,7 @@ import inspect
 import json
 import math
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from rtenv.dose_engine import BeamModel, Grid
 from rtenv.evaluation import Protocol
 from rtenv.phantom import Phantom
 from rtenv.scenarios import Scenario, build_case
+from rtenv.validation import check_integer, check_real, is_integer, is_real
 
 FORMATS = ("cort", "matrad", "portpy")
 ROLES = ("target", "oar")
@@ -78,6 +80,8 @@ def parse_structure_map(text: str) -> dict[str, tuple[str, str]]:
             raise ValueError(f"bad structure mapping {item!r}: expected NAME=ROLE or NAME=ROLE:NEW_NAME "
                              f"with ROLE one of {ROLES}")
         role, _, new = spec.partition(":")
+        if name.strip() in out:
+            raise ValueError(f"structure {name.strip()!r} is mapped twice in {text!r}")
         out[name.strip()] = _check_role(role, name.strip()), (new.strip() or name.strip())
     if not out:
         raise ValueError("empty structure mapping: expected NAME=ROLE[:NEW_NAME],...")
@@ -91,13 +95,12 @@ def parse_beams(text: str) -> list[BeamSpec]:
         if not item:
             continue
         try:
-            if ":" in item:
-                g, c = item.split(":")
-                out.append((float(g), float(c)))
-            else:
-                out.append(float(item))
+            angles = tuple(float(a) for a in item.split(":"))
+            if len(angles) > 2 or not all(math.isfinite(a) for a in angles):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"bad beam {item!r}: expected GANTRY or GANTRY:COUCH in degrees") from None
+            raise ValueError(f"bad beam {item!r}: expected GANTRY or GANTRY:COUCH, finite angles in degrees") from None
+        out.append(angles if len(angles) == 2 else angles[0])
     if not out:
         raise ValueError("empty beam list: expected GANTRY[,GANTRY...] or GANTRY:COUCH[,...]")
     return out
@@ -171,10 +174,9 @@ def _select_beams(available: Sequence[tuple[float, float]], beams: Sequence[Beam
 def _resolve_protocol(protocol: str, prescription_gy: float | None, fractions: int | None,
                       ) -> tuple[Protocol, float, int]:
     proto = Protocol.load(protocol)
-    rx = float(proto.prescription_gy if prescription_gy is None else prescription_gy)
-    fx = int(proto.fractions if fractions is None else fractions)
-    if not (rx > 0 and fx > 0):
-        raise ValueError(f"prescription must be positive: {rx} Gy in {fx} fractions")
+    rx = check_real("prescription_gy", proto.prescription_gy if prescription_gy is None else prescription_gy,
+                    0.0, low_inclusive=False)
+    fx = check_integer("fractions", proto.fractions if fractions is None else fractions, 1)
     return proto, rx, fx
 
 
@@ -183,7 +185,7 @@ def _check_protocol_structures(proto: Protocol, names: Sequence[str], protocol: 
     if missing:
         raise ValueError(f"protocol {protocol!r} scores structures {missing} that the imported case lacks "
                          f"(it has {list(names)}); map or rename them (SOURCE=ROLE:NEW_NAME), "
-                         "choose another protocol, or pass check_protocol=False")
+                         "choose another protocol, or pass check_protocol=False (--no-check-protocol)")
 
 
 # ----------------------------------------------------------------------------- MATLAB helpers
@@ -195,8 +197,8 @@ def _loadmat(path: Path, **kwargs: Any) -> dict[str, Any]:
     except NotImplementedError as exc:  # MATLAB v7.3 (HDF5) files
         raise CaseFormatError(f"{path} is a MATLAB v7.3 file, which scipy cannot read; re-save it in MATLAB "
                               f"with save(..., '-v7') ({exc})") from exc
-    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, EOFError) as exc:
-        raise CaseFormatError(f"{path} is not a readable MATLAB .mat file ({exc})") from exc
+    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, EOFError, IndexError, zlib.error) as exc:
+        raise CaseFormatError(f"{path} is not a readable MATLAB .mat file ({type(exc).__name__}: {exc})") from exc
 
 
 def _unwrap(x: Any) -> Any:
@@ -298,15 +300,16 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
     """``((ny, nx, nz) MATLAB dims, (dz, dy, dx) mm, density or None, source description)``."""
 
     def as_voxel(v: float | Sequence[float]) -> tuple[float, float, float]:
-        t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(a) for a in v)
-        if len(t) != 3 or not all(a > 0 for a in t):
-            raise ValueError(f"voxel_mm must be a positive number or (dz, dy, dx) in mm, got {v!r}")
-        return t  # type: ignore[return-value]
+        t = (v,) * 3 if is_real(v) else tuple(v) if isinstance(v, Sequence) else ()
+        if len(t) != 3 or not all(is_real(a) and math.isfinite(a) and a > 0 for a in t):
+            raise ValueError(f"voxel_mm must be a finite positive number or (dz, dy, dx) in mm, got {v!r}")
+        return tuple(float(a) for a in t)  # type: ignore[return-value]
 
     if grid_shape is not None:
+        if (isinstance(grid_shape, (str, bytes)) or not isinstance(grid_shape, Sequence) or len(grid_shape) != 3
+                or not all(is_integer(a) and a >= 1 for a in grid_shape)):
+            raise ValueError(f"grid_shape must be (nz, ny, nx) positive integer voxel counts, got {grid_shape!r}")
         shape = tuple(int(a) for a in grid_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"grid_shape must be (nz, ny, nx) voxel counts, got {grid_shape!r}")
         if voxel_mm is None:
             raise ValueError("grid_shape needs voxel_mm (mm) as well")
         nz, ny, nx = shape
@@ -323,7 +326,10 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
             continue
         try:
             names = {n for n, _, _ in scipy.io.whosmat(str(path))}
-        except (NotImplementedError, ValueError, TypeError, OSError):
+        except NotImplementedError:
+            _loadmat(path)  # raises the MATLAB v7.3 re-save hint
+            raise
+        except (ValueError, TypeError, OSError, EOFError, IndexError, zlib.error):
             names = set()
         if "ct" not in names:
             if ct_file is not None:
@@ -628,9 +634,7 @@ def load_matrad(
     y_first = _axis_origin(ct, "y", ny, ry_mm)
     y0 = -(y_first + (ny - 1) * ry_mm)
     voxel = (rz_mm, ry_mm, rx_mm)
-    f = int(downsample)
-    if f < 1:
-        raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
+    f = check_integer("downsample", downsample, 1)
     if f > 1:
         density = _block_reduce(density, f).astype(np.float32)
         body_mask = _block_reduce(body_mask, f) >= 0.5
@@ -655,12 +659,14 @@ def load_matrad(
             raise ValueError(f"beams must be a non-empty list of gantry angles or (gantry, couch) pairs, got {beams!r}")
         pairs = []
         for b in beams:
-            if isinstance(b, (int, float, np.integer, np.floating)):
-                pairs.append((float(b), 0.0))
-            elif isinstance(b, Sequence) and len(b) == 2:
-                pairs.append((float(b[0]), float(b[1])))
-            else:
-                raise ValueError(f"beam {b!r} must be a gantry angle or a (gantry, couch) pair (deg)")
+            pair = (b, 0.0) if is_real(b) else tuple(b) if isinstance(b, Sequence) and len(b) == 2 else ()
+            if not (pair and all(is_real(a) and math.isfinite(a) for a in pair)):
+                raise ValueError(f"beam {b!r} must be a gantry angle or a (gantry, couch) pair, finite degrees")
+            pair = (float(pair[0]), float(pair[1]))
+            if any(all(abs((a - q + 180.0) % 360.0 - 180.0) < _ANGLE_TOL for a, q in zip(pair, p, strict=True))
+                   for p in pairs):
+                raise ValueError(f"beam {b!r} is requested twice")
+            pairs.append(pair)
     scenario = Scenario(
         name="import", description=f"imported from {file.name}", site=phantom.site,
         structures=tuple(masks), beams=tuple(pairs), prescription_gy=rx, fractions=fx, protocol=protocol,
@@ -708,8 +714,8 @@ def _h5_dataset(ref: Any, base: Path, where: str) -> np.ndarray:
             if not key or key not in h or not isinstance(h[key], h5py.Dataset):
                 raise CaseFormatError(f"{where}: {file.name} has no dataset {dset!r}")
             return h[key][()]
-    except OSError as exc:
-        raise CaseFormatError(f"{where}: {file} is not a readable HDF5 file ({exc})") from exc
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise CaseFormatError(f"{where}: {file} is not a readable HDF5 file ({type(exc).__name__}: {exc})") from exc
 
 
 def _portpy_beams(folder: Path) -> list[tuple[int, dict[str, Any], Path]]:
@@ -789,11 +795,15 @@ def load_portpy(
                               f"shape {vmap.shape} dtype {vmap.dtype}")
     ct_res = np.asarray(_need(ov, "ct_voxel_resolution_xyz_mm", ov_path), dtype=np.float64)
     dose_res = np.asarray(ov.get("dose_voxel_resolution_xyz_mm", ct_res), dtype=np.float64)
-    if ct_res.shape != (3,) or dose_res.shape != (3,) or np.any(ct_res <= 0) or np.any(dose_res <= 0):
-        raise CaseFormatError(f"{ov_path.name}: ct/dose voxel resolutions must be 3 positive numbers (x, y, z mm)")
+    if not all(r.shape == (3,) and np.all(np.isfinite(r)) and np.all(r > 0) for r in (ct_res, dose_res)):
+        raise CaseFormatError(f"{ov_path.name}: ct/dose voxel resolutions must be 3 finite positive numbers (x, y, z "
+                              f"mm), got {ct_res.tolist()} and {dose_res.tolist()}")
     ct_meta_path = folder / "CT_MetaData.json"
     ct_meta = _read_json(ct_meta_path) if ct_meta_path.is_file() else {}
     origin = np.asarray(ov.get("ct_origin_xyz_mm", ct_meta.get("origin_xyz_mm", [0.0, 0.0, 0.0])), dtype=np.float64)
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+        raise CaseFormatError(f"{ov_path.name}: the CT origin must be 3 finite numbers (x, y, z mm), got "
+                              f"{origin.tolist()}")
     n_opt = int(vmap.max()) + 1
     if n_opt <= 0:
         raise CaseFormatError(f"{ov_path.name}: ct_to_dose_voxel_map has no optimisation voxels (all < 0)")
@@ -857,8 +867,12 @@ def load_portpy(
             pb_path = folder / "PlannerBeams.json"
             beam_ids = _need(_read_json(pb_path), "IDs", pb_path)
         id_list = [b[0] for b in all_beams]
+        if (isinstance(beam_ids, (str, bytes)) or not isinstance(beam_ids, Sequence) or not beam_ids
+                or not all(is_integer(b) for b in beam_ids) or len(set(beam_ids)) != len(beam_ids)):
+            raise ValueError(f"beam_ids must be a non-empty list of distinct integer beam IDs, got {beam_ids!r}; "
+                             f"beam IDs: {id_list}")
         chosen = []
-        for bid in beam_ids:  # type: ignore[union-attr]
+        for bid in beam_ids:
             if int(bid) not in id_list:
                 raise CaseFormatError(f"{folder} has no beam with ID {bid}; beam IDs: {id_list}")
             chosen.append(id_list.index(int(bid)))
@@ -934,7 +948,7 @@ def load_portpy(
                   "grid_origin_mm": list(grid_origin), "ct_voxels_per_voxel_xyz": [int(v) for v in k_xyz],
                   "structure_map": {src: [role, new] for src, role, new in mapping},
                   "beam_ids": [all_beams[ci][0] for ci in chosen],
-                  "optimization_voxel_ids": "row i is PortPy optimisation voxel optimization_voxel_ids[i]",
+                  "optimization_voxel_ids": opt_sorted.tolist(),  # row i is PortPy optimisation voxel [i]
                   "n_optimization_voxels": n_opt},
     )
 

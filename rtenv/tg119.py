@@ -51,6 +51,7 @@ from scipy.ndimage import distance_transform_edt, map_coordinates
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.dose_engine import ENGINE_VERSION, Grid
 from rtenv.phantom import Phantom
+from rtenv.validation import check_real
 
 TG119_VERSION = 1
 RING_MM = 20.0  # normal-tissue ring: body voxels within 20 mm of the PTV surface
@@ -106,17 +107,24 @@ def read_tg119(path: Path | None = None) -> dict[str, Any]:
         ``{"cube": (ny, nx, nz) relative electron density, "x", "y", "z": voxel centres (mm,
         DICOM), "structures": {cst name: (cst type, 0-based flat C-order indices into cube)}}``.
     """
-    m = scipy.io.loadmat(path or tg119_file())
-    ct = m["ct"][0, 0]
-    cube = np.asarray(ct["cube"][0, 0], dtype=np.float32)
-    shape = cube.shape
-    structures = {}
-    for row in m["cst"]:
-        name, kind = str(row[1][0]), str(row[2][0])
-        idx = np.asarray(row[3][0, 0], dtype=np.int64).ravel() - 1  # 1-based column-major
-        structures[name] = (kind, np.ravel_multi_index(np.unravel_index(idx, shape, order="F"), shape))
-    return {"cube": cube, "x": ct["x"].ravel().astype(float), "y": ct["y"].ravel().astype(float),
-            "z": ct["z"].ravel().astype(float), "structures": structures}
+    path = Path(path) if path is not None else tg119_file()
+    if not path.is_file():
+        raise CaseFormatError(f"TG-119 file {path} does not exist")
+    try:
+        m = scipy.io.loadmat(path)
+        ct = m["ct"][0, 0]
+        cube = np.asarray(ct["cube"][0, 0], dtype=np.float32)
+        shape = cube.shape
+        structures = {}
+        for row in m["cst"]:
+            name, kind = str(row[1][0]), str(row[2][0])
+            idx = np.asarray(row[3][0, 0], dtype=np.int64).ravel() - 1  # 1-based column-major
+            structures[name] = (kind, np.ravel_multi_index(np.unravel_index(idx, shape, order="F"), shape))
+        axes = {a: ct[a].ravel().astype(float) for a in ("x", "y", "z")}
+    except (KeyError, IndexError, ValueError, TypeError, NotImplementedError, OSError) as exc:
+        raise CaseFormatError(f"{path} is not a matRad TG-119 file with ct.cube, ct.x/y/z and cst "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return {"cube": cube, **axes, "structures": structures}
 
 
 def dose_grid(raw: dict[str, Any], voxel_mm: float) -> Grid:
@@ -159,10 +167,8 @@ def make_tg119_phantom(voxel_mm: float = 5.0, ring_mm: float = RING_MM, path: Pa
         ring_mm: Width of the normal-tissue ring (mm), > 0.
         path: ``TG119.mat`` (default: the one inside pyRadPlan).
     """
-    if not (2.5 <= voxel_mm <= 10.0):
-        raise ValueError(f"voxel_mm = {voxel_mm} is outside the valid range [2.5, 10] mm")
-    if ring_mm <= 0:
-        raise ValueError(f"ring_mm = {ring_mm} must be > 0")
+    check_real("voxel_mm", voxel_mm, 2.5, 10.0)
+    check_real("ring_mm", ring_mm, 0.0, low_inclusive=False)
     raw = read_tg119(path)
     grid = dose_grid(raw, voxel_mm)
     density = _sample(raw, raw["cube"], grid, order=1).astype(np.float32)
@@ -406,7 +412,7 @@ def load_tg119_case(scenario: Any, cohort: str = "test", index: int = 0, *, engi
         try:
             return PlanningCase.load(path)
         except CaseFormatError:
-            path.unlink()
+            path.unlink(missing_ok=True)  # another worker may have removed the torn entry already
     case = build_tg119_case(scenario, engine, ring_mm, rel_threshold, name=name, progress=progress)
     if cache:
         case.save(path)

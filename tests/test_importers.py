@@ -43,9 +43,11 @@ def test_parse_structure_map_and_beams():
     for bad in ("PTV", "PTV=organ", "=target", ""):
         with pytest.raises(ValueError):
             parse_structure_map(bad)
-    for bad in ("a,b", "1:2:3", ""):
+    for bad in ("a,b", "1:2:3", "", "nan", "0:inf"):
         with pytest.raises(ValueError):
             parse_beams(bad)
+    with pytest.raises(ValueError, match="'PTV_68' is mapped twice"):  # the second mapping used to win
+        parse_structure_map("PTV_68=target:PTV,Rectum=oar,PTV_68=oar:Ring")
 
 
 def test_matlab_index_conversion_hand_example():
@@ -323,6 +325,19 @@ def test_matrad_malformed(tmp_path):
         import_case("matrad", tmp_path / "e.mat", structures={"PTV": "target", "PTV2": "oar"}, **kw)
     with pytest.raises(ValueError, match="unknown import format"):
         import_case("dicom", path, **kw)
+    good = {"structures": {"PTV": "target", "PTV2": "oar"}, "protocol": "prostate9", "check_protocol": False}
+    for bad, message in (({"beams": [0, 360.0]}, r"beam 360.0 is requested twice"),
+                         ({"beams": [float("nan")]}, "finite degrees"),
+                         ({"beams": [0], "downsample": 2.7}, r"downsample = 2.7 must be an integer"),
+                         ({"beams": [0], "prescription_gy": float("inf")}, "prescription_gy = inf"),
+                         ({"beams": [0], "fractions": 2.9}, r"fractions = 2.9 must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            import_case("matrad", path, **good | bad)
+    truncated = tmp_path / "f.mat"
+    sio.savemat(truncated, {"ct": data["ct"], "cst": data["cst"]}, do_compression=True)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    with pytest.raises(CaseFormatError, match="not a readable MATLAB"):  # was a raw zlib.error
+        import_case("matrad", truncated, **kw)
 
 
 # ----------------------------------------------------------------------------- PortPy
@@ -397,6 +412,8 @@ def test_portpy_end_to_end(tmp_path):
     assert case.isocenter_mm == (1.0, -2.0, 3.0)  # LPS y -> anterior
     # PTV: blocks (0,0,0) and (1,1,2); Lung: blocks (0,1,2) and (1,1,2) (shared with the PTV)
     assert [s.n_voxels for s in case.structures] == [2, 2] and case.n_rows == 3
+    ids = case.metadata["optimization_voxel_ids"]  # row i is PortPy optimisation voxel ids[i]
+    assert ids == [_block_id(bz, by, bx) for bz, by, bx in ((0, 1, 2), (0, 0, 0), (1, 1, 2))]
     assert case.target.voxel_cc == pytest.approx(0.008)
     expected = np.zeros((2, 2, 3), bool)
     expected[0, 1, 0] = expected[1, 0, 2] = True  # block (bz, by, bx) -> (bz, 1 - by, bx)
@@ -431,6 +448,16 @@ def test_portpy_malformed(tmp_path):
         import_case("portpy", folder, beam_ids=[7], **kw)
     with pytest.raises(CaseFormatError, match="no beam at gantry 90"):
         import_case("portpy", folder, beams=[90], **kw)
+    for ids in ([0, 0], [1.7], [], [True]):
+        with pytest.raises(ValueError, match="beam_ids must be a non-empty list of distinct integer"):
+            import_case("portpy", folder, beam_ids=ids, **kw)
+    ov_path = folder / "OptimizationVoxels_MetaData.json"
+    ov = json.loads(ov_path.read_text())
+    for key, value in (("ct_voxel_resolution_xyz_mm", [1.0, float("nan"), 2.0]), ("ct_origin_xyz_mm", [0.0, 0.0])):
+        ov_path.write_text(json.dumps({**ov, key: value}))
+        with pytest.raises(CaseFormatError, match="finite"):
+            import_case("portpy", folder, **kw)
+    ov_path.write_text(json.dumps(ov))
     meta_path = folder / "Beams" / "Beam_0_MetaData.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "influenceMatrixSparse_File"}))

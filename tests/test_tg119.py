@@ -9,11 +9,13 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
+import scipy.io
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 pytest.importorskip("pyRadPlan", reason="the TG119 scenario needs the pyradplan extra")
 
 import rtenv  # noqa: E402,F401  (registers the ids)
+from rtenv.case import CaseFormatError  # noqa: E402
 from rtenv.cli import main  # noqa: E402
 from rtenv.scenarios import get_scenario, load_case  # noqa: E402
 from rtenv.tg119 import make_tg119_phantom, read_tg119, truncate, truncation_error  # noqa: E402
@@ -75,6 +77,16 @@ def test_truncate_and_its_error():
     err = truncation_error(full, kept, np.arange(50), 50.0)
     assert 0 < err["target_mean_pct"] <= err["target_max_pct"] <= err["all_rows_max_pct"]
     assert truncation_error(full, full, np.arange(50), 50.0)["all_rows_max_pct"] == 0.0
+
+
+def test_bad_phantom_arguments_and_files(tmp_path):
+    with pytest.raises(ValueError, match=r"ring_mm = nan .* \(0, inf\)"):  # NaN passed `<= 0` and gave an empty Ring
+        make_tg119_phantom(ring_mm=float("nan"))
+    with pytest.raises(CaseFormatError, match=f"TG-119 file {tmp_path / 'none.mat'} does not exist"):
+        read_tg119(tmp_path / "none.mat")
+    scipy.io.savemat(tmp_path / "a.mat", {"ct": {"cube": np.ones((2, 2, 2))}, "cst": np.zeros((0, 6))})
+    with pytest.raises(CaseFormatError, match="not a matRad TG-119 file"):
+        read_tg119(tmp_path / "a.mat")
 
 
 def test_cli_plan(case, tmp_path, capsys):
