@@ -25,6 +25,7 @@ from rtenv.env import DVH_POINTS
 from rtenv.rollout import Policy
 from rtenv.scenarios import get_scenario
 from rtenv.tpp import KINDS
+from rtenv.validation import check_integer
 
 #: TPP kinds per structure (threshold t, weight lambda, volume fraction V), in vector order.
 TPP_KINDS = len(KINDS)
@@ -34,22 +35,28 @@ def map_structures(policy: Policy, source_structures: int, target_structures: in
     """Wrap a discrete ``policy(obs, info) -> action`` trained on ``source_structures`` structures
     so it acts on an env with ``target_structures >= source_structures`` structures (the first
     ``source_structures`` of the target are the ones it sees and tunes)."""
-    if not 1 <= source_structures <= target_structures:
-        raise ValueError(f"source_structures ({source_structures}) must be in [1, target_structures = "
-                         f"{target_structures}]")
+    n = check_integer("target_structures", target_structures, 1)
+    k = check_integer("source_structures", source_structures, 1, n)
     if source_structures == target_structures:
         return policy
-    k, n = source_structures, target_structures
     # source TPP j = c k + s  ->  target TPP c n + s; actions 2 j + d -> 2 (c n + s) + d
     tpp_map = np.array([c * n + s for c in range(TPP_KINDS) for s in range(k)])
     action_map = np.array([2 * t + d for t in tpp_map for d in (0, 1)])
     seen = slice(0, k * DVH_POINTS)
 
     def act(obs: np.ndarray, info: dict[str, Any] | None) -> int:
+        obs = np.asarray(obs)
+        if obs.shape != (n * DVH_POINTS,):
+            raise ValueError(f"observation has shape {obs.shape}; an env with {n} structures gives "
+                             f"({n * DVH_POINTS},)")
         sub_info = dict(info or {})
         if sub_info.get("action_mask") is not None:
-            sub_info["action_mask"] = np.asarray(sub_info["action_mask"], bool)[action_map]
-        return int(action_map[int(policy(np.asarray(obs)[seen], sub_info))])
+            mask = np.asarray(sub_info["action_mask"], bool)
+            if mask.shape != (2 * TPP_KINDS * n,):
+                raise ValueError(f"action_mask has shape {mask.shape}; an env with {n} structures gives "
+                                 f"({2 * TPP_KINDS * n},)")
+            sub_info["action_mask"] = mask[action_map]
+        return int(action_map[int(policy(obs[seen], sub_info))])
 
     return act
 

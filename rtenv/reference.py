@@ -18,12 +18,15 @@ objective reported is the unscaled one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import minimize
+
+from rtenv.validation import check_integer, check_real
 
 SOLVERS = ("clarabel", "osqp", "lbfgsb")
 
@@ -87,7 +90,7 @@ def _augmented_lagrangian(terms: list, Dc: sp.csr_matrix, scale: float, x0: np.n
         res = minimize(fun, x, args=(mu, rho), jac=True, method="L-BFGS-B", bounds=bounds,
                        options={"maxiter": 5000, "maxfun": 50000, "ftol": 1e-14, "gtol": 1e-10})
         x = res.x
-        shortfall = float(max(0.0, 1.0 - (Dc @ x).min())) if n_cov else 0.0
+        shortfall = _shortfall(Dc, x)
         f = _objective(x, terms)
         if shortfall <= tol and abs(previous - f) <= tol * f:
             if res.success:
@@ -101,6 +104,14 @@ def _augmented_lagrangian(terms: list, Dc: sp.csr_matrix, scale: float, x0: np.n
     return x, f"not converged after {max_outer} outer iterations ({res.message})", False
 
 
+def _shortfall(Dc: sp.csr_matrix, x: np.ndarray) -> float:
+    """Worst coverage shortfall ``max(0, 1 - min D_cover x)``; inf if the dose is not finite."""
+    if not Dc.shape[0]:
+        return 0.0
+    low = float((Dc @ x).min())
+    return max(0.0, 1.0 - low) if np.isfinite(low) else math.inf
+
+
 def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray | None = None,
                     tol: float = 1e-6, max_outer: int = 30) -> ReferenceSolution:
     """Solve the frozen sub-problem from :meth:`rtenv.tps.TPS.subproblem`.
@@ -110,17 +121,23 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
         solver: ``"clarabel"`` or ``"osqp"`` (via CVXPY, default settings) or ``"lbfgsb"`` (scipy).
         x0: Start for ``lbfgsb`` (default: ones).
         tol: ``lbfgsb``: coverage shortfall and relative objective change at which the augmented
-            Lagrangian stops.
+            Lagrangian stops, in (0, 0.01].
         max_outer: ``lbfgsb``: most outer (multiplier) iterations.
 
     The wall time covers building and solving the problem, not importing CVXPY.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown reference solver {solver!r}; valid: {list(SOLVERS)}")
-    if not tol > 0 or not (isinstance(max_outer, int) and max_outer >= 1):
-        raise ValueError(f"tol = {tol!r} must be > 0 and max_outer = {max_outer!r} an integer >= 1")
-    terms, Dc = subproblem["terms"], subproblem["D_cover"]
+    tol = check_real("tol", tol, 0.0, 0.01, low_inclusive=False)
+    max_outer = check_integer("max_outer", max_outer, 1)
+    terms = [(sp.csr_matrix(Ds), wt, ts) for Ds, wt, ts in subproblem["terms"]]
+    Dc = sp.csr_matrix(subproblem["D_cover"])
     n = Dc.shape[1]
+    if x0 is not None:
+        x0 = np.asarray(x0, dtype=np.float64)
+        if x0.shape != (n,) or not np.all(np.isfinite(x0)) or np.any(x0 < 0):
+            raise ValueError(f"x0 must be {n} finite fluences >= 0 (one per beamlet), got shape {x0.shape}"
+                             + ("" if x0.shape != (n,) else " with negative or non-finite values"))
     if solver != "lbfgsb":
         try:
             import cvxpy as cp
@@ -129,7 +146,7 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
     t0 = time.perf_counter()
     scale = objective_scale(terms)
     if solver == "lbfgsb":
-        start = np.ones(n) if x0 is None else np.asarray(x0, dtype=np.float64)
+        start = np.ones(n) if x0 is None else x0
         x, status, converged = _augmented_lagrangian(terms, Dc, scale, start, tol, max_outer)
     else:
         xv = cp.Variable(n, nonneg=True)
@@ -141,5 +158,4 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
         x = np.maximum(np.asarray(xv.value), 0.0)
         status, converged = str(prob.status), prob.status == cp.OPTIMAL
     seconds = time.perf_counter() - t0
-    violation = float(max(0.0, 1.0 - (Dc @ x).min())) if Dc.shape[0] else 0.0
-    return ReferenceSolution(solver, x, _objective(x, terms), violation, seconds, status, converged)
+    return ReferenceSolution(solver, x, _objective(x, terms), _shortfall(Dc, x), seconds, status, converged)

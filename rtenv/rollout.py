@@ -19,6 +19,7 @@ import numpy as np
 from rtenv.env import TPPTuningEnv
 from rtenv.evaluation import score_plan
 from rtenv.scenarios import COHORTS, cohort_size
+from rtenv.validation import check_integer
 
 Policy = Callable[[np.ndarray, dict[str, Any]], Any]
 
@@ -75,7 +76,7 @@ def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: 
     ``steps_sd``, ``full_score_rate`` (scores in the env's scoring mode; ``*_binary_*`` too).
     """
     size = cohort_size(scenario, cohort) if cohort in COHORTS else None
-    n = cases if cases is not None else (size or 1)
+    n = check_integer("cases", cases, 1, size) if cases is not None else (size or 1)
     env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
                        **env_kwargs)
     records = [run_episode(env, policy, seed=seed + i, options={"index": i}) for i in range(n)]
@@ -87,6 +88,8 @@ def summarise(records: list[EpisodeRecord], **meta: Any) -> dict[str, Any]:
     def ms(values: list[float]) -> tuple[float, float]:
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+    if not records:
+        raise ValueError("summarise needs at least one episode record, got none")
     out: dict[str, Any] = dict(meta)
     out["initial_score_mean"], out["initial_score_sd"] = ms([r.initial_score for r in records])
     out["final_score_mean"], out["final_score_sd"] = ms([r.final_score for r in records])

@@ -26,6 +26,14 @@ def test_map_structures_sees_and_moves_the_right_tpps():
     assert map_structures(s1_policy, 3, 3) is s1_policy
     with pytest.raises(ValueError, match="source_structures"):
         map_structures(s1_policy, 4, 3)
+    for count in (True, 2.0):
+        with pytest.raises(ValueError, match=rf"source_structures = {count!r} must be an integer"):
+            map_structures(s1_policy, count, 5)
+    # an S1-sized observation or mask (3 structures) on the 5-structure wrapper: clear, not an IndexError
+    with pytest.raises(ValueError, match=r"observation has shape \(300,\); an env with 5 structures gives \(500,\)"):
+        mapped(obs[:300], {"action_mask": mask})
+    with pytest.raises(ValueError, match=r"action_mask has shape \(18,\)"):
+        mapped(obs, {"action_mask": mask[:18]})
 
 
 def test_shipped_planner_runs_on_s2_and_s3():

@@ -137,7 +137,7 @@ def test_tps_rejects_bad_batches(s1):
         tps.optimize(tuned(s1), x0=np.ones(3))
     with pytest.raises(ValueError, match="max_iter"):
         ADMMSettings(max_iter=0)
-    with pytest.raises(ValueError, match=r"precond_every = 0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"precond_every = 0 must be an integer in \[1, inf\]"):
         ADMMSettings(precond_every=0)
     with pytest.raises(ValueError, match=r"max_iter = True must be an integer"):
         ADMMSettings(max_iter=True)
@@ -233,6 +233,13 @@ def test_reference_solvers_agree_and_report_status(small_case):
     # no objective terms either: the coverage alone
     bare = solve_reference({"terms": [], "D_cover": sub["D_cover"]}, "lbfgsb")
     assert bare.objective == 0.0 and bare.coverage_violation <= 1e-6
+    # a non-finite start is refused (it returned a NaN plan that reported zero coverage violation)
+    n = small_case.n_beamlets
+    for bad, message in (({"x0": np.full(n, np.nan)}, f"x0 must be {n} finite fluences"),
+                         ({"x0": np.ones(5)}, r"got shape \(5,\)"), ({"tol": np.inf}, r"tol = inf .* \(0, 0.01\]"),
+                         ({"max_outer": True}, "max_outer = True must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            solve_reference(sub, "lbfgsb", **bad)
 
 
 def test_plan_is_rescaled_to_exact_d95(s1):
