@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_policy.backends import DEFAULT_TEMPERATURE, LLMBackend
+from llm_policy.backends import DEFAULT_TEMPERATURE, LLMBackend, check_sampling
 from llm_policy.prompt import Attempt, Message, PlanState, PromptOptions, build_messages
 from llm_policy.proposal import ProposalError, parse_proposal, proposal_bounds, proposal_schema, scoped_names
 
@@ -98,6 +98,7 @@ class LLMPolicy:
         self.temperature, self.seed, self.repair_retries = temperature, seed, repair_retries
         n = len(scoped_names(self.structures, options.action_scope))
         self.max_tokens = max_tokens or (24 * n + 64 + (400 if options.chain_of_thought else 0))
+        check_sampling(temperature, self.max_tokens)
         self.schema = proposal_schema(self.structures, options.action_scope, options.chain_of_thought)
         self.constrained = constrained
         self.history: list[Attempt] = []
@@ -112,8 +113,12 @@ class LLMPolicy:
         return cls(backend, core.structures, core.scenario.prescription_gy, to_action=core.tpp_to_action, **kwargs)
 
     def reset(self) -> None:
-        """Forget the episode (memory and log)."""
+        """Forget the episode (memory and log), and the backend's cached prompt where it keeps one
+        (:meth:`~llm_policy.backends.LlamaCppBackend.reset`), so that the episode replays under its seed."""
         self.history, self.log = [], []
+        backend_reset = getattr(self.backend, "reset", None)
+        if callable(backend_reset):
+            backend_reset()
 
     def propose(self, obs: np.ndarray, info: Mapping[str, Any]) -> tuple[dict[str, float], StepLog]:
         """The next TPP values (all of them, by name) and the log of how they were obtained."""
