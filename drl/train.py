@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from drl.acer import ACER
 from rtenv.sb3 import make_sb3_vec_env
+from rtenv.validation import check_integer
 
 
 class ConcatVecEnv(VecEnv):
@@ -215,8 +217,9 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     checkpointed: a run resumed at step N seeds its envs with ``seed + N``. Logs: CSV and, when the
     ``tensorboard`` package is installed, TensorBoard, under ``out/logs``.
     """
-    if timesteps < 1 or train_cases < 1 or num_envs < 1:
-        raise ValueError(f"timesteps ({timesteps}), train_cases ({train_cases}) and num_envs ({num_envs}) must be >= 1")
+    for name, value in (("timesteps", timesteps), ("train_cases", train_cases), ("num_envs", num_envs),
+                        ("checkpoint_every", checkpoint_every)):
+        check_integer(name, value, 1)
     if policy not in ACER.policy_aliases:
         raise ValueError(f"policy = {policy!r} is not an ACER policy; choose from {sorted(ACER.policy_aliases)}")
     out = Path(out)
@@ -289,7 +292,11 @@ def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
     if not file.is_file():
         raise FileNotFoundError(f"no model file at {file} (from policy spec {spec!r}; shipped: "
                                 f"{', '.join('acer:' + k for k in BUILTIN_POLICIES)})")
-    return ALGORITHMS[algo].load(file, device=device)
+    try:
+        return ALGORITHMS[algo].load(file, device=device)
+    except (TypeError, KeyError, AttributeError, ValueError, zipfile.BadZipFile) as exc:  # another algorithm's zip
+        raise ValueError(f"{file} is not a loadable {algo} model (from policy spec {spec!r}): "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 class SB3Policy:

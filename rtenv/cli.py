@@ -320,13 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
     solver = plan.add_argument_group("ADMM settings (defaults: SPEC section 1)")
     defaults = ADMMSettings()
-    solver.add_argument("--max-iter", type=int, default=defaults.max_iter, help="outer ADMM iterations at most")
-    solver.add_argument("--cg-steps", type=int, default=defaults.cg_steps, help="CG steps per x-update")
-    solver.add_argument("--tol", type=float, default=defaults.tol,
-                        help="convergence: relative fluence change between outer iterations")
-    solver.add_argument("--beta", type=float, default=defaults.beta, help="ADMM penalty of the PTV coverage split")
-    solver.add_argument("--precond-every", type=int, default=defaults.precond_every,
-                        help="rebuild the CG preconditioner every this many iterations")
+    numeric = [
+        solver.add_argument("--max-iter", type=int, default=defaults.max_iter, help="outer ADMM iterations at most"),
+        solver.add_argument("--cg-steps", type=int, default=defaults.cg_steps, help="CG steps per x-update"),
+        solver.add_argument("--tol", type=float, default=defaults.tol,
+                            help="convergence: relative fluence change between outer iterations"),
+        solver.add_argument("--beta", type=float, default=defaults.beta, help="ADMM penalty of the PTV coverage split"),
+        solver.add_argument("--precond-every", type=int, default=defaults.precond_every,
+                            help="rebuild the CG preconditioner every this many iterations"),
+    ]
+    for action in numeric:
+        action.help = f"{action.help} (default %(default)s)"
     solver.add_argument("--ptv-underdose", action="store_true", help="add the one-sided PTV under-dose term")
     _add_mode_arg(plan)
     plan.add_argument("--out", required=True, help="output directory for plan.json and PNGs")
@@ -344,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="episode starts: SPEC default TPPs, SPEC random TPPs, or half and half (default)")
     train.add_argument("--policy-net", default="mlp", choices=["mlp", "lstm"],
                        help="ACER network: MLP (default) or SPEC's Linear(obs, 32) + LSTMCell(32) planner network")
-    train.add_argument("--fresh", action="store_true", help="ignore checkpoints already in --out")
+    train.add_argument("--fresh", action="store_true",
+                       help="delete the checkpoints in --out and start over (default: resume from the newest)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--out", required=True)
     train.set_defaults(func=_train)
@@ -383,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn), or 'search' (CMA-ES)")
     ex.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
     ex.add_argument("--cohort", default="knowledge", choices=sorted(COHORTS))
-    ex.add_argument("--max-steps", type=int, default=20)
+    ex.add_argument("--max-steps", type=int, default=20,
+                    help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--out", required=True, help="knowledge-base JSON to write")
     ex.set_defaults(func=_knowledge)
