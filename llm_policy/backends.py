@@ -118,10 +118,11 @@ class LlamaCppBackend:
 
     A call reuses the KV cache of the previous call's prompt as far as the two prompts agree, which
     saves most of the prompt evaluation within an episode (a guided S1 prompt of 2,300 tokens took
-    18 s evaluated afresh on 2 CPU cores, 3 s with all but its last token cached). The logits of a partly cached prompt differ in the last
-    bits from those of a full evaluation, so an answer depends on the calls before it as well as on
-    its seed: :meth:`reset` drops the cache, and :class:`~llm_policy.policy.LLMPolicy` calls it at
-    every episode's start, so that an episode is reproducible under a seed.
+    18 s evaluated afresh on 2 CPU cores, 3 s with all but its last token cached). The logits of a
+    partly cached prompt differ in the last bits from those of a full evaluation, so an answer
+    depends on the calls before it as well as on its seed: :meth:`reset` drops the cache, and
+    :class:`~llm_policy.policy.LLMPolicy` calls it at every episode's start, so that an episode is
+    reproducible under a seed.
 
     Args:
         model_path: GGUF file; ``None``: :func:`default_model_path`.
