@@ -150,7 +150,7 @@ def _select_beams(available: Sequence[tuple[float, float]], beams: Sequence[Beam
     listing = ", ".join(f"{g:g}:{c:g}" for g, c in available)
     chosen = []
     for spec in beams:
-        if isinstance(spec, (int, float, np.integer, np.floating)):
+        if is_real(spec):
             hits = [i for i, (g, _) in enumerate(available) if abs(g - float(spec)) < _ANGLE_TOL]
             label = f"gantry {float(spec):g}"
         elif isinstance(spec, Sequence) and len(spec) == 2:

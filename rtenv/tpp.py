@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rtenv.validation import is_real
+
 KINDS = ("t", "lambda", "V")
 
 # (kind, is_target) -> (low, high, low_inclusive)
@@ -204,7 +206,7 @@ class TPP:
 
 def _number(name: str, value: object) -> float:
     """``value`` as a float, or ``ValueError`` naming the TPP if it is not a real number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if not is_real(value):
         raise ValueError(f"TPP {name} = {value!r} is not a number")
     try:
         return float(value)
