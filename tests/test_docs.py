@@ -1,13 +1,17 @@
-"""The Python examples in README.md and docs/*.md run as written (in a scratch directory)."""
+"""The Python examples in README.md and docs/*.md run as written (in a scratch directory), and
+every `rtenv` command they show parses with the CLI's parser (option names, choices, required
+options)."""
 
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMMAND_PAGES = [*PAGES, ROOT / "benchmarks" / "results" / "README.md"]
 # examples that need what a fresh checkout does not have
 NEEDS_DATA = {("data_sources.md", 0): "the CORT and matRad data sets"}
 NEEDS_EXTRA = {("explain.md", 0): "captum", ("llm_policy.md", 0): "llama_cpp"}  # optional extras
@@ -37,3 +41,35 @@ def test_every_page_with_examples_is_collected():
 def test_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
     exec(compile(code, "<example>", "exec"), {"__name__": "__example__"})
+
+
+def _rtenv_commands() -> list:
+    """``rtenv`` commands in code blocks and inline code (a bare ``rtenv SUBCOMMAND`` mention in
+    prose is not a command), with optional ``[...]`` groups left out."""
+    out = []
+    for page in COMMAND_PAGES:
+        text = page.read_text()
+        lines = []
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                lines += [part.strip() for part in line.split(" #")[0].split("&&")]
+        lines += re.findall(r"`(rtenv [^`]+)`", text)
+        for cmd in lines:
+            words = shlex.split(re.sub(r"\[[^\]]*\]", "", cmd)) if cmd.startswith("rtenv ") else []
+            if len(words) > 2:
+                out.append(pytest.param(words[1:], id=f"{page.name}: {cmd[:60]}"))
+    return out
+
+
+def test_documented_commands_are_collected():
+    assert len(_rtenv_commands()) >= 30
+
+
+@pytest.mark.parametrize("argv", _rtenv_commands())
+def test_documented_command_parses(argv):
+    from rtenv.cli import build_parser
+
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's usage error: an unknown option, a bad choice, a missing --out
+        pytest.fail(f"`rtenv {' '.join(argv)}` does not parse (exit {exc.code})")
