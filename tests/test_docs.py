@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND_PAGES = [*PAGES, ROOT / "benchmarks" / "results" / "README.md"]
 # examples that need what a fresh checkout does not have
-NEEDS_DATA = {("data_sources.md", 0): "the CORT and matRad data sets"}
-NEEDS_EXTRA = {("explain.md", 0): "captum", ("llm_policy.md", 0): "llama_cpp"}  # optional extras
+NEEDS_DATA = {("data_sources.md", 1): "the CORT and PortPy data sets"}
+NEEDS_EXTRA = {("data_sources.md", 0): "pyRadPlan", ("explain.md", 0): "captum",  # optional extras
+               ("llm_policy.md", 0): "llama_cpp"}
 
 
 def _examples() -> list:
@@ -32,7 +33,8 @@ def _examples() -> list:
 
 def test_every_page_with_examples_is_collected():
     ids = {p.id for p in _examples()}
-    assert {"cases.md-0", "tps_and_envs.md-0", "tps_and_envs.md-1", "explain.md-0", "llm_policy.md-0"} <= ids
+    assert {"cases.md-0", "data_sources.md-0", "tps_and_envs.md-0", "tps_and_envs.md-1", "explain.md-0",
+            "llm_policy.md-0"} <= ids
     assert {f"{page}-{i}" for page, i in NEEDS_DATA} <= ids  # a skipped example that still exists
 
 
