@@ -41,9 +41,11 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} holds a run with {json.loads(settings_path.read_text())}, not {settings}: "
                          "pass --fresh to start over, or another --out")
+    # finished benchmarks are reused only from a run whose settings are known to match
+    seconds: dict[str, float] = (json.loads(seconds_path.read_text())
+                                 if seconds_path.is_file() and settings_path.is_file() else {})
     out.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings))
-    seconds: dict[str, float] = json.loads(seconds_path.read_text()) if seconds_path.is_file() else {}
 
     def step(name: str, json_path: Path | None, run: Callable[[], Any]) -> Any:
         """``run()``'s result, or the finished one's JSON; the wall time is recorded when it ends."""

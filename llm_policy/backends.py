@@ -25,6 +25,7 @@ import http.client
 import importlib.util
 import ipaddress
 import json
+import numbers
 import os
 import time
 import urllib.error
@@ -90,9 +91,9 @@ def _loads_or_none(text: str) -> Any:
 
 def check_sampling(temperature: float, max_tokens: int) -> None:
     """Raise ``ValueError`` unless ``temperature`` is in [0, 2] and ``max_tokens`` an integer >= 1."""
-    if not (isinstance(temperature, int | float) and 0.0 <= temperature <= 2.0):
-        raise ValueError(f"temperature {temperature!r} is outside [0, 2]")
-    if not (isinstance(max_tokens, int) and max_tokens >= 1):
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and 0.0 <= temperature <= 2.0):
+        raise ValueError(f"temperature {temperature!r} is not a number in [0, 2]")
+    if not (isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool) and max_tokens >= 1):
         raise ValueError(f"max_tokens {max_tokens!r} must be an integer >= 1")
 
 

@@ -300,13 +300,14 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
     """``((ny, nx, nz) MATLAB dims, (dz, dy, dx) mm, density or None, source description)``."""
 
     def as_voxel(v: float | Sequence[float]) -> tuple[float, float, float]:
-        t = (v,) * 3 if is_real(v) else tuple(v) if isinstance(v, Sequence) else ()
+        t = (v,) * 3 if is_real(v) else tuple(v) if isinstance(v, Sequence | np.ndarray) and np.ndim(v) == 1 else ()
         if len(t) != 3 or not all(is_real(a) and math.isfinite(a) and a > 0 for a in t):
             raise ValueError(f"voxel_mm must be a finite positive number or (dz, dy, dx) in mm, got {v!r}")
         return tuple(float(a) for a in t)  # type: ignore[return-value]
 
     if grid_shape is not None:
-        if (isinstance(grid_shape, (str, bytes)) or not isinstance(grid_shape, Sequence) or len(grid_shape) != 3
+        if (isinstance(grid_shape, (str, bytes)) or not isinstance(grid_shape, Sequence | np.ndarray)
+                or np.ndim(grid_shape) != 1 or len(grid_shape) != 3
                 or not all(is_integer(a) and a >= 1 for a in grid_shape)):
             raise ValueError(f"grid_shape must be (nz, ny, nx) positive integer voxel counts, got {grid_shape!r}")
         shape = tuple(int(a) for a in grid_shape)
@@ -319,6 +320,7 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
         [folder / f"{folder.name}.mat"] + sorted(p for p in folder.glob("*.mat")
                                                  if not p.name.endswith(("_D.mat", "_VOILIST.mat", "_BEAMINFO.mat"))
                                                  and p.name != f"{folder.name}.mat"))
+    v73 = []  # MATLAB v7.3 files (unreadable by scipy) among the candidates
     for path in candidates:
         if not path.is_file():
             if ct_file is not None:
@@ -327,8 +329,10 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
         try:
             names = {n for n, _, _ in scipy.io.whosmat(str(path))}
         except NotImplementedError:
-            _loadmat(path)  # raises the MATLAB v7.3 re-save hint
-            raise
+            if ct_file is not None:
+                _loadmat(path)  # raises the MATLAB v7.3 re-save hint
+            v73.append(path.name)
+            names = set()
         except (ValueError, TypeError, OSError, EOFError, IndexError, zlib.error):
             names = set()
         if "ct" not in names:
@@ -373,7 +377,9 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
     raise CaseFormatError(
         f"{folder} has no grid information: expected a matRad-format {folder.name}.mat (variable 'ct' with "
         "cube or cubeDim and resolution), a CTVOXEL_INFO*.txt (voxel counts x, y, z) plus voxel_mm, "
-        "or the options grid_shape=(nz, ny, nx) and voxel_mm")
+        "or the options grid_shape=(nz, ny, nx) and voxel_mm"
+        + (f"; {v73} are MATLAB v7.3 files, which scipy cannot read: re-save a CT file among them in MATLAB "
+           "with save(..., '-v7')" if v73 else ""))
 
 
 def _cort_beams(folder: Path) -> list[tuple[float, float, Path]]:
@@ -867,7 +873,8 @@ def load_portpy(
             pb_path = folder / "PlannerBeams.json"
             beam_ids = _need(_read_json(pb_path), "IDs", pb_path)
         id_list = [b[0] for b in all_beams]
-        if (isinstance(beam_ids, (str, bytes)) or not isinstance(beam_ids, Sequence) or not beam_ids
+        if (isinstance(beam_ids, (str, bytes)) or not isinstance(beam_ids, Sequence | np.ndarray)
+                or np.ndim(beam_ids) != 1 or len(beam_ids) == 0
                 or not all(is_integer(b) for b in beam_ids) or len(set(beam_ids)) != len(beam_ids)):
             raise ValueError(f"beam_ids must be a non-empty list of distinct integer beam IDs, got {beam_ids!r}; "
                              f"beam IDs: {id_list}")

@@ -44,9 +44,10 @@ def plot_dvh(
         doses = {"plan": doses}
     if not doses:
         raise ValueError("doses is empty: give one dose vector (Gy) or a mapping label -> dose vector")
-    plans = {str(label): case.structure_doses(_finite_dose(d, f"dose {label!r}")) for label, d in doses.items()}
+    finite = {str(label): _finite_dose(d, f"dose {label!r}") for label, d in doses.items()}
+    plans = {label: case.structure_doses(d) for label, d in finite.items()}
     rx = case.prescription_gy
-    top = max(float(d.max()) for p in plans.values() for d in p.values())
+    top = max(float(d.max()) for d in finite.values())  # over every dose row, the slice's body voxels too
     grid = np.linspace(0.0, max(top, rx) * 1.05, 400)
     fig, ax = new_figure(figsize=(7, 4.5))
     for p, by_structure in enumerate(plans.values()):

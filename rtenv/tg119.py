@@ -108,10 +108,10 @@ def read_tg119(path: Path | None = None) -> dict[str, Any]:
         DICOM), "structures": {cst name: (cst type, 0-based flat C-order indices into cube)}}``.
     """
     path = Path(path) if path is not None else tg119_file()
-    if not path.is_file():
+    if not (path.is_file() or Path(f"{path}.mat").is_file()):  # loadmat adds a missing .mat to a str path
         raise CaseFormatError(f"TG-119 file {path} does not exist")
     try:
-        m = scipy.io.loadmat(path)
+        m = scipy.io.loadmat(str(path))
         ct = m["ct"][0, 0]
         cube = np.asarray(ct["cube"][0, 0], dtype=np.float32)
         shape = cube.shape

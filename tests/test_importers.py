@@ -206,8 +206,17 @@ def test_cort_grid_information_required(tmp_path):
     (folder / "CTVOXEL_INFO.txt").write_text("x = 4\ny = 3\nz = 2\n")
     with pytest.raises(ValueError, match="voxel_mm"):
         load_cort(folder, CORT_MAP, [0], protocol="prostate9")
-    case = load_cort(folder, CORT_MAP, [0], protocol="prostate9", voxel_mm=3.0)
+    # a MATLAB v7.3 file (HDF5 behind a 128-byte MATLAB header) that is not the CT is passed over
+    with h5py.File(folder / "notes.mat", "w", userblock_size=512) as h:
+        h["x"] = np.zeros(3)
+    with open(folder / "notes.mat", "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file".ljust(116) + bytes(8) + b"\x00\x02IM")
+    case = load_cort(folder, CORT_MAP, [0], protocol="prostate9", voxel_mm=np.array([3.0, 3.0, 3.0]))
     assert case.grid_shape == (2, 3, 4)
+    (folder / "CTVOXEL_INFO.txt").unlink()
+    with pytest.raises(CaseFormatError, match=r"no grid information.*\['notes.mat'\] are MATLAB v7.3"):
+        load_cort(folder, CORT_MAP, [0], protocol="prostate9")
+    (folder / "CTVOXEL_INFO.txt").write_text("x = 4\ny = 3\nz = 2\n")
     sio.savemat(folder / "P.mat", {"ct": {"resolution": {"x": 3.0, "y": 3.0, "z": 3.0}}})
     with pytest.raises(CaseFormatError, match="cubeDim"):
         load_cort(folder, CORT_MAP, [0], protocol="prostate9")
