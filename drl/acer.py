@@ -67,7 +67,7 @@ from stable_baselines3.common.vec_env import VecEnvWrapper
 from torch import nn
 
 from drl.acer_math import acer_policy_loss_terms, retrace_targets, trust_region_step
-from rtenv.validation import is_integer
+from rtenv.validation import check_integer, check_real
 
 _MASKED_LOGIT = -1e9  # logit of a masked action: probability 0, and 0 * log-probability stays finite
 _MASK_MARGIN = 1.0  # masked logits are taught to stay this far below the best allowed one
@@ -200,8 +200,7 @@ class ACERLstmPolicy(BasePolicy):
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"ACER needs a Discrete action space, got {action_space}")
         for name, value in (("hidden_size", hidden_size), ("features_dim", features_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} = {value!r} must be an integer >= 1")
+            check_integer(name, value, 1)
         super().__init__(observation_space, action_space, features_extractor_class=FlattenExtractor,
                          optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs or {})
         self.hidden_size, self.features_dim, self.activation_fn = hidden_size, features_dim, activation_fn
@@ -431,17 +430,15 @@ class ACER(BaseAlgorithm):
         super().__init__(policy, env, learning_rate, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
                          verbose=verbose, device=device, support_multi_env=True, seed=seed,
                          supported_action_spaces=(spaces.Discrete,))
-        for name, value in (("n_steps", n_steps), ("buffer_size", buffer_size), ("replay_start", replay_start)):
-            if not is_integer(value):
-                raise ValueError(f"{name} = {value!r} must be an integer")
-        for name, value, lo, hi in (("n_steps", n_steps, 1, 1e6), ("gamma", gamma, 0, 1),
-                                    ("replay_ratio", replay_ratio, 0, 1e3), ("truncation", truncation, 1e-6, 1e6),
-                                    ("alpha", alpha, 0, 1), ("delta", delta, 0, 1e6), ("q_coef", q_coef, 0, 1e6),
+        for name, value, lo, hi in (("n_steps", n_steps, 1, 10**6), ("buffer_size", buffer_size, 1, 10**9),
+                                    ("replay_start", replay_start, 0, 10**12)):
+            check_integer(name, value, lo, hi)
+        for name, value, lo, hi in (("gamma", gamma, 0, 1), ("replay_ratio", replay_ratio, 0, 1e3),
+                                    ("truncation", truncation, 1e-6, 1e6), ("alpha", alpha, 0, 1),
+                                    ("delta", delta, 0, 1e6), ("q_coef", q_coef, 0, 1e6),
                                     ("ent_coef", ent_coef, 0, 1e6), ("mask_coef", mask_coef, 0, 1e6),
-                                    ("max_grad_norm", max_grad_norm, 1e-8, 1e12), ("buffer_size", buffer_size, 1, 1e9),
-                                    ("replay_start", replay_start, 0, 1e12)):
-            if not (lo <= value <= hi):  # NaN fails too
-                raise ValueError(f"{name} = {value} is outside its valid range [{lo}, {hi}]")
+                                    ("max_grad_norm", max_grad_norm, 1e-8, 1e12)):
+            check_real(name, value, lo, hi)  # NaN fails too
         self.n_steps, self.gamma, self.q_coef, self.ent_coef = n_steps, gamma, q_coef, ent_coef
         self.buffer_size, self.replay_ratio, self.replay_start = buffer_size, replay_ratio, replay_start
         self.truncation, self.trust_region, self.delta, self.alpha = truncation, trust_region, delta, alpha

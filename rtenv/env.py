@@ -23,7 +23,7 @@ from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, cumul
 from rtenv.scenarios import cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
-from rtenv.validation import is_integer
+from rtenv.validation import check_integer, is_integer
 
 DVH_POINTS = 100
 TARGET_DVH_RANGE = (1.00, 1.15)  # fraction of Rx (SPEC section 3)
@@ -117,8 +117,7 @@ class TuningCore:
             raise ValueError(f"action_mode {action_mode!r} is invalid; valid: 'discrete', 'continuous'")
         if start not in ("default", "random"):
             raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
-        if not (is_integer(max_steps) and max_steps >= 1):
-            raise ValueError(f"max_steps = {max_steps!r} must be an integer >= 1")
+        check_integer("max_steps", max_steps, 1)
         if scoring_mode is not None and scoring_mode not in SCORE_MODES:
             valid = ", ".join(map(repr, SCORE_MODES))
             raise ValueError(f"scoring_mode {scoring_mode!r} is invalid; valid: None, {valid}")
