@@ -241,7 +241,7 @@ class TransformersBackend:
                     warnings.warn(f"xgrammar is installed but does not import ({exc}); decoding is unconstrained",
                                   stacklevel=2)
                 constrained = False
-        self.constrained = bool(constrained) if constrained is not None else True
+        self.constrained = constrained is not False  # None: xgrammar imported
         self._compiler: Any = None
         self._grammars: dict[str, Any] = {}
 
