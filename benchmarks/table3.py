@@ -24,7 +24,9 @@ Starting states follow the seed: S1 and S2 start every test case from the SPEC d
 starts one liver case (test case 0) from 10 seeded random TPP vectors. Scores are binary (one
 point per criterion met), as in the seed. Every finished episode is appended to
 ``results.jsonl`` at once, so an interrupted run resumes where it stopped; ``table3.md``,
-``summary.json`` and the figures are rewritten from all records at the end.
+``summary.json`` and the figures are rewritten from all records at the end. ``run_settings.json``
+beside it records what the episode keys do not name (the knowledge base, the LLM options and the
+sha256 of each policy's local model file): a resume with other ones is refused.
 """
 
 from __future__ import annotations
@@ -323,7 +325,7 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
-    _check_run_settings(out / "run_settings.json", knowledge, llm)
+    _check_run_settings(out / "run_settings.json", knowledge, llm, names)
     done = {r["key"]: r for r in load_records(path)}
     # starting state first: every policy's first episodes finish first (a cut run stays balanced)
     todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
@@ -352,23 +354,63 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     return summary
 
 
-def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions) -> None:
+def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, policies: Sequence[str]) -> None:
     """Episode keys name the policy, case, start, seed and budget, not the settings every
-    episode shares: the knowledge base (by content) and the LLM options. They are written beside
-    the results, and a resume with other ones is refused rather than mixed in."""
+    episode shares: the knowledge base (by content) and the LLM options, nor the model file behind
+    a policy name (by content, see :func:`_model_files`). They are written beside the results, and
+    a resume with other ones is refused rather than mixed in; a resume that adds policies adds
+    their model files."""
     from knowledge_extraction.knowledge import load_knowledge
 
     kb = None if knowledge is None else hashlib.sha256(
         json.dumps(load_knowledge(knowledge), sort_keys=True).encode()).hexdigest()
     settings = {"knowledge_sha256": kb, "llm": asdict(llm)}
+    models = {name: _sha256(file) for name, file in _model_files(policies).items()}
     if path.is_file():
         before = json.loads(path.read_text())
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise ValueError(f"{path.parent} holds episodes run with other {', '.join(changed)} "
                              f"(was {[before.get(k) for k in changed]}); use another --out")
-    else:
-        path.write_text(json.dumps(settings, indent=2))
+        recorded = before.get("model_sha256", {})
+        replaced = sorted(n for n in models if recorded.get(n, models[n]) != models[n])
+        if replaced:
+            raise ValueError(f"{path.parent} holds episodes of {replaced} run with another model file "
+                             "(its sha256 differs); use another --out")
+        models = {**recorded, **models}
+    path.write_text(json.dumps({**settings, "model_sha256": models}, indent=2))
+
+
+def _model_files(policies: Sequence[str]) -> dict[str, Path]:
+    """The local model file behind each policy name that has one: the SB3 zip of ``ALGO:PATH``
+    (``acer:default``: the shipped one) and the file of a ``llama_cpp`` or ``transformers`` LLM
+    (``default``: the shipped GGUF). A file that is not there is left out: its episodes fail
+    with the loader's error."""
+    from llm_policy.backends import BackendError, default_model_path
+
+    files = {}
+    for name in policies:
+        pol = parse_policy(name)
+        try:
+            if pol["kind"] == "sb3":
+                from drl.train import policy_file
+
+                files[name] = policy_file(pol["spec"])
+            elif pol["kind"] == "llm" and pol["backend"] in ("llama_cpp", "transformers"):
+                file = default_model_path() if pol["model"] is None else Path(pol["model"])
+                if file.is_file():
+                    files[name] = file
+        except (FileNotFoundError, BackendError):
+            continue
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ reporting

@@ -283,8 +283,13 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
 BUILTIN_POLICIES: dict[str, Path] = {"default": Path(__file__).parent / "data" / "acer_S1.zip"}
 
 
-def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
-    """Load an SB3 model from ``ALGO:PATH``, or a shipped one from ``acer:NAME`` (``acer:default``)."""
+def policy_file(spec: str) -> Path:
+    """The model file of an ``ALGO:PATH`` spec (``acer:NAME`` names a shipped one), without loading it.
+
+    Raises:
+        ValueError: ``ALGO`` is not one of :data:`ALGORITHMS`.
+        FileNotFoundError: no file at the path.
+    """
     algo, sep, path = spec.partition(":")
     if not sep or algo not in ALGORITHMS:
         raise ValueError(f"policy spec {spec!r} must be ALGO:PATH with ALGO in {sorted(ALGORITHMS)}")
@@ -292,6 +297,13 @@ def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
     if not file.is_file():
         raise FileNotFoundError(f"no model file at {file} (from policy spec {spec!r}; shipped: "
                                 f"{', '.join('acer:' + k for k in BUILTIN_POLICIES)})")
+    return file
+
+
+def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
+    """Load an SB3 model from ``ALGO:PATH``, or a shipped one from ``acer:NAME`` (``acer:default``)."""
+    file = policy_file(spec)
+    algo = spec.partition(":")[0]
     try:
         return ALGORITHMS[algo].load(file, device=device)
     except (TypeError, KeyError, AttributeError, ValueError, zipfile.BadZipFile) as exc:  # another algorithm's zip

@@ -1,5 +1,6 @@
 """The Table 3 harness: a tiny run end to end, resume after a kill, parallel and Ray execution."""
 
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +87,24 @@ def test_resume_with_other_shared_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other knowledge_sha256"):
         run_table3(["S1"], ["random"], tmp_path, knowledge="S1-search", **kw)
     assert len(load_records(tmp_path / "results.jsonl")) == 1
+
+
+def test_resume_with_another_model_file_is_refused(tmp_path):
+    from drl.train import policy_file
+
+    model = tmp_path / "model.zip"
+    model.write_bytes(policy_file("acer:default").read_bytes())
+    kw = {"cases": 1, "max_steps": 1, "workers": 1, "progress": False, "figures": False}
+    out = tmp_path / "run"
+    run_table3(["S1"], [f"acer:{model}"], out, **kw)
+    run_table3(["S1"], [f"acer:{model}", "random"], out, **kw)  # same file, one more policy: resumes
+    recorded = json.loads((out / "run_settings.json").read_text())["model_sha256"]
+    assert list(recorded) == [f"acer:{model}"] and len(recorded[f"acer:{model}"]) == 64
+    model.write_bytes(model.read_bytes() + b"retrained")
+    with pytest.raises(ValueError, match=r"another model file"):
+        run_table3(["S1"], [f"acer:{model}"], out, **kw)
+    run_table3(["S1"], ["random"], out, **kw)  # a resume without that policy is not concerned
+    assert len(load_records(out / "results.jsonl")) == 2
 
 
 def test_a_failing_parallel_episode_keeps_the_others(tmp_path):
