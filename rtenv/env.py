@@ -197,6 +197,9 @@ class TuningCore:
         if "tpp" in options:
             tpp = options["tpp"]
             if isinstance(tpp, TPP):
+                if tpp.structures != tuple(self.structures):
+                    raise ValueError(f"reset option tpp is for structures {tpp.structures}; "
+                                     f"scenario {self.scenario.name} has {tuple(self.structures)}")
                 tpp = tpp.values
             elif isinstance(tpp, dict):
                 tpp = TPP.from_dict(self.structures, tpp).values
@@ -380,7 +383,11 @@ _DOC = """
     ## Arguments
     ``scenario``, ``action_mode``, ``cohort``, ``cases``, ``start``, ``reward``,
     ``scoring_mode``, ``max_steps``, ``device``, ``tps_settings`` (see :class:`TuningCore`),
-    ``render_mode`` (``"rgb_array"``: DVH figure; ``"ansi"``: score table).
+    ``render_mode`` (``"rgb_array"``: DVH figure; ``"ansi"``: score table). The episode length
+    is ``max_steps`` (``gym.make(id, max_steps=50)``): ``gym.make``'s own ``max_episode_steps``
+    only wraps Gymnasium's ``TimeLimit`` around the env, which can end episodes earlier but not
+    later. The vector env also takes ``max_episode_steps`` (what ``gym.make_vec`` passes) as
+    another name for ``max_steps``.
 
     ## Version History
     * v0: initial version.
@@ -455,18 +462,23 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
     def __init__(self, num_envs: int = 8, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
                  cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
                  scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
-                 tps_settings: ADMMSettings | None = None, render_mode: str | None = None) -> None:
-        if not (isinstance(num_envs, int) and num_envs >= 1):
-            raise ValueError(f"num_envs = {num_envs!r} must be an integer >= 1")
+                 tps_settings: ADMMSettings | None = None, render_mode: str | None = None,
+                 max_episode_steps: int | None = None) -> None:
+        check_integer("num_envs", num_envs, 1)
+        if max_episode_steps is not None:  # Gymnasium's name, passed by gym.make_vec
+            if max_steps not in (20, max_episode_steps):
+                raise ValueError(f"max_steps = {max_steps!r} and max_episode_steps = {max_episode_steps!r} "
+                                 "name the same episode length; give one")
+            max_steps = max_episode_steps
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode {render_mode!r} is invalid; valid: {self.metadata['render_modes']}")
         self.core = TuningCore(scenario, action_mode, cohort, cases, start, reward, scoring_mode, max_steps,
                                device, tps_settings)
-        self.num_envs = num_envs
+        self.num_envs = int(num_envs)
         self.single_observation_space = self.core.observation_space
         self.single_action_space = self.core.action_space
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.render_mode = render_mode
         self._eps: list[EpisodeState] = []
         self._rngs: list[np.random.Generator] = []
@@ -483,7 +495,7 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         mask = None
         if isinstance(options, dict) and "reset_mask" in options:
             options = dict(options)
-            mask = self._check_reset_mask(options.pop("reset_mask"))
+            mask = options.pop("reset_mask")
         obs, infos = self.reset_episodes(seed, options, mask)
         if isinstance(seed, int):  # the vector env's own generator, as Gymnasium's VectorEnv.reset seeds it
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
@@ -503,6 +515,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
                        mask: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
         """:meth:`reset` with one info dict per env instead of the stacked infos (``{}`` for the
         envs that ``mask``, where given, leaves running)."""
+        if mask is not None:
+            mask = self._check_reset_mask(mask)
         if seed is None or isinstance(seed, int):
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:

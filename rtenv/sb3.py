@@ -32,6 +32,8 @@ class SB3VecEnv(VecEnv):
     def __init__(self, venv: TPPTuningVectorEnv) -> None:
         self.venv = venv
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
+        # the env's metadata (render_fps, for SB3's video recorder), with the render modes SB3's VecEnv offers
+        self.metadata = {**venv.metadata, "render_modes": self.metadata["render_modes"]}
         self._actions: Any = None
         self._returns = np.zeros(self.num_envs)
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)

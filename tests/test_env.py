@@ -233,6 +233,21 @@ def test_a_failed_vector_reset_changes_nothing():
     assert i1["case"].tolist() == i2["case"].tolist()
 
 
+def test_a_masked_reset_before_the_first_reset_is_refused_and_changes_nothing():
+    venv = TPPTuningVectorEnv(num_envs=2, scenario="S1")
+    with pytest.raises(RuntimeError, match="call reset\\(\\) without a reset_mask first"):
+        venv.reset_episodes(seed=0, mask=np.array([True, False]))
+    obs, _ = venv.reset(seed=0)
+    assert obs.shape == (2, 300) and venv.step(np.array([0, 1]))[0].shape == (2, 300)
+
+
+def test_make_vec_max_episode_steps_sets_the_episode_length():
+    venv = gym.make_vec("rtenv/Prostate7Beam-v0", num_envs=2, max_episode_steps=2)
+    venv.reset(seed=0)
+    truncated = [venv.step(np.array([1, 3]))[3] for _ in range(2)]
+    assert not truncated[0].any() and truncated[1].all()  # (no default start of S1-train-0 is at full score)
+
+
 def test_reset_without_seed_keeps_the_generators():
     venv = TPPTuningVectorEnv(num_envs=2, scenario="S1", cases=4, start="random")
     single = [TPPTuningEnv("S1", cases=4, start="random") for _ in range(2)]
@@ -303,6 +318,13 @@ def test_bad_arguments():
         TPPTuningEnv("S1").reset(options={"start": "bogus", "tpp": np.array([1, 1, 1, 1, 1, 1, 0.1, 1, 1])})
     with pytest.raises(ValueError, match="render_mode 'human' is invalid"):
         TPPTuningVectorEnv(2, render_mode="human")
+    with pytest.raises(ValueError, match=r"num_envs = True must be an integer in \[1, inf\]"):
+        TPPTuningVectorEnv(True)
+    assert TPPTuningVectorEnv(np.int64(2)).num_envs == 2
+    with pytest.raises(ValueError, match="max_steps = 5 and max_episode_steps = 7 name the same episode length"):
+        TPPTuningVectorEnv(2, max_steps=5, max_episode_steps=7)
+    with pytest.raises(ValueError, match=r"reset option tpp is for structures \('PTV', 'Liver', 'Heart'\)"):
+        TPPTuningEnv("S1").reset(options={"tpp": TPP.default(("PTV", "Liver", "Heart"))})
     with pytest.raises(ValueError, match="cases = 5.0 must be a number of cases or a sequence of case indices"):
         TPPTuningEnv("S1", cohort="test", cases=5.0)
     with pytest.raises(ValueError, match=r"case indices \[12\] are outside the range \[0, 9\] of cohort 'test'"):
@@ -410,6 +432,7 @@ def test_sb3_adapter_per_env_attributes_methods_and_images():
     assert infos[0]["action_mask"] != infos[1]["action_mask"]
     assert [m.tolist() for m in venv.env_method("action_masks")] == [i["action_mask"] for i in infos]
     assert venv.env_method("action_masks", indices=[1])[0].tolist() == infos[1]["action_mask"]
+    assert venv.metadata["render_fps"] == 2  # the env's, as SB3's DummyVecEnv hands on
     frames = venv.get_images()
     assert len(frames) == 2 and frames[0].ndim == 3 and frames[0].dtype == np.uint8
     assert venv.render().shape[2] == 3  # SB3 tiles the frames
