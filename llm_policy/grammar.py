@@ -3,9 +3,12 @@
 llama.cpp's own JSON-schema grammar fixes keys and types but ignores ``minimum``/``maximum``, so a
 small model happily answers ``"t_PTV": 80.5`` for a threshold in [1, 1.2]. :func:`schema_to_gbnf`
 compiles the schemas of :mod:`llm_policy.proposal` (objects whose properties are all required,
-bounded numbers, strings) into a grammar whose number rules only derive decimals inside the
+bounded numbers, bounded strings) into a grammar whose number rules only derive decimals inside the
 bounds: a number is written with exactly ``decimals`` fractional digits (``0.050``, ``12.500``)
-and the set of such digit strings between the bounds is decomposed into digit-class patterns.
+and the set of such digit strings between the bounds is decomposed into digit-class patterns. A
+string (``maxLength`` required) derives at most that many printable ASCII characters other than ``"``
+and ``\\`` (no escapes: each character is one byte, so the string costs at most ``maxLength``
+tokens, and a token budget that allows for it always sees the answer closed).
 Anything outside that subset raises ``ValueError`` so callers can fall back to plain schemas.
 """
 
@@ -68,7 +71,7 @@ def number_alternatives(low: float, high: float, decimals: int = 3) -> list[str]
     return alts
 
 
-_STRING_RULE = r'string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ["\\/bfnrt] )* "\""'
+_PLAIN_CHAR = r"[ !#-\[\]-~]"  # printable ASCII but '"' and '\'
 
 
 def schema_to_gbnf(schema: dict[str, Any], decimals: int = 3) -> str:
@@ -87,9 +90,16 @@ def schema_to_gbnf(schema: dict[str, Any], decimals: int = 3) -> str:
             rules.append(f"{name} ::= " + " | ".join(f"( {a} )" for a in alts))
             return name
         if kind == "string":
-            if not any(r.startswith("string ::=") for r in rules):
-                rules.append(_STRING_RULE)
-            return "string"
+            unknown = sorted(set(node) - {"type", "maxLength"})
+            if unknown:
+                raise ValueError(f"string keywords {unknown} are not supported by the bounded grammar")
+            n = node.get("maxLength")
+            if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+                raise ValueError(f"strings need an integer 'maxLength' >= 0, got {n!r}")
+            counter[0] += 1
+            name = f"str{counter[0]}"
+            rules.append(f'{name} ::= "\\"" {_PLAIN_CHAR}{{0,{n}}} "\\""')
+            return name
         if kind == "object":
             props = node.get("properties", {})
             if list(node.get("required", [])) != list(props) or node.get("additionalProperties", True):

@@ -25,7 +25,14 @@ import numpy as np
 
 from llm_policy.backends import DEFAULT_TEMPERATURE, LLMBackend, check_sampling
 from llm_policy.prompt import Attempt, Message, PlanState, PromptOptions, build_messages
-from llm_policy.proposal import ProposalError, parse_proposal, proposal_bounds, proposal_schema, scoped_names
+from llm_policy.proposal import (
+    REASONING_MAX_CHARS,
+    ProposalError,
+    parse_proposal,
+    proposal_bounds,
+    proposal_schema,
+    scoped_names,
+)
 
 
 @dataclass
@@ -97,7 +104,9 @@ class LLMPolicy:
         self.to_action, self.knowledge, self.options = to_action, knowledge, options
         self.temperature, self.seed, self.repair_retries = temperature, seed, repair_retries
         n = len(scoped_names(self.structures, options.action_scope))
-        self.max_tokens = max_tokens or (24 * n + 64 + (400 if options.chain_of_thought else 0))
+        # chain of thought: the grammar bounds the reasoning to REASONING_MAX_CHARS one-byte
+        # characters, each at least a token's worth, so this budget always sees the answer closed
+        self.max_tokens = max_tokens or (24 * n + 64 + (REASONING_MAX_CHARS + 16 if options.chain_of_thought else 0))
         check_sampling(temperature, self.max_tokens)
         self.schema = proposal_schema(self.structures, options.action_scope, options.chain_of_thought)
         self.constrained = constrained

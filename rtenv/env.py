@@ -347,10 +347,10 @@ _DOC = """
     TPPs; the in-house ADMM TPS (:mod:`rtenv.tps`) re-optimises the fluence (warm-started from
     the previous step) and the plan is scored with the scenario's clinical protocol. The
     optimisation is non-convex (its active sets move, SPEC section 1) and stops at a tolerance, so
-    a plan depends on the path as well as on the TPPs: the same TPPs reached again (e.g. up then down) can give a slightly different plan, score
-    and reward. Scenarios:
-    ``S1`` prostate 7 beams (9 TPPs, max score 9), ``S2`` prostate + femoral heads 180 beams (15
-    TPPs, max 15), ``S3`` liver 7 non-coplanar beams (9 TPPs, max 4).
+    a plan depends on the path as well as on the TPPs: the same TPPs reached again (e.g. up then
+    down) can give a slightly different plan, score and reward. Scenarios: ``S1`` prostate 7
+    beams (9 TPPs, max score 9), ``S2`` prostate + femoral heads 180 beams (15 TPPs, max 15),
+    ``S3`` liver 7 non-coplanar beams (9 TPPs, max 4).
 
     ## Action Space
     ``discrete``: ``Discrete(2 n_tpp)``; action ``2 j`` raises TPP ``j`` (order of

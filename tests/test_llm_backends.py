@@ -72,6 +72,20 @@ def test_llama_cpp_is_deterministic_under_a_seed_and_follows_the_schema(llama):
         llama.complete(msgs, schema, temperature=3)
 
 
+def test_llama_cpp_grammar_bounds_the_reasoning_so_the_answer_closes(llama):
+    # a rambling reasoning used to run past max_tokens with its string still open; the grammar now
+    # stops it at maxLength one-byte characters, so maxLength + the rest in tokens always suffices
+    msgs = [{"role": "user", "content": "Explain at length, in many sentences, how you would plan a prostate "
+                                        "treatment, then give a number."}]
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string", "maxLength": 40},
+                                               "x": {"type": "number", "minimum": 0, "maximum": 5}},
+              "required": ["reasoning", "x"], "additionalProperties": False}
+    for seed in range(3):
+        c = llama.complete(msgs, schema, temperature=1.0, seed=seed, max_tokens=40 + 30)
+        assert c.mode == "grammar" and isinstance(c.parsed, dict), c.text
+        assert len(c.parsed["reasoning"]) <= 40 and 0 <= c.parsed["x"] <= 5
+
+
 def test_guided_llama_cpp_planning_writes_the_transcript(llama, tmp_path):
     env = s1_env(2)
     policy = LLMPolicy.for_env(env, llama, knowledge=s1_knowledge(), options=PromptOptions(memory_k=3))

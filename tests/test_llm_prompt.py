@@ -245,7 +245,7 @@ def test_grammar_compiles_our_schemas_and_refuses_others():
     from llm_policy.grammar import schema_to_gbnf
 
     g = schema_to_gbnf(proposal_schema(S1, "weights_only", chain_of_thought=True))
-    assert g.startswith("root ::= obj") and '"\\"lambda_rectum\\""' in g and "string ::=" in g
+    assert g.startswith("root ::= obj") and '"\\"lambda_rectum\\""' in g and '[ !#-\\[\\]-~]{0,1200} "\\""' in g
     with pytest.raises(ValueError, match="minimum"):
         schema_to_gbnf({"type": "number"})
     with pytest.raises(ValueError, match="require every property"):
@@ -254,3 +254,7 @@ def test_grammar_compiles_our_schemas_and_refuses_others():
         schema_to_gbnf({"type": "array"})
     with pytest.raises(ValueError, match="no 3-decimal number"):
         schema_to_gbnf({"type": "number", "minimum": 0.0001, "maximum": 0.0002})
+    with pytest.raises(ValueError, match="strings need an integer 'maxLength' >= 0, got None"):
+        schema_to_gbnf({"type": "string"})
+    with pytest.raises(ValueError, match=r"string keywords \['pattern'\] are not supported"):
+        schema_to_gbnf({"type": "string", "maxLength": 9, "pattern": "a+"})
