@@ -4,15 +4,17 @@ A knowledge base is a versioned JSON file::
 
     {"format": "rtenv-knowledge", "version": 1,
      "source": {"policy": ..., "scenario": ..., "cohort": ..., "seeds": [...], "episodes": N,
-                "successful": K, "created": ISO time},
+                "successful": K, "target": "PTV", "created": ISO time},
      "parameters": {"t_PTV": {"kind": "t", "values": [...K floats...], "median": ..., "q1": ...,
                               "q3": ..., "min": ..., "max": ...}, ...,
                     "lambda_bladder": {..., "geometric_mean": ..., "geometric_sd": ...}}}
 
 Values are kept per parameter and sorted, so no per-patient TPP vector can be read back from the
 file (the M2M seed's parameter-wise serialisation). Weights (``lambda_*``) also carry geometric
-statistics. :func:`load_knowledge` validates the schema and fails with a message naming the
-problem.
+statistics. ``source.target`` names the target's key in the TPP names (files without it: the one
+key not in lower case, as TPP names lower-case the organs' keys). :func:`load_knowledge` validates
+the schema, each value against its TPP's range (:data:`rtenv.tpp.RANGES`, by kind and role), and
+fails with a message naming the problem.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def build_knowledge(records: Sequence[EpisodeRecord], source: dict[str, Any]) ->
                              f"{good[0].case} has {sorted(names)}; build one knowledge base per scenario")
     params = {n: _stats([r.final_tpp[n] for r in good], n.split("_", 1)[0]) for n in names}
     src = {**source, "episodes": len(records), "successful": len(good),
+           "target": names[0].split("_", 1)[1],  # TPP names list the target first (rtenv.tpp.tpp_names)
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return {"format": FORMAT, "version": VERSION, "source": src, "parameters": params}
 
@@ -74,9 +77,20 @@ def save_knowledge(kb: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-# the widest TPP range of each kind (target or OAR; rtenv.tpp.RANGES), open lower ends taken as 0
-KIND_RANGES = {kind: (min(lo for (k, _), (lo, _, _) in RANGES.items() if k == kind),
-                      max(hi for (k, _), (_, hi, _) in RANGES.items() if k == kind)) for kind in ("t", "lambda", "V")}
+def target_key(kb: dict[str, Any]) -> str | None:
+    """The key of the knowledge base's target in its TPP names (``t_PTV`` -> ``PTV``):
+    ``source.target`` where recorded, else the one key that is not in lower case (TPP names
+    lower-case the organs' keys and keep the target's); ``None`` if there is none."""
+    recorded = kb["source"].get("target")
+    if recorded is not None:
+        return recorded
+    keys = {name.split("_", 1)[1] for name in kb["parameters"]}
+    upper = sorted(k for k in keys if not k.islower())
+    return upper[0] if len(upper) == 1 else None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
@@ -92,23 +106,35 @@ def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
             raise KnowledgeFormatError(f"{where}: missing object {key!r}")
     if not kb["parameters"]:
         raise KnowledgeFormatError(f"{where}: 'parameters' is empty")
-    for name, p in kb["parameters"].items():
-        kind = name.split("_", 1)[0]
+    for name in kb["parameters"]:
         if not re.fullmatch(r"(t|lambda|V)_\w+", name):
             raise KnowledgeFormatError(f"{where}: parameter {name!r} is not a TPP name (t_*, lambda_* or V_*)")
+    target = kb["source"].get("target")
+    keys = {name.split("_", 1)[1] for name in kb["parameters"]}
+    if target is not None and target not in keys:
+        raise KnowledgeFormatError(f"{where}: source target {target!r} names no parameter's structure "
+                                   f"(structures: {sorted(keys)})")
+    target = target_key(kb)
+    for name, p in kb["parameters"].items():
+        kind, key = name.split("_", 1)
         if not isinstance(p, dict) or not isinstance(p.get("values"), list) or not p["values"]:
             raise KnowledgeFormatError(f"{where}: parameter {name!r} needs a non-empty 'values' list")
         if p.get("kind", kind) != kind:
             raise KnowledgeFormatError(f"{where}: parameter {name!r} has kind {p['kind']!r}, its name says {kind!r}")
         vals = p["values"]
-        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in vals):
-            raise KnowledgeFormatError(f"{where}: parameter {name!r} has non-finite or non-positive values")
-        lo, hi = KIND_RANGES[kind]
-        if not all(lo <= x <= hi for x in vals):
-            raise KnowledgeFormatError(f"{where}: parameter {name!r} has values outside [{lo:g}, {hi:g}]")
+        if not all(_is_number(x) for x in vals):
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} has values that are not finite numbers")
+        lo, hi, lo_inclusive = RANGES[(kind, key == target)]
+        inside = [lo <= x <= hi if lo_inclusive else lo < x <= hi for x in vals]
+        if not all(inside):
+            bad = vals[inside.index(False)]
+            role = "target" if key == target else "organ"
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} has value {bad!r} outside its {role} range "
+                                       f"{'[' if lo_inclusive else '('}{lo:g}, {hi:g}]")
         for stat in ("median", "q1", "q3", "min", "max"):
-            if not isinstance(p.get(stat), (int, float)):
-                raise KnowledgeFormatError(f"{where}: parameter {name!r} lacks statistic {stat!r}")
+            if not _is_number(p.get(stat)):
+                raise KnowledgeFormatError(f"{where}: parameter {name!r} lacks statistic {stat!r} "
+                                           f"(a finite number), got {p.get(stat)!r}")
 
 
 BUILTIN_DIR = Path(__file__).parent / "data"

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from knowledge_extraction.knowledge import target_key
 from llm_policy.proposal import REASONING_MAX_CHARS, proposal_bounds, scoped_names
 from rtenv.env import DVH_POINTS, OAR_DVH_RANGE, TARGET_DVH_RANGE
 from rtenv.tpp import tpp_kinds, tpp_names
@@ -176,7 +177,8 @@ def knowledge_guidance(kb: Mapping[str, Any], structures: Sequence[str]) -> dict
     ``q3`` and ``source`` (the knowledge-base parameters it came from).
     """
     params = kb["parameters"]
-    kb_target = {p for p in params if not p.split("_", 1)[1].islower()}
+    target = target_key(kb)
+    kb_target = {p for p in params if p.split("_", 1)[1] == target}
     out: dict[str, dict[str, Any]] = {}
     for name, (kind, is_target) in zip(tpp_names(structures), tpp_kinds(structures), strict=True):
         if name in params:

@@ -45,17 +45,39 @@ def test_build_keeps_full_score_plans_parameter_wise():
 def test_save_load_and_validation(tmp_path):
     kb = build_knowledge([record(1), record(2)], {"policy": "p", "scenario": "S1", "cohort": "knowledge"})
     path = save_knowledge(kb, tmp_path / "kb.json")
-    assert load_knowledge(path) == kb
+    assert load_knowledge(path) == kb and kb["source"]["target"] == "PTV"
+    # an organ's V may be 0.9 (only the target's is capped at 0.3); the target is found by the recorded key
+    organ = {**kb, "source": {**kb["source"], "target": "prostate"},
+             "parameters": {"t_prostate": kb["parameters"]["t_PTV"],
+                            "V_prostate": kb["parameters"]["V_PTV"],
+                            "V_bladder": {**kb["parameters"]["V_PTV"], "values": [0.9]}}}
+    save_knowledge(organ, tmp_path / "organ.json")
+    from llm_policy.prompt import knowledge_guidance
+
+    guide = knowledge_guidance(organ, ["PTV", "Rectum"])  # another site: pooled by role
+    assert guide["V_PTV"]["source"] == ["V_prostate"] and guide["V_rectum"]["source"] == ["V_bladder"]
+    assert guide["t_PTV"]["source"] == ["t_prostate"]
     assert "lambda_PTV" in knowledge_table(kb)
     bad = {
         "format": ({**kb, "format": "other"}, "format is 'other'"),
         "version": ({**kb, "version": 7}, "version 7"),
-        "values": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [math.nan]}}}, "non-finite"),
+        "values": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [math.nan]}}},
+                   "not finite numbers"),
+        "bool": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [True]}}},
+                 "not finite numbers"),
+        "stat": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "median": math.nan}}},
+                 "lacks statistic 'median' \\(a finite number\\), got nan"),
+        "target range": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [0.5]}}},
+                         r"'t_PTV' has value 0.5 outside its target range \[1, 1.2\]"),
+        "V target": ({**kb, "parameters": {**kb["parameters"],
+                                           "V_PTV": {**kb["parameters"]["V_PTV"], "values": [0.9]}}},
+                     r"'V_PTV' has value 0.9 outside its target range \(0, 0.3\]"),
+        "target": ({**kb, "source": {**kb["source"], "target": "CTV"}}, "source target 'CTV' names no parameter"),
         "empty": ({**kb, "parameters": {}}, "empty"),
         "name": ({**kb, "parameters": {"tPTV": kb["parameters"]["t_PTV"]}}, "'tPTV' is not a TPP name"),
         "kind": ({**kb, "parameters": {"V_PTV": kb["parameters"]["t_PTV"]}}, "has kind 't', its name says 'V'"),
         "range": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [1.5]}}},
-                  r"outside \[0, 1.2\]"),
+                  r"outside its target range \[1, 1.2\]"),
     }
     for name, (data, message) in bad.items():
         f = tmp_path / f"{name}.json"
