@@ -116,13 +116,14 @@ class SB3VecEnv(VecEnv):
         return [wrapper_class is Monitor for _ in self._indices(indices)]
 
     def _indices(self, indices) -> list[int]:
+        """Env indices as a list; negative ones count from the end, as in SB3's own VecEnvs."""
         if indices is None:
             return list(range(self.num_envs))
         idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
-        bad = [i for i in idx if not 0 <= int(i) < self.num_envs]
+        bad = [i for i in idx if not -self.num_envs <= int(i) < self.num_envs]
         if bad:
-            raise IndexError(f"env indices {bad} are outside [0, {self.num_envs - 1}]")
-        return [int(i) for i in idx]
+            raise IndexError(f"env indices {bad} are outside [{-self.num_envs}, {self.num_envs - 1}]")
+        return [int(i) % self.num_envs for i in idx]
 
 
 def make_sb3_vec_env(scenario: str = "S1", num_envs: int = 8, **kwargs: Any) -> SB3VecEnv:

@@ -440,8 +440,9 @@ def test_sb3_adapter_per_env_attributes_methods_and_images():
         venv.env_method("reset_episodes", indices=[1])
     with pytest.raises(ValueError, match="must apply to all 2 envs"):
         venv.set_attr("render_mode", None, indices=[0])
-    with pytest.raises(IndexError, match=r"env indices \[5\] are outside \[0, 1\]"):
+    with pytest.raises(IndexError, match=r"env indices \[5\] are outside \[-2, 1\]"):
         venv.get_attr("case", indices=[5])
+    assert venv.get_attr("case", indices=-1)[0].name == "S1-train-0"  # from the end, as in DummyVecEnv
     single = TPPTuningEnv("S1")
     _, info = single.reset(seed=0)
     assert single.action_masks().tolist() == info["action_mask"]
