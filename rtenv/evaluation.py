@@ -200,6 +200,9 @@ def _max_dose(arr: np.ndarray, method: str, n_voxels: int, volume_cc: float, vox
 # --------------------------------------------------------------------------- scoring
 
 
+_BELOW_ONE = math.nextafter(1.0, 0.0)
+
+
 def criterion_score(value: float, goal: float, limit: float, points: float = 1.0,
                     sense: str = "upper", mode: str = "linear") -> float:
     """Score of one criterion value (0..points); see the module docstring for the modes.
@@ -211,8 +214,10 @@ def criterion_score(value: float, goal: float, limit: float, points: float = 1.0
         raise ValueError(f"unknown sense {sense!r}; valid senses: {', '.join(SENSES)}")
     if not math.isfinite(value):
         raise ValueError(f"criterion value {value!r} is not finite")
-    if not points > 0:
-        raise ValueError(f"points = {points!r} must be > 0")
+    if not (math.isfinite(goal) and math.isfinite(limit)):
+        raise ValueError(f"goal {goal!r} and limit {limit!r} must be finite")
+    if not (points > 0 and math.isfinite(points)):
+        raise ValueError(f"points = {points!r} must be a finite number > 0")
     if (limit < goal) if sense == "upper" else (limit > goal):
         raise ValueError(f"limit {limit:g} lies on the wrong side of goal {goal:g} for sense {sense!r}")
     if mode not in SCORE_MODES:
@@ -226,7 +231,8 @@ def criterion_score(value: float, goal: float, limit: float, points: float = 1.0
         fraction = 0.0 if limit == goal else (limit - value) / (limit - goal)
     else:  # relative: 1 - (v - g) / g (upper) or v / g = 1 - (g - v) / g (lower)
         fraction = 0.0 if goal == 0 else 1.0 - margin / goal
-    return float(points * min(max(fraction, 0.0), 1.0))
+    # a goal missed by a hair keeps the score below full (the ramp's fraction can round to 1.0)
+    return float(points * min(max(fraction, 0.0), _BELOW_ONE))
 
 
 # --------------------------------------------------------------------------- protocols
@@ -314,10 +320,10 @@ class Criterion:
                 raise fail(f"unknown max_dose method {method!r}; valid methods: {', '.join(MAX_DOSE_METHODS)}")
             params["method"] = method
             if method == "hottest_voxels":
-                n = raw_params.get("n_voxels", 3)
-                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                    raise fail(f"n_voxels = {n!r} is invalid; expected an integer >= 1")
-                params["n_voxels"] = n
+                try:
+                    params["n_voxels"] = check_integer("n_voxels", raw_params.get("n_voxels", 3), 1)
+                except ValueError as exc:
+                    raise fail(str(exc)) from None
             elif method == "cc":
                 params["volume_cc"] = num(raw_params.get("volume_cc", 0.03), "volume_cc")
         elif ctype != "mean_dose":
@@ -507,20 +513,22 @@ class Protocol:
             if key not in data:
                 raise ValueError(f"protocol is missing required field {key!r}")
         per_fraction = check_real("pres_per_fraction_gy", data["pres_per_fraction_gy"], 0.0, low_inclusive=False)
-        fractions = data["num_of_fractions"]
-        if isinstance(fractions, bool) or not isinstance(fractions, int) or fractions < 1:
-            raise ValueError(f"num_of_fractions = {fractions!r} is invalid; expected an integer >= 1")
+        fractions = check_integer("num_of_fractions", data["num_of_fractions"], 1)
         mode = data.get("score_mode", "linear")
         if mode not in SCORE_MODES:
             raise ValueError(f"unknown score_mode {mode!r}; valid modes: {', '.join(SCORE_MODES)}")
         raw_criteria = data["criteria"]
         if not isinstance(raw_criteria, Sequence) or isinstance(raw_criteria, str) or not raw_criteria:
             raise ValueError("protocol field 'criteria' must be a non-empty list")
+        criteria = tuple(Criterion.from_dict(c, i) for i, c in enumerate(raw_criteria))
+        names = [c.name for c in criteria]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # results are reported by criterion name
+            raise ValueError(f"criterion names {twice} appear more than once; give each criterion its own 'name'")
         return cls(name=str(data.get("name") or data.get("protocol_name") or "custom"),
                    disease_site=str(data.get("disease_site", "")),
                    prescription_gy=round(per_fraction * fractions, 9), fractions=fractions,
-                   criteria=tuple(Criterion.from_dict(c, i) for i, c in enumerate(raw_criteria)),
-                   score_mode=mode, description=str(data.get("description", "")))
+                   criteria=criteria, score_mode=mode, description=str(data.get("description", "")))
 
     def to_dict(self) -> dict[str, Any]:
         """PortPy-style dict (with rtenv's fields) that :meth:`from_dict` reads back."""

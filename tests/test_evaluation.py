@@ -1,6 +1,7 @@
 """Tests for rtenv.evaluation: metrics, protocol loading/validation and scoring."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -252,6 +253,14 @@ def test_criterion_score_rejects_what_a_protocol_rejects():
         with pytest.raises(ValueError, match=match):
             criterion_score(**{"value": 12.0, "goal": 5.0, "limit": 10.0, **kwargs})
     assert criterion_score(12.0, 10.0, 5.0, sense="lower") == 1.0
+    for kwargs, match in (({"goal": float("nan"), "limit": float("nan")}, "goal nan and limit nan must be finite"),
+                          ({"limit": float("inf")}, "limit inf must be finite"),
+                          ({"points": float("inf")}, "points = inf must be a finite number > 0")):
+        with pytest.raises(ValueError, match=match):
+            criterion_score(**{"value": 12.0, "goal": 5.0, "limit": 10.0, **kwargs})
+    # a goal missed by one ulp on a wide ramp: (l - v) / (l - g) rounds to 1.0, the score must not
+    hair = math.nextafter(1.0, 2.0)
+    assert (10.0 - hair) / (10.0 - 1.0) == 1.0 and criterion_score(hair, 1.0, 10.0) < 1.0
 
 
 def test_portpy_style_dict_with_unknown_keys():
@@ -268,6 +277,7 @@ def test_portpy_style_dict_with_unknown_keys():
         ],
     })
     assert protocol.name == "Lung_2Gy_30Fx" and protocol.prescription_gy == 60.0
+    assert Protocol.from_dict({**base_protocol(), "num_of_fractions": np.int64(30)}).fractions == 30
     cord, lungs, ptv = protocol.criteria
     assert (cord.name, cord.goal, cord.limit) == ("CORD Dmax(3 vox)", 50, 50)
     assert cord.parameters == {"method": "hottest_voxels", "n_voxels": 3}
@@ -309,7 +319,11 @@ def base_protocol(**criterion):
         (base_protocol(points=0), r"points = 0"),
         (base_protocol(primary="yes"), "primary"),
         ({"num_of_fractions": 30, "criteria": []}, "pres_per_fraction_gy"),
-        ({**base_protocol(), "num_of_fractions": 2.5}, "num_of_fractions"),
+        ({**base_protocol(), "num_of_fractions": 2.5}, r"num_of_fractions = 2.5 must be an integer in \[1, inf\]"),
+        (base_protocol(type="max_dose", parameters={"structure_name": "B", "n_voxels": True},
+                       constraints={"goal_dose_gy": 5}), r"criteria\[0\]: n_voxels = True must be an integer"),
+        ({**base_protocol(), "criteria": [base_protocol()["criteria"][0]] * 2},
+         r"criterion names \['Bladder V80Gy'\] appear more than once"),
         ({**base_protocol(), "score_mode": "fancy"}, "fancy.*linear, binary, relative"),
         ({**base_protocol(), "criteria": []}, "non-empty"),
     ],
@@ -356,3 +370,4 @@ def test_linear_score_bounded_and_monotone(goal, width, points, v1, v2):
     s_hi = criterion_score(hi, goal, limit, points, "upper", "linear")
     assert 0.0 <= s_hi <= s_lo <= points
     assert (criterion_score(lo, goal, limit, points, "upper", "binary") == points) == (lo <= goal)
+    assert (s_lo == points) == (lo <= goal)  # full points exactly when the goal is met
