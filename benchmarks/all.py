@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import calibration, env_speed, table3, tps_speed
+from rtenv.tps import resolve_device
 
 
 def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: bool = False) -> str:
     """Run (or resume) every benchmark; returns (and writes to ``out/summary.md``) the summary markdown."""
     out = Path(out)
+    resolve_device(device)  # before anything is written to out
     settings = {"quick": quick, "device": device}
     settings_path, seconds_path = out / "settings.json", out / "seconds.json"
     if fresh and out.is_dir():
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         text = run_all(args.out, args.quick, args.device, args.fresh)
-    except ValueError as e:  # a run with other settings in --out
+    except ValueError as e:  # a run with other settings in --out, an unknown or absent device
         p.error(str(e))
     print(text)
     return 0

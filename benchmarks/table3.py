@@ -108,6 +108,8 @@ def episode_specs(scenarios: Sequence[str], policies: Sequence[str], cases: int 
         raise ValueError(f"--cases {cases} is outside [1, 10] (the test cohort has 10 cases)")
     if max_steps < 1:
         raise ValueError(f"--max-steps {max_steps} must be >= 1")
+    if seed < 0:
+        raise ValueError(f"--seed {seed} must be >= 0")
     names = [policy_count(entry, cases)[0] for entry in policies]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

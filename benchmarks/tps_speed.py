@@ -44,7 +44,7 @@ from rtenv.env import ACTION_FACTORS
 from rtenv.reference import solve_reference
 from rtenv.scenarios import SCENARIOS, load_case
 from rtenv.tpp import RANGES, TPP
-from rtenv.tps import TPS, ADMMSettings, spmm
+from rtenv.tps import TPS, ADMMSettings, resolve_device, spmm
 
 # a moderately aggressive TPP vector: every structure has an active set
 S1_LIKE = {"t": (1.03, 0.7), "lambda": (5.0, 3.0), "V": (0.15, 0.5)}
@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batches {args.batches!r} must be comma-separated integers >= 1")
     try:
         check_settings(args.repeats, batches)
-    except ValueError as e:
+        resolve_device(args.device)
+    except ValueError as e:  # counts out of range, an unknown or absent device
         p.error(str(e))
     res = run(args.scenario, args.device, args.repeats, args.json, batches)
     print(table(res))

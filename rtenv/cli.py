@@ -33,7 +33,7 @@ from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
 from rtenv.scenarios import COHORTS, SCENARIOS, load_case
 from rtenv.tpp import TPP
-from rtenv.tps import TPS, ADMMSettings
+from rtenv.tps import TPS, ADMMSettings, resolve_device
 
 
 def _add_case_args(p: argparse.ArgumentParser) -> None:
@@ -48,9 +48,10 @@ def _add_mode_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _cases_list(args: argparse.Namespace) -> int:
-    print(f"{'scenario':<9}{'protocol':<12}{'Rx (Gy/fx)':<13}{'beams':<7}description")
+    print(f"{'scenario':<9}{'protocol':<12}{'Rx':<17}{'beams':<7}description")
     for sc in SCENARIOS.values():
-        print(f"{sc.name:<9}{sc.protocol:<12}{f'{sc.prescription_gy:g}/{sc.fractions}':<13}{len(sc.beams):<7}{sc.description}")
+        rx = f"{sc.prescription_gy:g} Gy / {sc.fractions} fx"
+        print(f"{sc.name:<9}{sc.protocol:<12}{rx:<17}{len(sc.beams):<7}{sc.description}")
     print()
     print(f"{'cohort':<11}{'cases':<10}phantom seeds")
     for name, (size, first) in COHORTS.items():
@@ -78,11 +79,14 @@ def _cases_show(args: argparse.Namespace) -> int:
     for s in case.structures:
         print(f"{s.name:<15}{s.role:<8}{s.n_voxels:>8}{s.volume_cc:>13.1f}")
     print(f"\n{'beam':>4}{'gantry':>8}{'couch':>7}{'beamlets':>10}")
-    shown = case.beams if len(case.beams) <= 12 else case.beams[:5] + case.beams[-2:]
-    for b in shown:
-        print(f"{case.beams.index(b):>4}{b.gantry_deg:>8g}{b.couch_deg:>7g}{b.n_beamlets:>10}")
-    if len(shown) < len(case.beams):
-        print(f"  ... {len(case.beams)} beams in all")
+    n = len(case.beams)
+    shown = range(n) if n <= 12 else [*range(5), None, n - 2, n - 1]  # None: the rows left out
+    for i in shown:
+        if i is None:
+            print(f"{'...':>4}  ({n} beams in all)")
+            continue
+        b = case.beams[i]
+        print(f"{i:>4}{b.gantry_deg:>8g}{b.couch_deg:>7g}{b.n_beamlets:>10}")
     return 0
 
 
@@ -100,8 +104,7 @@ def _cases_import(args: argparse.Namespace) -> int:
 
 def _dose(args: argparse.Namespace) -> int:
     if not args.uniform:
-        print("rtenv dose: only --uniform is available (optimised plans: `rtenv plan`)", file=sys.stderr)
-        return 2
+        raise ValueError("rtenv dose needs --uniform, the only fluence it computes (optimised plans: `rtenv plan`)")
     case = load_case(args.scenario, args.cohort, args.case, progress=True)
     dose = case.dose(np.ones(case.n_beamlets, dtype=np.float32))
     dose *= case.coverage_scale(dose)
@@ -140,7 +143,7 @@ def _plan(args: argparse.Namespace) -> int:
         "fluence": plan.fluence[0].tolist(),
     }
     (out / "plan.json").write_text(json.dumps(record, indent=2))
-    title = f"{case.name}: optimised plan, score {result.total:g}/{result.max_score:g}"
+    title = f"{case.name}: optimised plan, score {result.total:.2f}/{result.max_score:g}"
     dvh = plot_dvh(case, plan.dose[0], out / "dvh.png", title=title)
     sl = plot_dose_slice(case, plan.dose[0], out / "dose_slice.png", title=title)
     print(f"wrote {out / 'plan.json'}, {dvh}, {sl}")
@@ -168,12 +171,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                           cases=args.cases, start=args.start,
                           max_steps=args.max_steps, seed=args.seed, device=args.device)
     res["policy"] = args.policy
-    print(f"{'case':<16}{'initial':>9}{'final':>8}{'steps':>7}  full")
+    print(f"{'case':<16}{'initial':>9}{'final':>8}{'binary':>13}{'steps':>7}  full   "
+          "(scores: the protocol's own mode; binary: criteria met)")
     for c in res["cases"]:
-        print(f"{c['case']:<16}{c['initial_score']:>9.2f}{c['final_score']:>8.2f}{c['steps']:>7}  "
+        binary = f"{c['initial_binary_score']:g} -> {c['final_binary_score']:g}"
+        print(f"{c['case']:<16}{c['initial_score']:>9.2f}{c['final_score']:>8.2f}{binary:>13}{c['steps']:>7}  "
               f"{'yes' if c['full_score'] else 'no'}")
-    print(f"initial {res['initial_score_mean']:.2f} +- {res['initial_score_sd']:.2f} -> final "
-          f"{res['final_score_mean']:.2f} +- {res['final_score_sd']:.2f} (max {res['max_score']:g}); "
+    print(f"score initial {res['initial_score_mean']:.2f} +- {res['initial_score_sd']:.2f} -> final "
+          f"{res['final_score_mean']:.2f} +- {res['final_score_sd']:.2f}; binary initial "
+          f"{res['initial_binary_score_mean']:.1f} +- {res['initial_binary_score_sd']:.1f} -> final "
+          f"{res['final_binary_score_mean']:.1f} +- {res['final_binary_score_sd']:.1f} (max {res['max_score']:g}); "
           f"full score {100 * res['full_score_rate']:.0f} %; steps {res['steps_mean']:.1f} +- {res['steps_sd']:.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -305,14 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--no-check-protocol", dest="check_protocol", action="store_false",
                      help="allow structures the protocol scores to be missing")
     imp.add_argument("--out", required=True, help="output .rtcase file")
-    imp.set_defaults(func=_cases_import)
+    imp.set_defaults(func=_cases_import, outputs=(("out", "file"),))
 
     dose = sub.add_parser("dose", help="dose of a fixed fluence, scored, with DVH and slice PNGs")
     _add_case_args(dose)
     dose.add_argument("--uniform", action="store_true", help="uniform fluence normalised to PTV D95 = Rx")
     _add_mode_arg(dose)
     dose.add_argument("--out", required=True, help="output directory for PNGs and result.json")
-    dose.set_defaults(func=_dose)
+    dose.set_defaults(func=_dose, outputs=(("out", "dir"),))
 
     plan = sub.add_parser("plan", help="optimise a plan with the ADMM TPS, score it, write JSON and PNGs")
     _add_case_args(plan)
@@ -334,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     solver.add_argument("--ptv-underdose", action="store_true", help="add the one-sided PTV under-dose term")
     _add_mode_arg(plan)
     plan.add_argument("--out", required=True, help="output directory for plan.json and PNGs")
-    plan.set_defaults(func=_plan)
+    plan.set_defaults(func=_plan, outputs=(("out", "dir"),))
 
     train = sub.add_parser("train", help="train a DRL planner")
     train.add_argument("algorithm", choices=["acer"])
@@ -352,19 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete the checkpoints in --out and start over (default: resume from the newest)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--out", required=True)
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, outputs=(("out", "dir"),))
 
     ev = sub.add_parser("evaluate", help="run a policy on every case of a cohort and summarise")
-    ev.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
+    ev.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn), or acer:default (shipped)")
     ev.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
     ev.add_argument("--cohort", default="test", choices=sorted(COHORTS))
-    ev.add_argument("--cases", type=int, default=None, help="first N cases (default: the whole cohort)")
+    ev.add_argument("--cases", type=int, default=None,
+                    help="first N cases (default: the whole cohort; for the unbounded train cohort, its first case)")
     ev.add_argument("--start", default="default", choices=["default", "random"])
-    ev.add_argument("--max-steps", type=int, default=20)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-steps", type=int, default=20, help="steps per episode (default 20)")
+    ev.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--json", default=None)
-    ev.set_defaults(func=_evaluate)
+    ev.add_argument("--json", default=None, help="also write the per-case records and the summary here")
+    ev.set_defaults(func=_evaluate, outputs=(("json", "file"),))
 
     xp = sub.add_parser("explain", help="Integrated Gradients explanations of a DRL planner's episode (PNGs + JSON)")
     xp.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
@@ -380,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--start", default="default", choices=["default", "random"])
     xp.add_argument("--seed", type=int, default=0)
     xp.add_argument("--device", default="cpu")
-    xp.set_defaults(func=_explain)
+    xp.set_defaults(func=_explain, outputs=(("out", "dir"),))
 
     kn = sub.add_parser("knowledge", help="export, show and plot knowledge bases")
     kn_sub = kn.add_subparsers(dest="knowledge_command", required=True)
@@ -392,21 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--out", required=True, help="knowledge-base JSON to write")
-    ex.set_defaults(func=_knowledge)
+    ex.set_defaults(func=_knowledge, outputs=(("out", "file"),))
     show = kn_sub.add_parser("show", help="print a knowledge base as a table")
     show.add_argument("path", help="knowledge-base JSON")
     show.set_defaults(func=_knowledge)
     kplot = kn_sub.add_parser("plot", help="distribution figure of a knowledge base")
     kplot.add_argument("path", help="knowledge-base JSON")
     kplot.add_argument("--out", required=True, help="output directory")
-    kplot.set_defaults(func=_knowledge)
+    kplot.set_defaults(func=_knowledge, outputs=(("out", "dir"),))
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from benchmarks.table3 import build_parser as table3_parser  # argparse only; the run imports the rest
 
     t3 = bench_sub.add_parser("table3", help="the seed's Table 3 for any set of policies (resumable)")
-    table3_parser(t3).set_defaults(func=_bench_table3)
+    table3_parser(t3).set_defaults(func=_bench_table3, outputs=(("out", "dir"),))
 
     llm = sub.add_parser("llm", help="LLM planning agents")
     llm_sub = llm.add_subparsers(dest="llm_command", required=True)
@@ -429,8 +437,29 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--device", default="cpu", help="torch device of the TPS (and the transformers model)")
     lp.add_argument("--out", required=True)
-    lp.set_defaults(func=_llm_plan)
+    lp.set_defaults(func=_llm_plan, outputs=(("out", "dir"),))
     return parser
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks every command shares, made before any work: a seed >= 0, a device torch knows, and
+    output paths that can be written (not empty; a folder where one is wanted, else a file)."""
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        raise ValueError(f"--seed {args.seed} must be an integer >= 0")
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+    for attr, kind in getattr(args, "outputs", ()):
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        flag = "--" + attr.replace("_", "-")
+        if not value.strip():
+            raise ValueError(f"{flag} is empty; give a {'folder' if kind == 'dir' else 'file'} path")
+        path = Path(value)
+        if kind == "dir" and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {value} is an existing file; expected a folder")
+        if kind == "file" and path.is_dir():
+            raise ValueError(f"{flag} {value} is a folder; expected a file path")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -440,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        _check_common(args)
         return args.func(args)
     except (ValueError, OSError, BackendError) as exc:
         print(f"rtenv: error: {exc}", file=sys.stderr)

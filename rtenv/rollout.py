@@ -77,6 +77,7 @@ def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: 
     """
     size = cohort_size(scenario, cohort) if cohort in COHORTS else None
     n = check_integer("cases", cases, 1, size) if cases is not None else (size or 1)
+    check_integer("seed", seed, 0)  # episode i is reset with seed + i
     env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
                        **env_kwargs)
     records = [run_episode(env, policy, seed=seed + i, options={"index": i}) for i in range(n)]

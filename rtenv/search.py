@@ -17,6 +17,7 @@ import numpy as np
 from rtenv.env import EpisodeState, TuningCore, fine_score
 from rtenv.evaluation import score_plan
 from rtenv.rollout import EpisodeRecord
+from rtenv.validation import check_integer
 
 
 @dataclass
@@ -54,8 +55,8 @@ def cma_search(core: TuningCore, case_key: tuple[str, int], start_tpp: np.ndarra
         sigma0: Initial step size in the [-1, 1] action space.
         seed: CMA-ES seed.
     """
-    if budget < 1 or popsize < 2:
-        raise ValueError(f"budget = {budget} must be >= 1 and popsize = {popsize} >= 2")
+    check_integer("budget", budget, 1)
+    check_integer("popsize", popsize, 2)
     es = cma.CMAEvolutionStrategy(core.tpp_to_action(start_tpp).astype(np.float64), sigma0,
                                   {"popsize": popsize, "seed": seed + 1, "bounds": [-1.0, 1.0], "verbose": -9})
     best: tuple[bool, float, float, np.ndarray] | None = None

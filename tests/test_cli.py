@@ -90,11 +90,43 @@ def test_plan_rejects_bad_device_and_paths(capsys, tmp_path):
     taken.write_text("")
     assert main(["plan", "S1", "--out", str(taken)]) == 2
     captured = capsys.readouterr()  # the --out check comes before the solve runs
-    assert "rtenv: error:" in captured.err and "File exists" in captured.err and "optimised" not in captured.out
+    assert f"rtenv: error: --out {taken} is an existing file; expected a folder" in captured.err
+    assert "optimised" not in captured.out
+
+
+def test_every_command_checks_seed_device_and_outputs_before_work(capsys, tmp_path):
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    for argv, message in (
+            (["evaluate", "--policy", "acer:default", "--seed", "-1"], "--seed -1 must be an integer >= 0"),
+            (["explain", "--policy", "acer:default", "--out", str(tmp_path / "x"), "--seed", "-3"], "--seed -3"),
+            (["evaluate", "--policy", "acer:default", "--device", "gpu"], "device 'gpu' is not a device"),
+            (["explain", "--policy", "acer:default", "--out", str(tmp_path / "x"), "--device", "cuda:7"],
+             "device 'cuda:7'"),
+            (["dose", "S1", "--uniform", "--out", str(taken)], f"--out {taken} is an existing file; expected a folder"),
+            (["dose", "S1", "--uniform", "--out", ""], "--out is empty; give a folder path"),
+            (["evaluate", "--policy", "acer:default", "--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
+            (["knowledge", "export", "--policy", "search", "--out", str(tmp_path)], "is a folder; expected a file"),
+            (["knowledge", "plot", "S1-acer", "--out", str(taken)], "is an existing file"),
+            (["bench", "table3", "--policies", "default", "--seed", "-1", "--out", str(tmp_path / "t3")], "--seed -1"),
+            (["dose", "S1", "--out", str(tmp_path / "d")], "rtenv dose needs --uniform")):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert "rtenv: error: " in captured.err and message in captured.err, (argv, captured.err)
+        assert captured.out == ""  # refused before any work
+    assert not (tmp_path / "x").exists() and not (tmp_path / "t3").exists() and not (tmp_path / "d").exists()
+
+
+def test_cases_tables_read_plainly(capsys):
+    assert main(["cases", "list"]) == 0
+    assert "79.2 Gy / 44 fx" in capsys.readouterr().out
+    assert main(["cases", "show", "S2", "--case", "0"]) == 0
+    rows = capsys.readouterr().out.split("beamlets\n")[1].splitlines()
+    assert [r.split()[0] for r in rows[:8]] == ["0", "1", "2", "3", "4", "...", "178", "179"]
 
 
 def test_bad_numbers_and_model_files_are_clean_errors(capsys, tmp_path):
-    from benchmarks import env_speed, table3
+    from benchmarks import env_speed, table3, tps_speed
     from drl.train import BUILTIN_POLICIES
 
     assert main(["train", "acer", "--checkpoint-every", "0", "--timesteps", "8", "--out", str(tmp_path / "t")]) == 2
@@ -106,7 +138,8 @@ def test_bad_numbers_and_model_files_are_clean_errors(capsys, tmp_path):
                                   (table3, ["--workers", "0", "--out", str(tmp_path / "t3")], "workers = 0"),
                                   (env_speed, ["--envs", "0"], r"env counts (--envs) [0]"),
                                   (env_speed, ["--envs", "x"], "comma-separated integers"),
-                                  (env_speed, ["--steps", "0"], "calls (--steps) = 0")):
+                                  (env_speed, ["--steps", "0"], "calls (--steps) = 0"),
+                                  (tps_speed, ["--device", "cuda:7"], "device 'cuda:7'")):
         with pytest.raises(SystemExit) as exit_info:
             module.main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
