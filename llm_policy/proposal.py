@@ -22,6 +22,7 @@ from typing import Any
 
 from rtenv.env import CONTINUOUS_BOUNDS
 from rtenv.tpp import RANGES, tpp_kinds, tpp_names
+from rtenv.validation import unique_keys
 
 ACTION_SCOPES = ("all", "weights_only")
 REASONING_MAX_CHARS = 1200
@@ -95,7 +96,7 @@ def _json_objects(text: str) -> Iterator[dict]:
     an earlier one included); raises :class:`ProposalError` where there is none."""
     if not isinstance(text, str) or not text.strip():
         raise ProposalError(["the answer is empty"])
-    decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=unique_keys)
     start = text.find("{")
     last_error = "no '{' found"
     found = False
@@ -110,16 +111,6 @@ def _json_objects(text: str) -> Iterator[dict]:
         start = text.find("{", start + 1)
     if not found:
         raise ProposalError([f"the answer holds no JSON object ({last_error}); answer with one JSON object only"])
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object's dict, refusing a repeated key (the default decoder keeps the last one silently)."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
 
 
 def validate_proposal(obj: Any, structures: Sequence[str], action_scope: str = "all",

@@ -26,11 +26,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from rtenv.validation import is_real
+from rtenv.validation import is_real, unique_keys
 
 KINDS = ("t", "lambda", "V")
 
@@ -76,16 +75,6 @@ def tpp_kinds(structures: Sequence[str]) -> list[tuple[str, bool]]:
 def tpp_range(kind: str, is_target: bool) -> tuple[float, float, bool]:
     """``(low, high, low_inclusive)`` of a TPP kind (``high`` is always inclusive)."""
     return RANGES[(kind, is_target)]
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's dict, refusing a repeated key (``json`` keeps the last one silently)."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"the TPP JSON repeats key {key!r}")
-        obj[key] = value
-    return obj
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,7 +175,7 @@ class TPP:
     def from_json(cls, text: str, structures: Sequence[str] | None = None) -> TPP:
         """From a JSON string: ``{"structures": [...], "tpp": {name: value}}`` (what
         :meth:`to_json` writes) or a bare ``{name: value}`` (then ``structures`` must be given)."""
-        data = json.loads(text, object_pairs_hook=_unique_keys)
+        data = json.loads(text, object_pairs_hook=unique_keys)
         if not isinstance(data, dict):
             raise ValueError(f"TPP JSON must be an object, got {type(data).__name__}")
         if "structures" in data and "tpp" not in data:

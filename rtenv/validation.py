@@ -1,4 +1,5 @@
-"""Argument checks shared by every stage: true integers and finite real numbers in a range.
+"""Argument checks shared by every stage: true integers and finite real numbers in a range, and
+JSON objects without repeated keys.
 
 Each check raises ``ValueError`` naming the argument, the bad value and the valid range, as every
 public function in the toolkit promises. Bools are rejected as numbers (``True`` is an ``int`` in
@@ -47,3 +48,14 @@ def check_real(name: str, value: Any, low: float = -math.inf, high: float = math
         where = "" if math.isinf(low) and math.isinf(high) else f" in {lower}, {upper}"
         raise ValueError(f"{name} = {value!r} is invalid; expected a finite number{where}")
     return number
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads(..., object_pairs_hook=unique_keys)``: an object's dict, with ``ValueError``
+    on a repeated key (the default keeps the last value silently)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"repeated key {key!r}")
+        obj[key] = value
+    return obj

@@ -115,7 +115,7 @@ def test_parse_rejects_non_finite_and_huge_numbers():
     # a repeated key is refused wherever the bad value stands (json keeps the last one silently)
     good = json.dumps(good_answer())
     for text in ('{"t_PTV": 99, ' + good[1:], good[:-1] + ', "t_PTV": 99}', good[:-1] + ', "t_PTV": 1.05}'):
-        with pytest.raises(ProposalError, match="duplicate key 't_PTV'"):
+        with pytest.raises(ProposalError, match="repeated key 't_PTV'"):
             parse_proposal(text, S1)
 
 
