@@ -11,7 +11,8 @@ JSON under ``DIR``; ``DIR/summary.md`` collects the headline figures.
 
 A run resumes: ``DIR/seconds.json`` records each benchmark's wall time as it finishes, and a rerun
 into the same ``DIR`` reuses the finished ones (their JSON and their original wall time) and
-continues the rest (Table 3 episode by episode). ``DIR/settings.json`` holds the mode and device;
+continues the rest (Table 3 episode by episode; a benchmark continued from a partial run records
+the wall time of the continuation only). ``DIR/settings.json`` holds the mode and device;
 a rerun with others is refused unless ``--fresh``, which starts over.
 """
 
