@@ -66,7 +66,7 @@ def _augmented_lagrangian(terms: list, Dc: sp.csr_matrix, scale: float, x0: np.n
     """L-BFGS-B on ``scale * f(x) + rho/2 ||min(0, D_cover x - 1 - mu/rho)||^2`` over x >= 0,
     updating the multipliers ``mu`` after each solve and raising ``rho`` tenfold whenever the
     worst coverage shortfall falls by less than a factor 4. Stops when the shortfall is <= ``tol``
-    and the objective changed by less than ``tol`` (relative) over the last outer iteration;
+    and the objective changed by less than ``tol`` (relative; absolute below 1e-12) over the last outer iteration;
     converged if the last inner solve also stopped on its own tolerance."""
     A = sp.vstack([np.sqrt(wt) * Ds for Ds, wt, _ in terms] or [sp.csr_matrix((0, x0.size))]).tocsr()
     At = A.T.tocsr()
@@ -92,7 +92,7 @@ def _augmented_lagrangian(terms: list, Dc: sp.csr_matrix, scale: float, x0: np.n
         x = res.x
         shortfall = _shortfall(Dc, x)
         f = _objective(x, terms)
-        if shortfall <= tol and abs(previous - f) <= tol * f:
+        if shortfall <= tol and abs(previous - f) <= tol * max(f, 1e-12):  # (f may be ~0: nothing to penalise)
             if res.success:
                 return x, f"converged after {k} outer iterations ({res.message})", True
             return x, f"settled after {k} outer iterations, but not its last inner solve ({res.message})", False
@@ -133,6 +133,10 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
     terms = [(sp.csr_matrix(Ds), wt, ts) for Ds, wt, ts in subproblem["terms"]]
     Dc = sp.csr_matrix(subproblem["D_cover"])
     n = Dc.shape[1]
+    dark = np.flatnonzero(np.asarray(abs(Dc).sum(1)).ravel() == 0)
+    if dark.size:
+        raise ValueError(f"covered rows {dark[:5].tolist()} get no dose from any beamlet: coverage D_cover x >= 1 "
+                         "is infeasible")
     if x0 is not None:
         x0 = np.asarray(x0, dtype=np.float64)
         if x0.shape != (n,) or not np.all(np.isfinite(x0)) or np.any(x0 < 0):

@@ -91,19 +91,20 @@ class TPP:
     values: np.ndarray
 
     def __post_init__(self) -> None:
+        if isinstance(self.structures, str):
+            raise ValueError(f"structures must be a sequence of names, got the string {self.structures!r}")
         if len(self.structures) < 1:
             raise ValueError("a TPP needs at least the target structure")
-        v = _real_array(self.values).astype(np.float64)
+        v = _real_array(self.values)
         if v.shape != (3 * len(self.structures),):
             raise ValueError(
                 f"TPP vector has shape {v.shape}; {len(self.structures)} structures need shape "
                 f"({3 * len(self.structures)},) ({', '.join(self.names)})"
             )
-        v = v.copy()
+        v = check_tpp_vector(v, self.structures)  # a float64 copy
         v.setflags(write=False)
         object.__setattr__(self, "values", v)
         object.__setattr__(self, "structures", tuple(self.structures))
-        check_tpp_vector(v, self.structures)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TPP):
@@ -226,22 +227,32 @@ def _per_kind(structures: Sequence[str], value) -> np.ndarray:
     return np.array([value(kind, target) for kind, target in tpp_kinds(structures)], dtype=np.float64)
 
 
-def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming the first TPP that is NaN, infinite or out of range.
+def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> np.ndarray:
+    """The checked TPP values as float64: raise ``ValueError`` naming the first TPP that is NaN,
+    infinite or out of range.
 
-    ``values`` may be one vector ``(3 n,)`` or a batch ``(B, 3 n)``.
+    ``values`` may be one vector ``(3 n,)`` or a batch ``(B, 3 n)``. Values are compared with the
+    ranges in their own precision (a float32 ``0.3`` is V_PTV's upper bound, though it is a hair
+    above 0.3 in float64) and returned clipped to them (a no-op for float64 values in range).
     """
-    v = np.atleast_2d(_real_array(values).astype(np.float64))
+    raw = _real_array(values)
+    if raw.ndim not in (1, 2):
+        raise ValueError(f"TPP values must be one vector or a batch of vectors (1-D or 2-D), got shape {raw.shape}")
+    v = np.atleast_2d(raw.astype(np.float64))
     names = tpp_names(structures)
     if v.shape[1] != len(names):
         raise ValueError(f"TPP vectors have {v.shape[1]} values; expected {len(names)} ({', '.join(names)})")
+    own = raw.dtype if raw.dtype.kind == "f" else np.dtype(np.float64)
     for j, (name, key) in enumerate(zip(names, tpp_kinds(structures), strict=True)):
         lo, hi, lo_inc = RANGES[key]
+        lo_own, hi_own = float(own.type(lo)), float(own.type(hi))
         col = v[:, j]
-        bad = ~np.isfinite(col) | (col > hi) | ((col < lo) if lo_inc else (col <= lo))
+        bad = ~np.isfinite(col) | (col > hi_own) | ((col < lo_own) if lo_inc else (col <= lo_own))
         if bad.any():
             b = int(np.argmax(bad))
             where = f" (plan {b})" if v.shape[0] > 1 else ""
             interval = f"{'[' if lo_inc else '('}{lo:g}, {hi:g}]"
             raise ValueError(f"TPP {name} = {float(col[b])!r}{where} is outside its valid range {interval}")
+        np.clip(col, lo, hi, out=col)
+    return v if raw.ndim == 2 else v[0]
 

@@ -97,6 +97,8 @@ class ADMMSettings:
                                     ("coverage", self.coverage, 0.0, 1.0),
                                     ("underdose_weight", self.underdose_weight, 0.0, 1e6)):
             check_real(name, value, lo, hi, low_inclusive=False)
+        if not isinstance(self.ptv_underdose, bool | np.bool_):
+            raise ValueError(f"ptv_underdose = {self.ptv_underdose!r} must be True or False")
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,14 @@ def _kth_largest_np(x: np.ndarray, k: int | np.ndarray) -> np.ndarray:
     return np.sort(x, axis=0)[n - k, np.arange(x.shape[1])]
 
 
+def _mask(values: np.ndarray, name: str) -> np.ndarray:
+    """A boolean mask as a contiguous bool array; other dtypes (NaN-holding floats included) raise."""
+    m = np.asarray(values)
+    if m.dtype != np.bool_:
+        raise ValueError(f"{name} must be a boolean mask, got dtype {m.dtype}")
+    return np.ascontiguousarray(m)
+
+
 def _check_fluence(x: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(x)) or x.min() < 0:
         raise ValueError(f"{name} must be finite and >= 0")
@@ -247,7 +257,7 @@ class TPS:
                  settings: ADMMSettings | None = None) -> None:
         self.case = case
         self.device = resolve_device(device)
-        self.settings = settings or ADMMSettings()
+        self._settings = settings or ADMMSettings()
         self.structures = tuple(case.structure_names)
         self.names = tpp_names(self.structures)
         target = case.target
@@ -284,6 +294,12 @@ class TPS:
         D_ptv = D[self._blocks[0]]
         self._rho_z = float(self._rho_y * np.asarray(D_ptv.multiply(D_ptv).sum(0)).ravel().mean())
 
+    @property
+    def settings(self) -> ADMMSettings:
+        """The solver settings, fixed at construction (the coverage count and the ADMM penalties
+        derive from them): for other settings make another :class:`TPS`."""
+        return self._settings
+
     def block_size(self, s: int) -> int:
         """Number of optimisation voxels of structure ``s`` (for an OAR: those outside the target)."""
         sl = self._blocks[s]
@@ -291,20 +307,20 @@ class TPS:
 
     @property
     def cold_start(self) -> np.ndarray:
-        """The default start: uniform fluence scaled so that PTV D95 = Rx, ``(n_beamlets,)``."""
+        """The default start: uniform fluence scaled so that PTV D95 = Rx, ``(n_beamlets,)`` (a
+        copy: the TPS keeps its own)."""
         if self._cold_start is None:
             ones = torch.ones(self.n_beamlets, 1, device=self.device)
             d_ptv = spmm(self._D, ones)[self._blocks[0]]
             self._cold_start = (ones / self._coverage_dose(d_ptv).clamp(min=1e-12))[:, 0].cpu().numpy()
-        return self._cold_start
+        return self._cold_start.copy()
 
     # ------------------------------------------------------------------ helpers
     def _tpp_batch(self, tpps: TPP | Sequence[TPP] | np.ndarray) -> np.ndarray:
         if isinstance(tpps, TPP):
             tpps = [tpps]
         if isinstance(tpps, np.ndarray):
-            check_tpp_vector(tpps, self.structures)  # rejects non-real dtypes before the float cast
-            v = np.atleast_2d(tpps.astype(np.float64))
+            v = np.atleast_2d(check_tpp_vector(tpps, self.structures))
         else:
             for t in tpps:
                 if not isinstance(t, TPP):
@@ -423,7 +439,7 @@ class TPS:
         if x0 is None:
             X = torch.as_tensor(self.cold_start, device=dev)[:, None].repeat(1, B)
         else:
-            x0 = np.asarray(x0, dtype=np.float32)
+            x0 = np.ascontiguousarray(x0, dtype=np.float32)  # (torch refuses negative strides)
             if x0.shape == (self.n_beamlets,):
                 x0 = np.broadcast_to(x0, (B, self.n_beamlets))
             if x0.shape != (B, self.n_beamlets):
@@ -554,11 +570,11 @@ class TPS:
                              f"unexpected {sorted(names - set(self.structures))})")
         active = []
         for i, s in enumerate(self.structures):
-            m = np.asarray(frozen.active[s], dtype=bool)
+            m = _mask(frozen.active[s], f"frozen active set of {s!r}")
             if m.shape != (self.block_size(i),):
                 raise ValueError(f"frozen active set of {s!r} has shape {m.shape}; expected ({self.block_size(i)},)")
             active.append(m)
-        cov = np.asarray(frozen.coverage_rows, dtype=bool)
+        cov = _mask(frozen.coverage_rows, "frozen coverage_rows")
         if cov.shape != (self.block_size(0),):
             raise ValueError(f"frozen coverage_rows has shape {cov.shape}; expected ({self.block_size(0)},)")
         return active, cov
@@ -590,7 +606,10 @@ class TPS:
         if self.settings.ptv_underdose:
             raise ValueError("the frozen sub-problem has no PTV under-dose term; use a TPS with ptv_underdose=False")
         n = len(self.structures)
-        v = self._tpp_batch(tpp)[0]
+        batch = self._tpp_batch(tpp)
+        if batch.shape[0] != 1:
+            raise ValueError(f"subproblem takes one TPP, got {batch.shape[0]}")
+        v = batch[0]
         t, lam = v[:n], v[n:2 * n]
         active, cov = self._check_frozen(frozen)
         D = _scipy_csr(self._D)

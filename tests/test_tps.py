@@ -189,6 +189,39 @@ def test_unusable_plans_and_frozen_inputs_raise(s1):
     for call in (lambda: tps.optimize(tpp, frozen=partial), lambda: tps.subproblem(tpp, partial)):
         with pytest.raises(ValueError, match=r"missing \['Bladder'\]"):
             call()
+    with pytest.raises(ValueError, match="subproblem takes one TPP, got 2"):
+        tps.subproblem([tpp, tpp], frozen)
+    nan_mask = replace(frozen, active={**frozen.active, "Bladder": np.full(frozen.active["Bladder"].shape, np.nan)})
+    with pytest.raises(ValueError, match="frozen active set of 'Bladder' must be a boolean mask, got dtype float64"):
+        tps.optimize(tpp, frozen=nan_mask)
+    dark = tps.subproblem(tpp, frozen)
+    dark["D_cover"] = dark["D_cover"][:2] * 0.0
+    with pytest.raises(ValueError, match=r"covered rows \[0, 1\] get no dose from any beamlet"):
+        solve_reference(dark, "lbfgsb")
+
+
+def test_tps_inputs_in_other_forms(s1):
+    tps = TPS(s1)
+    d = TPP.default(s1.structure_names)
+    edge = d.replace(V_PTV=0.3, t_PTV=1.2, lambda_bladder=1e-6)
+    # float32 values at a range edge are that edge (in float64 they are a hair beyond it)
+    plan = tps.optimize(edge.values.astype(np.float32))
+    assert plan.tpps[0].tolist() == edge.values.tolist()
+    assert TPP(d.structures, edge.values.astype(np.float32)) == edge
+    warm = tps.optimize([d, edge]).warm_start
+    reversed_x0 = tps.optimize([d, edge], x0=warm[::-1])  # a negatively strided view
+    assert np.array_equal(reversed_x0.fluence, tps.optimize([d, edge], x0=warm[::-1].copy()).fluence)
+    start = tps.cold_start
+    start *= 2.0  # the caller's copy: the TPS keeps its own
+    assert np.array_equal(tps.optimize(d).fluence, TPS(s1).optimize(d).fluence)
+    with pytest.raises(AttributeError):
+        tps.settings = ADMMSettings(coverage=0.9)  # fixed at construction: make another TPS
+    with pytest.raises(ValueError, match="ptv_underdose = 'no' must be True or False"):
+        ADMMSettings(ptv_underdose="no")
+    with pytest.raises(ValueError, match="structures must be a sequence of names, got the string 'PTV'"):
+        TPP("PTV", d.values)
+    with pytest.raises(ValueError, match=r"one vector or a batch of vectors \(1-D or 2-D\), got shape \(2, 9, 9\)"):
+        tps.optimize(np.ones((2, 9, 9)))
 
 
 # ----------------------------------------------------------------------------- TPS
