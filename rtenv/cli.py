@@ -287,7 +287,10 @@ def _bench_table3(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rtenv import __version__
+
     parser = argparse.ArgumentParser(prog="rtenv", description="Radiotherapy TPP-tuning toolkit")
+    parser.add_argument("--version", action="version", version=f"rtenv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     cases = sub.add_parser("cases", help="built-in planning cases")
@@ -300,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = cases_sub.add_parser("import", help="import a case from CORT, matRad/pyRadPlan or PortPy data")
     imp.add_argument("format", choices=["cort", "matrad", "portpy"])
     imp.add_argument("path", help="CORT case folder, matRad .mat file, or PortPy patient folder")
-    imp.add_argument("--beams", default=None, help="gantry angles '0,72,144' or gantry:couch pairs '58:0,216:32' (deg)")
+    imp.add_argument("--beams", default=None, help="gantry angles '0,72,144' or gantry:couch pairs '58:0,216:32' (deg; "
+                                                   "a list starting with a minus: --beams=-30,90)")
     imp.add_argument("--beam-ids", default=None, help="PortPy beam IDs '0,1,2' (portpy only)")
     imp.add_argument("--structures", default=None, help="NAME=ROLE[:NEW_NAME],... with ROLE target|oar (one target)")
     imp.add_argument("--protocol", required=True, help="shipped protocol name or protocol JSON path")

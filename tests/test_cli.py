@@ -117,6 +117,19 @@ def test_every_command_checks_seed_device_and_outputs_before_work(capsys, tmp_pa
     assert not (tmp_path / "x").exists() and not (tmp_path / "t3").exists() and not (tmp_path / "d").exists()
 
 
+def test_version_and_python_m_rtenv(capsys):
+    import subprocess
+    import sys
+
+    from rtenv import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"rtenv {__version__}"
+    run = subprocess.run([sys.executable, "-m", "rtenv", "cases", "list"], capture_output=True, text=True, check=True)
+    assert "prostate15" in run.stdout
+
+
 def test_cases_tables_read_plainly(capsys):
     assert main(["cases", "list"]) == 0
     assert "79.2 Gy / 44 fx" in capsys.readouterr().out
