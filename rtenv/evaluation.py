@@ -20,8 +20,9 @@ load as they are::
 The prescription is ``pres_per_fraction_gy * num_of_fractions`` (Gy). Criterion types and
 their ``parameters`` (besides ``structure_name``):
 
-* ``max_dose``: optional ``method`` (``"hottest_voxels"`` default, ``"max"``, ``"cc"``),
-  ``n_voxels`` (default 3), ``volume_cc`` (default 0.03); see :func:`max_dose`.
+* ``max_dose``: optional ``method`` (``"max"`` default: the hottest voxel, as PortPy's
+  ``max_dose``; ``"hottest_voxels"``; ``"cc"``), ``n_voxels`` (default 3), ``volume_cc``
+  (default 0.03); see :func:`max_dose`. The shipped protocols name their method.
 * ``mean_dose``: none.
 * ``dose_volume_V``: ``dose_gy`` or ``dose_perc`` (percent of the prescription).
 * ``dose_volume_D``: ``volume_perc`` or ``volume_cc``.
@@ -146,7 +147,7 @@ def volume_at_dose_percent(dose: np.ndarray, dose_gy: float) -> float:
     return _volume_at_dose_percent(_check_dose(dose), check_real("dose_gy", dose_gy, 0.0))
 
 
-def max_dose(dose: np.ndarray, method: str = "hottest_voxels", n_voxels: int = 3,
+def max_dose(dose: np.ndarray, method: str = "max", n_voxels: int = 3,
              volume_cc: float = 0.03, voxel_cc: float | None = None) -> float:
     """Maximum dose (Gy) of a structure.
 
@@ -315,7 +316,7 @@ class Criterion:
 
         params: dict[str, Any] = {}
         if ctype == "max_dose":
-            method = raw_params.get("method", "hottest_voxels")
+            method = raw_params.get("method", "max")
             if method not in MAX_DOSE_METHODS:
                 raise fail(f"unknown max_dose method {method!r}; valid methods: {', '.join(MAX_DOSE_METHODS)}")
             params["method"] = method

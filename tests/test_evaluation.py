@@ -54,10 +54,10 @@ def test_volume_mean_and_max():
     assert volume_at_dose_percent(ONE_TO_TEN, 5.5) == 50.0
     assert volume_at_dose_percent(ONE_TO_TEN, 11) == 0.0
     assert mean_dose(ONE_TO_TEN) == 5.5
-    assert max_dose(ONE_TO_TEN) == 9.0  # mean of 10, 9, 8
-    assert max_dose(ONE_TO_TEN, "max") == 10.0
+    assert max_dose(ONE_TO_TEN, "hottest_voxels") == 9.0  # mean of 10, 9, 8
+    assert max_dose(ONE_TO_TEN) == 10.0  # the hottest voxel, as PortPy's max_dose
     assert max_dose(ONE_TO_TEN, "hottest_voxels", n_voxels=2) == 9.5
-    assert max_dose(np.array([4.0, 2.0]), n_voxels=3) == 3.0  # fewer voxels than n
+    assert max_dose(np.array([4.0, 2.0]), "hottest_voxels", n_voxels=3) == 3.0  # fewer voxels than n
 
 
 def test_cumulative_dvh():
@@ -76,7 +76,7 @@ def test_cumulative_dvh():
         (lambda: dose_at_volume_cc(ONE_TO_TEN, 1.0, 0.0), "voxel_cc"),
         (lambda: max_dose(ONE_TO_TEN, "peak"), "peak.*hottest_voxels"),
         (lambda: max_dose(ONE_TO_TEN, "cc"), "voxel_cc"),
-        (lambda: max_dose(ONE_TO_TEN, n_voxels=0), "n_voxels"),
+        (lambda: max_dose(ONE_TO_TEN, "hottest_voxels", n_voxels=0), "n_voxels"),
         (lambda: mean_dose(np.array([])), "empty"),
         (lambda: mean_dose(np.array([1.0, np.nan])), "NaN"),
         (lambda: mean_dose(np.array([1.0, np.inf])), "inf"),
@@ -279,8 +279,8 @@ def test_portpy_style_dict_with_unknown_keys():
     assert protocol.name == "Lung_2Gy_30Fx" and protocol.prescription_gy == 60.0
     assert Protocol.from_dict({**base_protocol(), "num_of_fractions": np.int64(30)}).fractions == 30
     cord, lungs, ptv = protocol.criteria
-    assert (cord.name, cord.goal, cord.limit) == ("CORD Dmax(3 vox)", 50, 50)
-    assert cord.parameters == {"method": "hottest_voxels", "n_voxels": 3}
+    assert (cord.name, cord.goal, cord.limit) == ("CORD Dmax", 50, 50)
+    assert cord.parameters == {"method": "max"}  # PortPy's max_dose: the hottest voxel
     assert (lungs.name, lungs.goal, lungs.limit) == ("LUNGS_NOT_GTV V20Gy", 30, 37)
     assert ptv.name == "PTV D95%" and ptv.thresholds(60.0) == pytest.approx((60.0, 54.0))
     ptv_dose = np.linspace(55.0, 62.0, 100)
@@ -320,7 +320,8 @@ def base_protocol(**criterion):
         (base_protocol(primary="yes"), "primary"),
         ({"num_of_fractions": 30, "criteria": []}, "pres_per_fraction_gy"),
         ({**base_protocol(), "num_of_fractions": 2.5}, r"num_of_fractions = 2.5 must be an integer in \[1, inf\]"),
-        (base_protocol(type="max_dose", parameters={"structure_name": "B", "n_voxels": True},
+        (base_protocol(type="max_dose",
+                       parameters={"structure_name": "B", "method": "hottest_voxels", "n_voxels": True},
                        constraints={"goal_dose_gy": 5}), r"criteria\[0\]: n_voxels = True must be an integer"),
         ({**base_protocol(), "criteria": [base_protocol()["criteria"][0]] * 2},
          r"criterion names \['Bladder V80Gy'\] appear more than once"),
