@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -160,12 +161,17 @@ class ReplayCheckpointCallback(CheckpointCallback):
     def _on_step(self) -> bool:
         keep_going = super()._on_step()
         if self.n_calls % self.save_freq == 0:
-            newest = Path(self.save_path) / f"{self.name_prefix}_replay_buffer_{self.num_timesteps}_steps.pkl"
-            if newest.is_file():
-                for old in Path(self.save_path).glob(f"{self.name_prefix}_replay_buffer_*_steps.pkl"):
-                    if old != newest:
-                        old.unlink(missing_ok=True)
+            _keep_newest_replay(Path(self.save_path), self.num_timesteps)
         return keep_going
+
+
+def _keep_newest_replay(folder: Path, steps: int) -> None:
+    """Once the replay of the checkpoint at ``steps`` is written, remove the older ones."""
+    newest = folder / f"acer_replay_buffer_{steps}_steps.pkl"
+    if newest.is_file():
+        for old in folder.glob("acer_replay_buffer_*_steps.pkl"):
+            if old != newest:
+                old.unlink(missing_ok=True)
 
 
 def replay_checkpoint(out: Path, steps: int) -> Path:
@@ -173,17 +179,20 @@ def replay_checkpoint(out: Path, steps: int) -> Path:
     return Path(out) / "checkpoints" / f"acer_replay_buffer_{steps}_steps.pkl"
 
 
-def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
-    """The checkpoint with the most steps under ``out/checkpoints``, and its step count."""
+def checkpoints(out: Path) -> list[tuple[Path, int]]:
+    """The model checkpoints under ``out/checkpoints`` with their step counts, newest first."""
     found = []
-    for p in (out / "checkpoints").glob("acer_*_steps.zip"):
+    for p in (Path(out) / "checkpoints").glob("acer_*_steps.zip"):
         m = re.fullmatch(r"acer_(\d+)_steps\.zip", p.name)
         if m:
-            found.append((int(m.group(1)), p))
-    if not found:
-        return None
-    steps, path = max(found)
-    return path, steps
+            found.append((p, int(m.group(1))))
+    return sorted(found, key=lambda item: item[1], reverse=True)
+
+
+def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
+    """The checkpoint with the most steps under ``out/checkpoints``, and its step count."""
+    found = checkpoints(out)
+    return found[0] if found else None
 
 
 def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int = 1, num_envs: int = 16,
@@ -215,7 +224,11 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     ``train_config.json`` records those. Without ``resume`` the folder's old checkpoints are
     deleted, so that a later resume cannot pick up the earlier run. The envs' random state is not
     checkpointed: a run resumed at step N seeds its envs with ``seed + N``. Logs: CSV and, when the
-    ``tensorboard`` package is installed, TensorBoard, under ``out/logs``.
+    ``tensorboard`` package is installed, TensorBoard, under ``out/logs`` (a resumed run's under
+    ``out/logs/resumed_<N>_steps``). The end of a run is a checkpoint as well, so the same command
+    run again finds the run finished; a checkpoint that cannot be loaded (cut short by a kill)
+    is passed over with a warning for the one before it. A resumed run can end a few steps past
+    an uninterrupted one: checkpoints fall inside a rollout segment, whose partial data is lost.
     """
     for name, value in (("timesteps", timesteps), ("train_cases", train_cases), ("num_envs", num_envs),
                         ("checkpoint_every", checkpoint_every)):
@@ -233,9 +246,19 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     if not resume:  # a fresh run replaces the folder's checkpoints: a later resume must not find the old run's
         for old in (out / "checkpoints").glob("acer_*_steps.*"):
             old.unlink()
-    previous = latest_checkpoint(out) if resume else None
+        for old in (out / "logs").glob("resumed_*_steps"):
+            shutil.rmtree(old)
+    previous, model = None, None
+    for candidate in checkpoints(out) if resume else []:
+        try:  # a checkpoint cut short (a kill while it was written) gives way to the one before it
+            model = ACER.load(candidate[0], env=venv, device=device)
+        except (ValueError, AssertionError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as exc:
+            warnings.warn(f"cannot load checkpoint {candidate[0]} ({type(exc).__name__}: {exc}); trying an older one",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        previous = candidate
+        break
     if previous is not None:
-        model = ACER.load(previous[0], env=venv, device=device)
         done = previous[1]
         if not isinstance(model.policy, ACER.policy_aliases[policy]):
             raise ValueError(f"the checkpoint {previous[0]} holds a {type(model.policy).__name__}, not the requested "
@@ -257,13 +280,16 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
                           RuntimeWarning, stacklevel=2)
     else:
         model = ACER(policy, venv, seed=seed, device=device, **settings)
+    assert model is not None
     (out / "train_config.json").write_text(json.dumps({
         "algorithm": "acer", "scenario": scenario, "train_cohort": "train", "train_cases": train_cases,
         "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "policy": policy,
         "settings": settings,
         "resumed_from_steps": done}, indent=2, default=str))
     formats = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
-    model.set_logger(configure(str(out / "logs"), formats))
+    # a resumed run logs beside the earlier ones (SB3's CSV writer truncates its file)
+    logs = out / "logs" if previous is None else out / "logs" / f"resumed_{done}_steps"
+    model.set_logger(configure(str(logs), formats))
     callbacks: list[BaseCallback] = [ReplayCheckpointCallback(max(checkpoint_every // num_envs, 1),
                                                               str(out / "checkpoints"), name_prefix="acer")]
     if progress:
@@ -271,6 +297,13 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     if done < timesteps:
         model.learn(timesteps - done, callback=CallbackList(callbacks), reset_num_timesteps=previous is None,
                     log_interval=10)
+        # the end is a checkpoint too, so that the same command run again finds the run finished
+        # (from an earlier checkpoint it would train past the end and replace model.zip)
+        final = out / "checkpoints" / f"acer_{model.num_timesteps}_steps.zip"
+        if not final.is_file():
+            model.save(final)
+            model.save_replay_buffer(replay_checkpoint(out, model.num_timesteps))
+            _keep_newest_replay(out / "checkpoints", model.num_timesteps)
     path = out / "model.zip"
     model.save(path)
     return path

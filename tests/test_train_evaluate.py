@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from stable_baselines3 import PPO
 
 from drl.acer import ACER, ACERLstmPolicy
-from drl.train import as_policy, latest_checkpoint, load_policy, replay_checkpoint, train_acer
+from drl.train import as_policy, checkpoints, latest_checkpoint, load_policy, replay_checkpoint, train_acer
 from rtenv.cli import main
 from rtenv.rollout import evaluate_cohort
 from rtenv.sb3 import make_sb3_vec_env
@@ -127,6 +128,27 @@ def test_resume_restores_the_checkpointed_replay(tmp_path, monkeypatch):
     # a fresh run removes the old checkpoints: a later resume continues the fresh run, not the old one
     train_acer("S1", out, 8, **kw, resume=False)
     assert latest_checkpoint(out)[1] == 8
+
+
+def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tmp_path):
+    out = tmp_path / "run"
+    kw = {"train_cases": 1, "num_envs": 2, "checkpoint_every": 8, "progress": False, "start": "default",
+          "n_steps": 2, "replay_start": 4}
+    train_acer("S1", out, 12, **kw)  # checkpoints at 8 steps and, as the end, at 12
+    assert [steps for _, steps in checkpoints(out)] == [12, 8] and replay_checkpoint(out, 12).is_file()
+    assert not replay_checkpoint(out, 8).exists()
+    first = load_policy(f"acer:{out / 'model.zip'}").policy.state_dict()
+    train_acer("S1", out, 12, **kw)  # the same command again: nothing left to train
+    again = load_policy(f"acer:{out / 'model.zip'}").policy.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert json.loads((out / "train_config.json").read_text())["resumed_from_steps"] == 12
+    newest = out / "checkpoints" / "acer_12_steps.zip"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a kill while it was written
+    with pytest.warns(RuntimeWarning, match="cannot load checkpoint .*acer_12_steps.zip"):
+        train_acer("S1", out, 16, **kw)
+    assert json.loads((out / "train_config.json").read_text())["resumed_from_steps"] == 8
+    # the resumed run logs beside the first run's log, which it used to overwrite
+    assert (out / "logs" / "progress.csv").is_file() and (out / "logs" / "resumed_8_steps" / "progress.csv").is_file()
 
 
 def test_train_cli_lstm_policy_net(tmp_path):
