@@ -281,11 +281,18 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     else:
         model = ACER(policy, venv, seed=seed, device=device, **settings)
     assert model is not None
-    (out / "train_config.json").write_text(json.dumps({
-        "algorithm": "acer", "scenario": scenario, "train_cohort": "train", "train_cases": train_cases,
-        "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "policy": policy,
-        "settings": settings,
-        "resumed_from_steps": done}, indent=2, default=str))
+    config = {"algorithm": "acer", "scenario": scenario, "train_cohort": "train", "train_cases": train_cases,
+              "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "policy": policy,
+              "settings": settings, "resumed_from_steps": done}
+    config_path = out / "train_config.json"
+    if previous is not None and config_path.is_file():  # the run's own set-up, not its ACER settings
+        before = json.loads(config_path.read_text())
+        changed = {k: (before.get(k), config[k]) for k in ("scenario", "train_cases", "start", "num_envs", "seed")
+                   if before.get(k) != config[k]}
+        if changed:
+            warnings.warn(f"resuming {previous[0]} with another set-up {changed} (was, now): its replay holds the "
+                          "earlier set-up's episodes", RuntimeWarning, stacklevel=2)
+    config_path.write_text(json.dumps(config, indent=2, default=str))
     formats = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     # a resumed run logs beside the earlier ones (SB3's CSV writer truncates its file)
     logs = out / "logs" if previous is None else out / "logs" / f"resumed_{done}_steps"
