@@ -580,11 +580,16 @@ class TPS:
         return active, cov
 
     # ------------------------------------------------------- sub-problem access
-    def freeze(self, tpp: TPP, fluence: np.ndarray) -> FrozenSets:
-        """The active sets and covered PTV voxels of ``tpp`` at ``fluence`` (one plan)."""
+    def _one_tpp(self, tpp: TPP, method: str) -> np.ndarray:
+        """The ``(1, n_tpp)`` batch of a method defined for one plan."""
         batch = self._tpp_batch(tpp)
         if batch.shape[0] != 1:
-            raise ValueError(f"freeze takes one TPP, got {batch.shape[0]}")
+            raise ValueError(f"{method} takes one TPP, got {batch.shape[0]}")
+        return batch
+
+    def freeze(self, tpp: TPP, fluence: np.ndarray) -> FrozenSets:
+        """The active sets and covered PTV voxels of ``tpp`` at ``fluence`` (one plan)."""
+        batch = self._one_tpp(tpp, "freeze")
         fluence = np.asarray(fluence, dtype=np.float32)
         if fluence.shape != (self.n_beamlets,):
             raise ValueError(f"fluence has shape {fluence.shape}; expected ({self.n_beamlets},)")
@@ -606,10 +611,7 @@ class TPS:
         if self.settings.ptv_underdose:
             raise ValueError("the frozen sub-problem has no PTV under-dose term; use a TPS with ptv_underdose=False")
         n = len(self.structures)
-        batch = self._tpp_batch(tpp)
-        if batch.shape[0] != 1:
-            raise ValueError(f"subproblem takes one TPP, got {batch.shape[0]}")
-        v = batch[0]
+        v = self._one_tpp(tpp, "subproblem")[0]
         t, lam = v[:n], v[n:2 * n]
         active, cov = self._check_frozen(frozen)
         D = _scipy_csr(self._D)
