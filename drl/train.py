@@ -161,15 +161,15 @@ class ReplayCheckpointCallback(CheckpointCallback):
     def _on_step(self) -> bool:
         keep_going = super()._on_step()
         if self.n_calls % self.save_freq == 0:
-            _keep_newest_replay(Path(self.save_path), self.num_timesteps)
+            _keep_newest_replay(Path(self.save_path), self.num_timesteps, self.name_prefix)
         return keep_going
 
 
-def _keep_newest_replay(folder: Path, steps: int) -> None:
+def _keep_newest_replay(folder: Path, steps: int, prefix: str = "acer") -> None:
     """Once the replay of the checkpoint at ``steps`` is written, remove the older ones."""
-    newest = folder / f"acer_replay_buffer_{steps}_steps.pkl"
+    newest = folder / f"{prefix}_replay_buffer_{steps}_steps.pkl"
     if newest.is_file():
-        for old in folder.glob("acer_replay_buffer_*_steps.pkl"):
+        for old in folder.glob(f"{prefix}_replay_buffer_*_steps.pkl"):
             if old != newest:
                 old.unlink(missing_ok=True)
 
