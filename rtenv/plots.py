@@ -93,11 +93,12 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
     ys = origin[1] + dy * np.arange(ny)
     # the target's contour on top and each one drawn under it a little wider, so that contours
     # sharing an edge (a ring around the PTV, a core against it) all show
-    shown = [(i, s) for i, s in enumerate(case.structures) if case.mask(s.name)[k].any()]
-    for depth, (i, s) in enumerate(reversed(shown)):
-        ax.contour(xs, ys, case.mask(s.name)[k].astype(float), levels=[0.5], colors=_color(s.name, i),
+    slices = [(i, s, case.mask(s.name)[k]) for i, s in enumerate(case.structures)]
+    shown = [(i, s, m) for i, s, m in slices if m.any()]
+    for depth, (i, s, m) in enumerate(reversed(shown)):
+        ax.contour(xs, ys, m.astype(float), levels=[0.5], colors=_color(s.name, i),
                    linewidths=1.2 + 1.0 * (len(shown) - 1 - depth), zorder=3 + depth)
-    for i, s in shown:
+    for i, s, _ in shown:
         ax.plot([], [], color=_color(s.name, i), label=s.name)
     fig.colorbar(im, ax=ax, label="dose (Gy)")
     ax.set_xlabel("x, patient left (mm)")
