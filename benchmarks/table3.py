@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from rtenv.runlog import file_sha256, read_jsonl
 from rtenv.validation import check_integer
 
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
@@ -251,17 +252,6 @@ def _search_episode(env, spec: EpisodeSpec, options: dict[str, Any]) -> dict[str
 
 
 # ----------------------------------------------------------------------------------- execution
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """Records of ``results.jsonl``; a torn last line (a crash mid-write) is cut off the file."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _init_worker() -> None:
     import torch
 
@@ -328,7 +318,7 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
     _check_run_settings(out / "run_settings.json", knowledge, llm, names)
-    done = {r["key"]: r for r in load_records(path)}
+    done = {r["key"]: r for r in read_jsonl(path)}
     # starting state first: every policy's first episodes finish first (a cut run stays balanced)
     todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
     workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
@@ -367,7 +357,7 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, poli
     kb = None if knowledge is None else hashlib.sha256(
         json.dumps(load_knowledge(knowledge), sort_keys=True).encode()).hexdigest()
     settings = {"knowledge_sha256": kb, "llm": asdict(llm)}
-    models = {name: _sha256(file) for name, file in _model_files(policies).items()}
+    models = {name: file_sha256(file) for name, file in _model_files(policies).items()}
     if path.is_file():
         before = json.loads(path.read_text())
         changed = sorted(k for k in settings if before.get(k) != settings[k])
@@ -405,14 +395,6 @@ def _model_files(policies: Sequence[str]) -> dict[str, Path]:
         except (FileNotFoundError, BackendError):
             continue
     return files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ reporting

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort
+from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort, logged_episodes
+from rtenv.runlog import RunLog
 from rtenv.tpp import RANGES
 
 FORMAT = "rtenv-knowledge"
@@ -174,10 +175,12 @@ def knowledge_table(kb: dict[str, Any]) -> str:
 
 
 def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", generations: int = 20,
-                            popsize: int = 8, seed: int = 0, cases: int | None = None,
+                            popsize: int = 8, seed: int = 0, cases: int | None = None, log: RunLog | None = None,
                             ) -> tuple[dict[str, Any], list[EpisodeRecord]]:
     """The knowledge base of CMA-ES (:func:`rtenv.search.search_episode`) from the SPEC default
-    TPPs on every case of ``cohort`` (or its first ``cases``); returns it and the episode records."""
+    TPPs on every case of ``cohort`` (or its first ``cases``); returns it and the episode records.
+    A ``log`` keeps each finished case's record and skips those already there (as in
+    :func:`rtenv.rollout.evaluate_cohort`)."""
     from rtenv.env import TuningCore
     from rtenv.scenarios import cohort_size
     from rtenv.search import search_episode
@@ -186,7 +189,8 @@ def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", gen
     n = cases or cohort_size(scenario, cohort) or 1
     core = TuningCore(scenario, action_mode="continuous", cohort=cohort, cases=n)
     start = TPP.default(core.structures).values
-    records = [search_episode(core, (cohort, i), start, generations, popsize, seed=seed + i) for i in range(n)]
+    records = logged_episodes(
+        n, lambda i: search_episode(core, (cohort, i), start, generations, popsize, seed=seed + i), log)
     kb = build_knowledge(records, {"policy": f"search:cma-es(popsize={popsize})", "scenario": scenario,
                                    "cohort": cohort, "start": "default", "max_steps": generations,
                                    "seeds": [seed + i for i in range(n)]})
@@ -194,10 +198,12 @@ def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", gen
 
 
 def export_knowledge(policy: Policy, policy_name: str, scenario: str = "S1", cohort: str = "knowledge",
-                     start: str = "default", max_steps: int = 20, seed: int = 0) -> tuple[dict[str, Any], dict]:
+                     start: str = "default", max_steps: int = 20, seed: int = 0,
+                     log: RunLog | None = None) -> tuple[dict[str, Any], dict]:
     """Run ``policy`` on every case of ``cohort`` and build the knowledge base of its full-score
-    plans; returns the knowledge base and the evaluation summary."""
-    summary = evaluate_cohort(policy, scenario, cohort=cohort, start=start, max_steps=max_steps, seed=seed)
+    plans; returns the knowledge base and the evaluation summary. A ``log`` makes the run
+    resumable (:func:`rtenv.rollout.evaluate_cohort`)."""
+    summary = evaluate_cohort(policy, scenario, cohort=cohort, start=start, max_steps=max_steps, seed=seed, log=log)
     records = [EpisodeRecord(**c) for c in summary["cases"]]
     kb = build_knowledge(records, {"policy": policy_name, "scenario": scenario, "cohort": cohort, "start": start,
                                    "max_steps": max_steps, "seeds": [seed + i for i in range(len(records))]})

@@ -31,6 +31,7 @@ import numpy as np
 
 from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
+from rtenv.runlog import RunLog, file_sha256
 from rtenv.scenarios import COHORTS, SCENARIOS, load_case
 from rtenv.tpp import TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device
@@ -161,15 +162,32 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_log(output: str, args: argparse.Namespace, keys: Sequence[str]) -> RunLog:
+    """The resumable log of a cohort run that writes ``output``: ``OUTPUT.partial.jsonl``, whose
+    settings are the command, the arguments ``keys`` and the policy's model file digest."""
+    settings = {"command": f"{args.command} {getattr(args, 'knowledge_command', '')}".strip(),
+                **{k: getattr(args, k) for k in keys}}
+    if args.policy != "search":
+        from drl.train import policy_file
+
+        settings["model_sha256"] = file_sha256(policy_file(args.policy))
+    log = RunLog(f"{output}.partial.jsonl", settings)
+    if len(log):
+        print(f"resuming: {len(log)} episodes already run, from {log.path}")
+    return log
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from drl.train import load_policy
     from drl.transfer import policy_for_scenario
     from rtenv.rollout import evaluate_cohort
 
     model = load_policy(args.policy, device=args.device)
+    log = (_run_log(args.json, args, ("policy", "scenario", "cohort", "cases", "start", "max_steps", "seed", "device"))
+           if args.json else None)
     res = evaluate_cohort(policy_for_scenario(model, args.scenario), args.scenario, cohort=args.cohort,
                           cases=args.cases, start=args.start,
-                          max_steps=args.max_steps, seed=args.seed, device=args.device)
+                          max_steps=args.max_steps, seed=args.seed, log=log, device=args.device)
     res["policy"] = args.policy
     print(f"{'case':<16}{'initial':>9}{'final':>8}{'binary':>13}{'steps':>7}  full   "
           "(scores: the protocol's own mode; binary: criteria met)")
@@ -185,6 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))
+        log.remove()
         print(f"wrote {args.json}")
     return 0
 
@@ -211,11 +230,12 @@ def _knowledge(args: argparse.Namespace) -> int:
     from knowledge_extraction.knowledge import export_knowledge, knowledge_table, load_knowledge, save_knowledge
 
     if args.knowledge_command == "export":
+        log = _run_log(args.out, args, ("policy", "scenario", "cohort", "max_steps", "seed"))
         if args.policy == "search":
             from knowledge_extraction.knowledge import export_search_knowledge
 
             kb, records = export_search_knowledge(args.scenario, args.cohort, generations=args.max_steps,
-                                                  seed=args.seed)
+                                                  seed=args.seed, log=log)
             rate = sum(r.full_score for r in records) / len(records)
         else:
             from drl.train import load_policy
@@ -223,9 +243,10 @@ def _knowledge(args: argparse.Namespace) -> int:
 
             policy = policy_for_scenario(load_policy(args.policy), args.scenario)
             kb, summary = export_knowledge(policy, args.policy, args.scenario, args.cohort,
-                                           max_steps=args.max_steps, seed=args.seed)
+                                           max_steps=args.max_steps, seed=args.seed, log=log)
             rate = summary["full_score_rate"]
         save_knowledge(kb, args.out)
+        log.remove()
         print(knowledge_table(kb))
         print(f"wrote {args.out} ({rate * 100:.0f} % of {args.cohort} plans at full score)")
         return 0
@@ -375,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-steps", type=int, default=20, help="steps per episode (default 20)")
     ev.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--json", default=None, help="also write the per-case records and the summary here")
+    ev.add_argument("--json", default=None, help="also write the per-case records and the summary here; each "
+                    "finished episode goes to JSON.partial.jsonl first, so an interrupted run resumes")
     ev.set_defaults(func=_evaluate, outputs=(("json", "file"),))
 
     xp = sub.add_parser("explain", help="Integrated Gradients explanations of a DRL planner's episode (PNGs + JSON)")
@@ -403,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-steps", type=int, default=20,
                     help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
     ex.add_argument("--seed", type=int, default=0)
-    ex.add_argument("--out", required=True, help="knowledge-base JSON to write")
+    ex.add_argument("--out", required=True, help="knowledge-base JSON to write (each finished episode goes to "
+                    "OUT.partial.jsonl first, so an interrupted run resumes)")
     ex.set_defaults(func=_knowledge, outputs=(("out", "file"),))
     show = kn_sub.add_parser("show", help="print a knowledge base as a table")
     show.add_argument("path", help="knowledge-base JSON")

@@ -18,6 +18,7 @@ import numpy as np
 
 from rtenv.env import TPPTuningEnv
 from rtenv.evaluation import score_plan
+from rtenv.runlog import RunLog
 from rtenv.scenarios import COHORTS, cohort_size
 from rtenv.validation import check_integer
 
@@ -67,9 +68,13 @@ def run_episode(env: gym.Env, policy: Policy, seed: int | None = None,
 
 
 def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: int | None = None,
-                    start: str = "default", max_steps: int = 20, seed: int = 0,
+                    start: str = "default", max_steps: int = 20, seed: int = 0, log: RunLog | None = None,
                     **env_kwargs: Any) -> dict[str, Any]:
     """Run ``policy`` once on every case of a cohort and summarise.
+
+    With a ``log`` (a :class:`~rtenv.runlog.RunLog` whose settings name the policy and these
+    arguments), each finished episode is written to it at once and episodes already there are
+    not run again: an interrupted evaluation resumes where it stopped.
 
     Returns a JSON-ready dict with ``cases`` (one :class:`EpisodeRecord` dict each) and the
     summary keys ``initial_score_mean``, ``final_score_mean``, ``final_score_sd``, ``steps_mean``,
@@ -80,8 +85,24 @@ def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: 
     check_integer("seed", seed, 0)  # episode i is reset with seed + i
     env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
                        **env_kwargs)
-    records = [run_episode(env, policy, seed=seed + i, options={"index": i}) for i in range(n)]
+    records = logged_episodes(n, lambda i: run_episode(env, policy, seed=seed + i, options={"index": i}), log)
     return summarise(records, scenario=scenario, cohort=cohort, start=start, max_steps=max_steps)
+
+
+def logged_episodes(n: int, run: Callable[[int], EpisodeRecord], log: RunLog | None) -> list[EpisodeRecord]:
+    """``[run(i) for i in range(n)]``, where an episode found in ``log`` (under key ``i``) is read
+    back instead of run, and each episode run is written to ``log`` as soon as it ends."""
+    records = []
+    for i in range(n):
+        done = log.get(i) if log is not None else None
+        if done is None:
+            record = run(i)
+            if log is not None:
+                log.add(i, record.to_dict())
+        else:
+            record = EpisodeRecord(**done)
+        records.append(record)
+    return records
 
 
 def summarise(records: list[EpisodeRecord], **meta: Any) -> dict[str, Any]:

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from benchmarks.table3 import episode_specs, load_records, parse_policy, run_table3
+from benchmarks.table3 import episode_specs, parse_policy, run_table3
 from rtenv.cli import main
+from rtenv.runlog import read_jsonl
 
 pytestmark = pytest.mark.slow
 ARGS = {"scenarios": ["S1"], "policies": ["default", "random"], "cases": 2, "max_steps": 3, "seed": 0}
@@ -29,7 +30,7 @@ def reference(tmp_path_factory):
 
 def test_tiny_table3_end_to_end(reference):
     out, summary = reference
-    records = load_records(out / "results.jsonl")
+    records = read_jsonl(out / "results.jsonl")
     assert len(records) == 4 and len({r["key"] for r in records}) == 4
     rows = summary["scenarios"]["S1"]
     assert rows["default"]["steps_mean"] == 0 and rows["default"]["final_score_mean"] == rows["default"][
@@ -48,26 +49,26 @@ def test_resume_after_kill_gives_the_same_table(reference, tmp_path):
            "--cases", "2", "--max-steps", "3", "--workers", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not load_records(out / "results.jsonl"):
+    while time.time() < deadline and not read_jsonl(out / "results.jsonl"):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = load_records(out / "results.jsonl")
+    partial = read_jsonl(out / "results.jsonl")
     assert 1 <= len(partial) < 4, "the run should have been killed mid-way"
     with (out / "results.jsonl").open("a") as f:
         f.write('{"key": "torn record')  # a crash mid-write leaves a torn last line
     assert main(["bench", "table3", "--scenarios", "S1", "--policies", "default,random", "--cases", "2",
                  "--max-steps", "3", "--workers", "1", "--out", str(out)]) == 0
-    records = load_records(out / "results.jsonl")
+    records = read_jsonl(out / "results.jsonl")
     assert len(records) == 4 and len({r["key"] for r in records}) == 4  # nothing duplicated or missing
-    assert finals(records) == finals(load_records(ref_out / "results.jsonl"))
+    assert finals(records) == finals(read_jsonl(ref_out / "results.jsonl"))
     assert (out / "table3.md").read_text() == (ref_out / "table3.md").read_text()
 
 
 def test_parallel_workers_match_sequential(reference, tmp_path):
     ref_out, _ = reference
     run_table3(**ARGS, out=tmp_path, workers=2, progress=False, figures=False)
-    assert finals(load_records(tmp_path / "results.jsonl")) == finals(load_records(ref_out / "results.jsonl"))
+    assert finals(read_jsonl(tmp_path / "results.jsonl")) == finals(read_jsonl(ref_out / "results.jsonl"))
 
 
 def test_ray_local_matches_sequential(reference, tmp_path):
@@ -77,7 +78,7 @@ def test_ray_local_matches_sequential(reference, tmp_path):
         run_table3(**ARGS, out=tmp_path, workers=2, ray_address="", progress=False, figures=False)
     finally:
         ray.shutdown()
-    assert finals(load_records(tmp_path / "results.jsonl")) == finals(load_records(ref_out / "results.jsonl"))
+    assert finals(read_jsonl(tmp_path / "results.jsonl")) == finals(read_jsonl(ref_out / "results.jsonl"))
 
 
 def test_resume_with_other_shared_settings_is_refused(tmp_path):
@@ -86,7 +87,7 @@ def test_resume_with_other_shared_settings_is_refused(tmp_path):
     run_table3(["S1"], ["random"], tmp_path, knowledge="S1-acer", **kw)  # same settings: resumes
     with pytest.raises(ValueError, match="other knowledge_sha256"):
         run_table3(["S1"], ["random"], tmp_path, knowledge="S1-search", **kw)
-    assert len(load_records(tmp_path / "results.jsonl")) == 1
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 1
 
 
 def test_resume_with_another_model_file_is_refused(tmp_path):
@@ -104,14 +105,14 @@ def test_resume_with_another_model_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"another model file"):
         run_table3(["S1"], [f"acer:{model}"], out, **kw)
     run_table3(["S1"], ["random"], out, **kw)  # a resume without that policy is not concerned
-    assert len(load_records(out / "results.jsonl")) == 2
+    assert len(read_jsonl(out / "results.jsonl")) == 2
 
 
 def test_a_failing_parallel_episode_keeps_the_others(tmp_path):
     with pytest.raises(Exception, match="nonexistent"):
         run_table3(["S1"], ["acer:/nonexistent/model.zip@1", "random@3"], tmp_path, max_steps=2, workers=2,
                    progress=False, figures=False)
-    assert sorted(r["policy"] for r in load_records(tmp_path / "results.jsonl")) == ["random"] * 3
+    assert sorted(r["policy"] for r in read_jsonl(tmp_path / "results.jsonl")) == ["random"] * 3
 
 
 def test_specs_and_policy_names(tmp_path):

@@ -43,6 +43,7 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     assert main(["knowledge", "export", "--policy", f"acer:{out / 'model.zip'}", "--scenario", "S1",
                  "--cohort", "knowledge", "--max-steps", "2", "--out", str(kb_path)]) == 0
     kb = json.loads(kb_path.read_text())
+    assert not (tmp_path / "kb.json.partial.jsonl").exists()  # the resumable log goes once the JSON is written
     assert kb["source"]["episodes"] == 20 and 1 <= kb["source"]["successful"] <= 20
     assert all(len(p["values"]) == kb["source"]["successful"] for p in kb["parameters"].values())
     assert main(["knowledge", "show", str(kb_path)]) == 0

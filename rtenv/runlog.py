@@ -1,0 +1,97 @@
+"""Resumable runs: JSON-lines logs that survive a crash, and file fingerprints.
+
+A long run (a cohort evaluation, a knowledge export, a benchmark sweep) appends each finished
+item to a JSON-lines file as soon as it is done, so that rerunning the same command after a crash
+or an interrupt skips what is already there. :class:`RunLog` keeps the run's settings in the
+first line and refuses to resume a run made with other settings, so results of two set-ups are
+never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The values of a JSON-lines file (``[]`` if there is no file). A torn last line (a crash
+    mid-write) is cut off the file; any other line that is not JSON raises ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    values = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}, is not JSON ({exc.msg}): {line[:80]!r}") from None
+    return values
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RunLog:
+    """A run's finished items, one JSON line each (``{"key": ..., "value": ...}``), behind a first
+    line that holds the run's settings.
+
+    Args:
+        path: The log file. It is created (with its folder) if absent; if present, the run
+            resumes from it.
+        settings: JSON-ready values that identify the run (what it runs and with which
+            parameters, e.g. a model file's :func:`file_sha256`).
+
+    Raises:
+        ValueError: the file holds a run with other settings, or is not a run log.
+    """
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+        lines = read_jsonl(self.path)
+        if not lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
+        elif not (isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict)
+                  and all(isinstance(item, dict) and item.keys() == {"key", "value"} for item in lines[1:])):
+            raise ValueError(f"{self.path} is not a run log (a settings line, then key/value lines); "
+                             "move it away or choose another path")
+        elif lines[0]["settings"] != self.settings:
+            before = lines[0]["settings"]
+            changed = [f"{k}: {before.get(k, '(absent)')!r} there, {self.settings.get(k, '(absent)')!r} now"
+                       for k in sorted(before.keys() | self.settings.keys()) if before.get(k) != self.settings.get(k)]
+            raise ValueError(f"{self.path} holds an unfinished run with other settings ({'; '.join(changed)}); "
+                             "rerun with its settings to resume it, or delete the file to start over")
+        self._items: dict[str, Any] = {json.dumps(item["key"]): item["value"] for item in lines[1:]}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any | None:
+        """The value logged under ``key`` (JSON-ready), or ``None``."""
+        return self._items.get(json.dumps(key))
+
+    def add(self, key: Any, value: Any) -> None:
+        """Log a finished item (written and flushed at once)."""
+        line = json.dumps({"key": key, "value": value})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+        self._items[json.dumps(key)] = json.loads(line)["value"]
+
+    def remove(self) -> None:
+        """Delete the log file (once the run's own output is written)."""
+        self.path.unlink(missing_ok=True)
