@@ -57,6 +57,15 @@ def cma_search(core: TuningCore, case_key: tuple[str, int], start_tpp: np.ndarra
     """
     check_integer("budget", budget, 1)
     check_integer("popsize", popsize, 2)
+    rng_state = np.random.get_state()  # cma seeds and draws from numpy's global generator
+    try:
+        return _cma_search(core, case_key, start_tpp, budget, popsize, sigma0, seed)
+    finally:
+        np.random.set_state(rng_state)
+
+
+def _cma_search(core: TuningCore, case_key: tuple[str, int], start_tpp: np.ndarray, budget: int, popsize: int,
+                sigma0: float, seed: int) -> SearchResult:
     es = cma.CMAEvolutionStrategy(core.tpp_to_action(start_tpp).astype(np.float64), sigma0,
                                   {"popsize": popsize, "seed": seed + 1, "bounds": [-1.0, 1.0], "verbose": -9})
     best: tuple[bool, float, float, np.ndarray] | None = None

@@ -26,8 +26,12 @@ def test_cma_search_reaches_full_score_and_is_seeded():
 def test_cma_search_budget_is_respected_and_checked():
     core = TuningCore("S1", action_mode="continuous", cohort="test", scoring_mode="binary")
     start = TPP.default(core.structures).values
+    np.random.seed(12345)
+    state = np.random.get_state()
     r = cma_search(core, ("test", 4), start, budget=5, popsize=4, sigma0=1e-6)
     assert r.evaluations <= 5
+    after = np.random.get_state()  # cma draws from numpy's global generator; the search restores it
+    assert all(np.array_equal(a, b) for a, b in zip(state, after, strict=True))
     with pytest.raises(ValueError, match="budget"):
         cma_search(core, ("test", 4), start, budget=0)
 
