@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import calibration, env_speed, table3, tps_speed
+from rtenv.runlog import write_atomic
 from rtenv.tps import resolve_device
 
 
@@ -48,7 +49,7 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
     seconds: dict[str, float] = (json.loads(seconds_path.read_text())
                                  if seconds_path.is_file() and settings_path.is_file() else {})
     out.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(settings))
+    write_atomic(settings_path, json.dumps(settings))
 
     def step(name: str, json_path: Path | None, run: Callable[[], Any]) -> Any:
         """``run()``'s result, or the finished one's JSON; the wall time is recorded when it ends."""
@@ -57,7 +58,7 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
         t0 = time.perf_counter()
         result = run()
         seconds[name] = time.perf_counter() - t0
-        seconds_path.write_text(json.dumps(seconds, indent=2))
+        write_atomic(seconds_path, json.dumps(seconds, indent=2))
         return result
 
     lines = ["# rtenv benchmarks", "", f"mode: {'quick' if quick else 'full'}; device: {device}", ""]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from rtenv.env import EpisodeState, TuningCore
 from rtenv.evaluation import score_plan
+from rtenv.runlog import write_atomic
 from rtenv.search import cma_search
 from rtenv.tpp import TPP
 
@@ -96,9 +96,7 @@ def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh:
         summarise(res)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = json_path.with_name(json_path.name + ".tmp")
-            tmp.write_text(json.dumps(res, indent=2))
-            os.replace(tmp, json_path)
+            write_atomic(json_path, json.dumps(res, indent=2))
     summarise(res)
     return res
 
@@ -115,7 +113,8 @@ def table(res: dict) -> str:
     lines += ["", f"initial score {res['initial_score_mean']:.2f} +- {res['initial_score_sd']:.2f} "
               f"(paper {mean} +- {sd}; within one sd: {res['within_one_sd_of_paper']})",
               f"search: full score on {100 * res['search_success_rate']:.0f} % of cases, "
-              f"{'n/a' if ev is None else f'{ev:.0f}'} evaluations on average"]
+              f"{'n/a' if ev is None else f'{ev:.0f}'} evaluations on average over those "
+              f"(budget {res['budget']} each)"]
     return "\n".join(lines)
 
 

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from rtenv.runlog import file_sha256, read_jsonl
+from rtenv.runlog import file_sha256, read_jsonl, write_atomic
 from rtenv.validation import check_integer
 
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
@@ -370,7 +370,7 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, poli
             raise ValueError(f"{path.parent} holds episodes of {replaced} run with another model file "
                              "(its sha256 differs); use another --out")
         models = {**recorded, **models}
-    path.write_text(json.dumps({**settings, "model_sha256": models}, indent=2))
+    write_atomic(path, json.dumps({**settings, "model_sha256": models}, indent=2))
 
 
 def _model_files(policies: Sequence[str]) -> dict[str, Path]:

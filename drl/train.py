@@ -29,6 +29,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from drl.acer import ACER
+from rtenv.runlog import write_atomic
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.validation import check_integer
 
@@ -292,7 +293,7 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
         if changed:
             warnings.warn(f"resuming {previous[0]} with another set-up {changed} (was, now): its replay holds the "
                           "earlier set-up's episodes", RuntimeWarning, stacklevel=2)
-    config_path.write_text(json.dumps(config, indent=2, default=str))
+    write_atomic(config_path, json.dumps(config, indent=2, default=str))
     formats = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     # a resumed run logs beside the earlier ones (SB3's CSV writer truncates its file)
     logs = out / "logs" if previous is None else out / "logs" / f"resumed_{done}_steps"

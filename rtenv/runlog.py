@@ -11,8 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename, so that a kill
+    leaves the old file or the new one, never a torn one (for files a resumed run reads back)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
@@ -24,7 +37,7 @@ def read_jsonl(path: str | Path) -> list[Any]:
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
+        write_atomic(path, text)
     values = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -65,7 +78,7 @@ class RunLog:
         lines = read_jsonl(self.path)
         if not lines:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
+            write_atomic(self.path, json.dumps({"settings": self.settings}) + "\n")
         elif not (isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict)
                   and all(isinstance(item, dict) and item.keys() == {"key", "value"} for item in lines[1:])):
             raise ValueError(f"{self.path} is not a run log (a settings line, then key/value lines); "

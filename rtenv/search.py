@@ -53,8 +53,10 @@ def cma_search(core: TuningCore, case_key: tuple[str, int], start_tpp: np.ndarra
         budget: Maximum plan evaluations.
         popsize: Plans per generation (one batched TPS solve).
         sigma0: Initial step size in the [-1, 1] action space.
-        seed: CMA-ES seed.
+        seed: Seed (>= 0) of the search: CMA-ES runs with ``seed + 1``, since cma draws a seed from
+            the clock for 0.
     """
+    check_integer("seed", seed, 0)
     check_integer("budget", budget, 1)
     check_integer("popsize", popsize, 2)
     rng_state = np.random.get_state()  # cma seeds and draws from numpy's global generator
@@ -99,8 +101,9 @@ def search_episode(core: TuningCore, case_key: tuple[str, int], start_tpp: np.nd
 
     Starts from ``start_tpp`` (a start already at full score takes no step) and ends at the first
     full-score plan or after ``generations``; the record's final plan is the best found (or the
-    start, if nothing beat it).
+    start, if nothing beat it). ``seed`` (>= 0) seeds the search, as in :func:`cma_search`.
     """
+    check_integer("seed", seed, 0)
     start = EpisodeState(case_key, np.asarray(start_tpp, dtype=np.float64))
     core.solve([start], warm=[False])
     first = core.info(start)

@@ -7,7 +7,7 @@ import pytest
 
 import rtenv.rollout
 from rtenv.cli import main
-from rtenv.runlog import RunLog, file_sha256, read_jsonl
+from rtenv.runlog import RunLog, file_sha256, read_jsonl, write_atomic
 
 
 def test_run_log_resumes_and_refuses_other_settings(tmp_path):
@@ -129,3 +129,19 @@ def test_search_knowledge_export_resumes_after_a_crash(tmp_path, monkeypatch):
     for kb in (whole, resumed):
         kb["source"].pop("created")
     assert resumed == whole
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    import rtenv.runlog
+
+    path = tmp_path / "settings.json"
+    write_atomic(path, '{"a": 1}')
+    assert path.read_text() == '{"a": 1}'
+
+    def killed(src, dst):  # a kill between writing the new text and the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rtenv.runlog.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, '{"a": 2, "b": "a longer text"}')
+    assert path.read_text() == '{"a": 1}' and [p.name for p in tmp_path.iterdir()] == ["settings.json"]

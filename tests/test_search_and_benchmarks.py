@@ -34,6 +34,8 @@ def test_cma_search_budget_is_respected_and_checked():
     assert all(np.array_equal(a, b) for a, b in zip(state, after, strict=True))
     with pytest.raises(ValueError, match="budget"):
         cma_search(core, ("test", 4), start, budget=0)
+    with pytest.raises(ValueError, match="seed = -1"):  # cma would seed 0 (-1 + 1) from the clock
+        cma_search(core, ("test", 4), start, seed=-1)
 
 
 @pytest.mark.slow
