@@ -198,6 +198,26 @@ def test_vector_env_equals_gymnasiums_sync_vector_env():
     assert compared_final
 
 
+def test_async_vector_env_forked_after_the_parent_solved_a_plan():
+    """Gymnasium's AsyncVectorEnv with the fork start method, from a process whose torch thread
+    pool has run (a forked child used to wait forever in the TPS's first sparse product)."""
+    kw = {"cases": 2, "max_steps": 2}
+    TPPTuningEnv("S1", **kw).reset(seed=0)  # the parent solves a plan first
+    forked = gym.vector.AsyncVectorEnv([lambda: TPPTuningEnv("S1", **kw) for _ in range(2)], context="fork")
+    sync = gym.vector.SyncVectorEnv([lambda: TPPTuningEnv("S1", **kw) for _ in range(2)])
+    try:
+        forked.reset_async(seed=3)
+        (o1, _), (o2, _) = forked.reset_wait(timeout=120), sync.reset(seed=3)
+        np.testing.assert_array_equal(o1, o2)
+        forked.step_async(np.array([0, 5]))
+        a, b = forked.step_wait(timeout=120), sync.step(np.array([0, 5]))
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+    finally:
+        forked.close(terminate=True)
+        sync.close()
+
+
 def test_partial_reset_equals_gymnasiums_sync_vector_env():
     """``options["reset_mask"]`` resets only the marked envs, as in Gymnasium's vector envs."""
     kw = {"cases": 3, "start": "random", "max_steps": 5}
