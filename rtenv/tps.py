@@ -42,6 +42,7 @@ CPU, bitwise), so a batched solve returns the same plans as B single solves.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -306,6 +307,16 @@ class TPS:
         self._rho_y = self.settings.beta / n_ptv
         D_ptv = D[self._blocks[0]]
         self._rho_z = float(self._rho_y * np.asarray(D_ptv.multiply(D_ptv).sum(0)).ravel().mean())
+
+    def __deepcopy__(self, memo: dict) -> TPS:
+        """A copy that shares the sparse matrices, which no solve changes (torch cannot deep-copy
+        sparse CSR tensors), and copies the rest; it lets ``copy.deepcopy`` copy an environment."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            shared = isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr
+            new.__dict__[name] = value if shared else copy.deepcopy(value, memo)
+        return new
 
     @property
     def settings(self) -> ADMMSettings:

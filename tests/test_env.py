@@ -218,6 +218,27 @@ def test_async_vector_env_forked_after_the_parent_solved_a_plan():
         sync.close()
 
 
+def test_deepcopy_of_a_running_env_continues_alike_and_apart():
+    import copy
+
+    env = gym.make("rtenv/Prostate7Beam-v0", cases=2, max_steps=4)
+    env.reset(seed=1)
+    env.step(3)
+    twin = copy.deepcopy(env)
+    a, b = env.step(5), twin.step(5)
+    for x, y in zip(a[:4], b[:4], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a[4]["tpp"] == b[4]["tpp"]
+    dose = env.unwrapped.dose.copy()
+    twin.step(0)  # the copy moves alone
+    assert np.array_equal(env.unwrapped.dose, dose) and not np.array_equal(twin.unwrapped.dose, dose)
+    venv = TPPTuningVectorEnv(num_envs=2, scenario="S1", cases=2, max_steps=4)
+    venv.reset(seed=1)
+    vtwin = copy.deepcopy(venv)
+    for x, y in zip(venv.step(np.array([1, 2]))[:4], vtwin.step(np.array([1, 2]))[:4], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_partial_reset_equals_gymnasiums_sync_vector_env():
     """``options["reset_mask"]`` resets only the marked envs, as in Gymnasium's vector envs."""
     kw = {"cases": 3, "start": "random", "max_steps": 5}
