@@ -244,8 +244,10 @@ class TuningCore:
     def action_to_tpp(self, action: np.ndarray) -> np.ndarray:
         """Continuous action in [-1, 1]^n -> TPP vector (weights on a log10 scale)."""
         a = np.asarray(action, dtype=np.float64)
-        if a.shape != (self.n_tpp,) or not np.all(np.isfinite(a)):
+        if a.shape != (self.n_tpp,):
             raise ValueError(f"continuous action must be {self.n_tpp} finite values, got shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"continuous action must be {self.n_tpp} finite values, got {a.tolist()}")
         a = np.clip(a, -1.0, 1.0)
         out = np.empty(self.n_tpp)
         for j, key in enumerate(self._kinds):
@@ -360,7 +362,8 @@ _DOC = """
     lower: a step down never raises a TPP).
     ``continuous``: ``Box(-1, 1, (n_tpp,))`` sets the whole TPP vector: thresholds and volume
     fractions linearly over t_PTV [1, 1.2], t_OAR [0.01, 1], V_PTV [0.001, 0.3], V_OAR [0.01, 1],
-    weights as log10 lambda in [-2, 3]. Discrete envs report ``info["action_mask"]`` (list of
+    weights as log10 lambda in [-2, 3]; values beyond +-1 act as +-1 (as a Gaussian policy's
+    samples are usually clipped), NaN or inf raise. Discrete envs report ``info["action_mask"]`` (list of
     bool): False for the actions that would leave the TPPs unchanged (a TPP at its range clamp).
 
     ## Observation Space
@@ -553,6 +556,9 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         observation (``None`` for the others)."""
         if not self._eps:
             raise RuntimeError("call reset() before step()")
+        if np.ndim(actions) == 0:
+            shape = f"({self.num_envs},)" if self.core.action_mode == "discrete" else f"({self.num_envs}, n_tpp)"
+            raise ValueError(f"actions {actions!r} must hold one action per env, shape {shape}")
         actions = list(actions) if self.core.action_mode == "discrete" else list(np.asarray(actions))
         outcomes = self.core.step_batch(self._eps, actions)
         obs = [self.core.observe(ep) for ep in self._eps]

@@ -381,6 +381,12 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match=rf"action {re.escape(repr(action))} is not an integer in \[0, 17\]"):
             env.step(action)
     env.step(np.array(8))  # a 0-d integer array is a valid action
+    cont = TPPTuningEnv("S1", action_mode="continuous")
+    cont.reset(seed=0)
+    with pytest.raises(ValueError, match=r"9 finite values, got \[0.0, nan, "):
+        cont.step(np.array([0.0, np.nan, 0, 0, 0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"9 finite values, got shape \(8,\)"):
+        cont.step(np.zeros(8))
 
 
 def test_a_bad_vector_action_changes_no_env():
@@ -388,7 +394,8 @@ def test_a_bad_vector_action_changes_no_env():
     venv.reset(seed=0)
     before = [(ep.tpp.copy(), ep.steps) for ep in venv._eps]
     for actions, pattern in (([8, 8, 99], "action np.int64(99) is not an integer"),
-                             ([8, 8], "got 2 actions for 3 envs")):
+                             ([8, 8], "got 2 actions for 3 envs"),
+                             (3, "actions array(3) must hold one action per env, shape (3,)")):
         with pytest.raises(ValueError, match=re.escape(pattern)):
             venv.step(np.array(actions))
         assert all(np.array_equal(ep.tpp, t) and ep.steps == n for ep, (t, n) in zip(venv._eps, before, strict=True))
