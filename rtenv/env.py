@@ -459,9 +459,13 @@ class TPPTuningEnv(gym.Env):
 
 
 class TPPTuningVectorEnv(gym.vector.VectorEnv):
-    __doc__ = ("A batch of TPP tuning episodes stepped together (same-step autoreset); each step makes one "
-               "batched TPS solve per case for its episodes, and one more per case for the episodes that "
-               "restart in that step." + _DOC)
+    __doc__ = ("A batch of TPP tuning episodes stepped together; each step makes one batched TPS solve per "
+               "case for its episodes, and one more per case for the episodes that restart in that step. "
+               "``autoreset_mode``: ``AutoresetMode.SAME_STEP`` (the default: a finished episode's last "
+               "observation and info go to ``infos['final_obs']`` / ``infos['final_info']`` and the step "
+               "returns the new episode's) or ``AutoresetMode.NEXT_STEP`` (Gymnasium's default: the step "
+               "after an episode ends restarts that env, ignores its action and returns reward 0), each "
+               "as Gymnasium's SyncVectorEnv does over single envs." + _DOC)
     metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 2,
                 "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
@@ -469,8 +473,14 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
                  cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
                  scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
                  tps_settings: ADMMSettings | None = None, render_mode: str | None = None,
-                 max_episode_steps: int | None = None) -> None:
+                 max_episode_steps: int | None = None,
+                 autoreset_mode: gym.vector.AutoresetMode | str = gym.vector.AutoresetMode.SAME_STEP) -> None:
         check_integer("num_envs", num_envs, 1)
+        modes = (gym.vector.AutoresetMode.SAME_STEP, gym.vector.AutoresetMode.NEXT_STEP)
+        if autoreset_mode not in modes and autoreset_mode not in [m.value for m in modes]:
+            raise ValueError(f"autoreset_mode {autoreset_mode!r} is not supported; valid: "
+                             f"{', '.join(f'AutoresetMode.{m.name} ({m.value!r})' for m in modes)}")
+        self.metadata = {**self.metadata, "autoreset_mode": gym.vector.AutoresetMode(autoreset_mode)}
         if max_episode_steps is not None:  # Gymnasium's name, passed by gym.make_vec
             if max_steps not in (20, max_episode_steps):
                 raise ValueError(f"max_steps = {max_steps!r} and max_episode_steps = {max_episode_steps!r} "
@@ -488,6 +498,7 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         self.render_mode = render_mode
         self._eps: list[EpisodeState] = []
         self._rngs: list[np.random.Generator] = []
+        self._ended = np.zeros(self.num_envs, dtype=bool)  # next-step autoreset: restart at the next step
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None,
               options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None):
@@ -548,19 +559,25 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         for i, ep in zip(chosen, new, strict=True):
             eps[i], infos[i] = ep, self.core.info(ep)
         self._rngs, self._eps = rngs, eps
+        self._ended[list(chosen)] = False
         return np.stack([self.core.observe(ep) for ep in self._eps]), infos
 
-    def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
-        """Step every episode; finished ones restart at once. Returns the batched observations,
-        rewards, terminations, truncations, one info dict per env, and each finished env's final
-        observation (``None`` for the others)."""
+    def _action_list(self, actions: Any) -> list:
         if not self._eps:
             raise RuntimeError("call reset() before step()")
         if np.ndim(actions) == 0:
             shape = f"({self.num_envs},)" if self.core.action_mode == "discrete" else f"({self.num_envs}, n_tpp)"
             raise ValueError(f"actions {actions!r} must hold one action per env, shape {shape}")
         actions = list(actions) if self.core.action_mode == "discrete" else list(np.asarray(actions))
-        outcomes = self.core.step_batch(self._eps, actions)
+        if len(actions) != self.num_envs:
+            raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs")
+        return actions
+
+    def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
+        """Step every episode; finished ones restart at once. Returns the batched observations,
+        rewards, terminations, truncations, one info dict per env, and each finished env's final
+        observation (``None`` for the others)."""
+        outcomes = self.core.step_batch(self._eps, self._action_list(actions))
         obs = [self.core.observe(ep) for ep in self._eps]
         infos = [self.core.info(ep) for ep in self._eps]
         finals: list[np.ndarray | None] = [None] * self.num_envs
@@ -579,6 +596,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         return np.stack(obs), rewards, terms, truncs, infos, finals
 
     def step(self, actions):
+        if self.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP:
+            return self._step_next_step_reset(actions)
         obs, rewards, terms, truncs, per_env, finals = self.step_episodes(actions)
         infos = self._stack_infos([{k: v for k, v in info.items() if k != "final_info"} for info in per_env])
         if any(f is not None for f in finals):
@@ -589,6 +608,25 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
             infos["final_info"] = self._stack_infos([info.get("final_info", {}) for info in per_env])
             infos["_final_info"] = infos["_final_obs"].copy()
         return obs, rewards, terms, truncs, infos
+
+    def _step_next_step_reset(self, actions):
+        """A step with next-step autoreset: the envs whose episode ended at the last step restart
+        (their actions ignored, reward 0, not done, the new episode's info); the others step."""
+        actions = self._action_list(actions)
+        restart = np.flatnonzero(self._ended).tolist()
+        running = np.flatnonzero(~self._ended).tolist()
+        outcomes = self.core.step_batch([self._eps[i] for i in running], [actions[i] for i in running])
+        new = [self.core.new_episode(self._rngs[i], None) for i in restart]
+        self.core.reset_batch(new)
+        for i, ep in zip(restart, new, strict=True):
+            self._eps[i] = ep
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terms, truncs = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
+        for i, (reward, term, trunc) in zip(running, outcomes, strict=True):
+            rewards[i], terms[i], truncs[i] = reward, term, trunc
+        self._ended = terms | truncs
+        obs = np.stack([self.core.observe(ep) for ep in self._eps])
+        return obs, rewards, terms, truncs, self._stack_infos([self.core.info(ep) for ep in self._eps])
 
     def _stack_infos(self, infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The batched info dict that folding :meth:`gymnasium.vector.VectorEnv._add_info` over the

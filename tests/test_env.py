@@ -198,6 +198,36 @@ def test_vector_env_equals_gymnasiums_sync_vector_env():
     assert compared_final
 
 
+def test_next_step_autoreset_equals_gymnasiums_sync_vector_env():
+    """``autoreset_mode=NEXT_STEP`` as Gymnasium's SyncVectorEnv in that mode: the step after an
+    episode ends restarts it (action ignored, reward 0); Gymnasium's vector observation wrappers,
+    which refuse same-step autoreset, take it."""
+    kw = {"cases": 2, "start": "random", "max_steps": 2}
+    mode = gym.vector.AutoresetMode.NEXT_STEP
+    ours = gym.make_vec("rtenv/Prostate7Beam-v0", num_envs=3, vectorization_mode="vector_entry_point",
+                        autoreset_mode="NextStep", **kw)
+    sync = gym.vector.SyncVectorEnv([lambda: TPPTuningEnv("S1", **kw) for _ in range(3)], autoreset_mode=mode)
+    assert ours.metadata["autoreset_mode"] == mode
+    (o1, i1), (o2, i2) = ours.reset(seed=5), sync.reset(seed=5)
+    np.testing.assert_array_equal(o1, o2)
+    _same_infos(i1, i2)
+    restarted = False
+    for actions in ([0, 4, 9], [2, 7, 12], [1, 1, 1], [3, 5, 8], [6, 0, 2]):  # episodes end at every second step
+        a, b = ours.step(np.array(actions)), sync.step(np.array(actions))
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+        _same_infos(a[4], b[4])
+        restarted |= bool(np.all(a[1] == 0) and np.all(a[4]["steps"] == 0))
+    assert restarted
+    ours.reset(seed=5)  # a reset clears the pending restarts
+    assert not ours.unwrapped._ended.any()
+    wrapped = gym.wrappers.vector.NormalizeObservation(ours)
+    wrapped.reset(seed=0)
+    wrapped.step(np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"autoreset_mode 'Disabled' is not supported; valid: AutoresetMode.SAME_STEP"):
+        TPPTuningVectorEnv(2, autoreset_mode=gym.vector.AutoresetMode.DISABLED.value)
+
+
 def test_async_vector_env_forked_after_the_parent_solved_a_plan():
     """Gymnasium's AsyncVectorEnv with the fork start method, from a process whose torch thread
     pool has run (a forked child used to wait forever in the TPS's first sparse product)."""
