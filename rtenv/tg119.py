@@ -51,6 +51,7 @@ from scipy.ndimage import distance_transform_edt, map_coordinates
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.dose_engine import ENGINE_VERSION, Grid
 from rtenv.phantom import Phantom
+from rtenv.runlog import file_sha256
 from rtenv.validation import check_real
 
 TG119_VERSION = 1
@@ -88,11 +89,7 @@ def tg119_file() -> Path:
 
 @lru_cache(maxsize=4)
 def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)  # cached by size and modification time
 
 
 def _sha256(path: Path) -> str:
