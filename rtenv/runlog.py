@@ -68,17 +68,22 @@ class RunLog:
         settings: JSON-ready values that identify the run (what it runs and with which
             parameters, e.g. a model file's :func:`file_sha256`).
 
+    A log that holds no item yet (its run stopped before finishing one, e.g. on a bad argument)
+    takes the new settings; a log file removed while the run goes on is written again, whole, at
+    the next :meth:`add`.
+
     Raises:
-        ValueError: the file holds a run with other settings, or is not a run log.
+        ValueError: the file holds items of a run with other settings, or is not a run log.
     """
 
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
         lines = read_jsonl(self.path)
+        if len(lines) == 1 and isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict):
+            lines = []  # a run that stopped before its first item (e.g. on a bad argument): nothing to keep
         if not lines:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps({"settings": self.settings}) + "\n")
+            self._write_settings()
         elif not (isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict)
                   and all(isinstance(item, dict) and item.keys() == {"key", "value"} for item in lines[1:])):
             raise ValueError(f"{self.path} is not a run log (a settings line, then key/value lines); "
@@ -98,12 +103,24 @@ class RunLog:
         """The value logged under ``key`` (JSON-ready), or ``None``."""
         return self._items.get(json.dumps(key))
 
+    def _write_settings(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, json.dumps({"settings": self.settings}) + "\n")
+
     def add(self, key: Any, value: Any) -> None:
         """Log a finished item (written and flushed at once)."""
         line = json.dumps({"key": key, "value": value})
+        self._items[json.dumps(key)] = json.loads(line)["value"]
+        if not self.path.is_file():  # removed meanwhile (by another run of the same command that finished)
+            self._write_settings()
+            for k, v in self._items.items():
+                if k != json.dumps(key):
+                    self._append(json.dumps({"key": json.loads(k), "value": v}))
+        self._append(line)
+
+    def _append(self, line: str) -> None:
         with self.path.open("a") as f:
             f.write(line + "\n")
-        self._items[json.dumps(key)] = json.loads(line)["value"]
 
     def remove(self) -> None:
         """Delete the log file (once the run's own output is written)."""

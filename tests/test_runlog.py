@@ -26,6 +26,19 @@ def test_run_log_resumes_and_refuses_other_settings(tmp_path):
     assert not path.exists()
 
 
+def test_a_log_without_items_takes_new_settings_and_a_removed_log_is_rewritten_whole(tmp_path):
+    path = tmp_path / "run.jsonl"
+    RunLog(path, {"max_steps": 0})  # a run that stopped on its bad argument before any episode
+    log = RunLog(path, {"max_steps": 2})  # the corrected rerun is not refused
+    assert read_jsonl(path) == [{"settings": {"max_steps": 2}}]
+    log.add(0, "a")
+    path.unlink()  # another run of the same command finished and removed the log
+    log.add(1, "b")
+    assert read_jsonl(path) == [{"settings": {"max_steps": 2}}, {"key": 0, "value": "a"}, {"key": 1, "value": "b"}]
+    with pytest.raises(ValueError, match="other settings"):
+        RunLog(path, {"max_steps": 3})
+
+
 def test_a_torn_last_line_is_cut_and_other_files_are_refused(tmp_path):
     path = tmp_path / "run.jsonl"
     log = RunLog(path, {"n": 3})
