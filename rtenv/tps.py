@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -145,18 +144,6 @@ class PlanResult:
 
     def __len__(self) -> int:
         return int(self.fluence.shape[0])
-
-
-def _one_thread_after_fork() -> None:
-    """torch's OpenMP thread pool does not survive a fork: in a forked child, a parallel product
-    (this module's sparse products among them) waits forever for the parent's threads once the
-    parent has run one, e.g. in gymnasium's ``AsyncVectorEnv`` with the fork start method after
-    the parent solved a plan. Forked children therefore compute on one thread, as torch's own
-    DataLoader workers do (plans are bitwise the same on any thread count)."""
-    torch.set_num_threads(1)
-
-
-os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def _csr_tensor(m: sp.csr_matrix, device: torch.device) -> torch.Tensor:
