@@ -80,12 +80,12 @@ class RunLog:
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
         lines = read_jsonl(self.path)
-        if len(lines) == 1 and isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict):
+        header = bool(lines) and isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict)
+        if header and len(lines) == 1:
             lines = []  # a run that stopped before its first item (e.g. on a bad argument): nothing to keep
         if not lines:
             self._write_settings()
-        elif not (isinstance(lines[0], dict) and isinstance(lines[0].get("settings"), dict)
-                  and all(isinstance(item, dict) and item.keys() == {"key", "value"} for item in lines[1:])):
+        elif not (header and all(isinstance(item, dict) and item.keys() == {"key", "value"} for item in lines[1:])):
             raise ValueError(f"{self.path} is not a run log (a settings line, then key/value lines); "
                              "move it away or choose another path")
         elif lines[0]["settings"] != self.settings:
@@ -111,16 +111,13 @@ class RunLog:
         """Log a finished item (written and flushed at once)."""
         line = json.dumps({"key": key, "value": value})
         self._items[json.dumps(key)] = json.loads(line)["value"]
-        if not self.path.is_file():  # removed meanwhile (by another run of the same command that finished)
+        if self.path.is_file():
+            lines = [line]
+        else:  # removed meanwhile (by another run of the same command that finished): write it whole
             self._write_settings()
-            for k, v in self._items.items():
-                if k != json.dumps(key):
-                    self._append(json.dumps({"key": json.loads(k), "value": v}))
-        self._append(line)
-
-    def _append(self, line: str) -> None:
+            lines = [json.dumps({"key": json.loads(k), "value": v}) for k, v in self._items.items()]
         with self.path.open("a") as f:
-            f.write(line + "\n")
+            f.write("".join(f"{x}\n" for x in lines))
 
     def remove(self) -> None:
         """Delete the log file (once the run's own output is written)."""
