@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ CONTINUOUS_BOUNDS = {
     ("lambda", True): (-2.0, 3.0), ("lambda", False): (-2.0, 3.0),
     ("V", True): (0.001, 0.3), ("V", False): (0.01, 1.0),
 }
+# the TPS of each case in use, shared by the envs of this process (see TuningCore.tps); a TPS no
+# env refers to any more is freed
+_SHARED_TPS: weakref.WeakValueDictionary[tuple, TPS] = weakref.WeakValueDictionary()
 _FLOOR = 1e-3  # discrete steps down keep t_OAR, lambda and V at least this far from 0
 
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
@@ -166,9 +170,17 @@ class TuningCore:
 
     # ------------------------------------------------------------------- cases
     def tps(self, key: tuple[str, int]) -> TPS:
+        """The TPS of case ``key`` (cohort, index). Every env of the process that plans this case
+        with the same scenario, device and settings shares one (a TPS holds no state between
+        solves): the sub-envs of a ``SyncVectorEnv`` would otherwise each hold their own copy of
+        each case's matrices (about 170 MB per S2 case)."""
         if key not in self._tps:
-            self._tps[key] = TPS(load_case(self.scenario, key[0], key[1]), device=self.device,
-                                 settings=self.tps_settings)
+            shared = (self.scenario, *key, str(self.device), self.tps_settings or ADMMSettings())
+            tps = _SHARED_TPS.get(shared)
+            if tps is None:
+                tps = TPS(load_case(self.scenario, key[0], key[1]), device=self.device, settings=self.tps_settings)
+                _SHARED_TPS[shared] = tps
+            self._tps[key] = tps
         return self._tps[key]
 
     def case(self, key: tuple[str, int]) -> PlanningCase:

@@ -269,6 +269,28 @@ def test_deepcopy_of_a_running_env_continues_alike_and_apart():
         np.testing.assert_array_equal(x, y)
 
 
+def test_envs_of_a_process_share_each_cases_tps():
+    """A SyncVectorEnv's sub-envs hold one TPS per case between them, not one each; other
+    settings get their own, and a TPS no env uses is freed."""
+    import gc
+    import weakref
+
+    from rtenv.tps import ADMMSettings
+
+    sync = gym.vector.SyncVectorEnv([lambda: TPPTuningEnv("S1", cohort="test", cases=2) for _ in range(3)])
+    sync.reset(seed=0)
+    cores = [e.unwrapped.core for e in sync.envs]
+    for key in (("test", 0), ("test", 1)):
+        assert len({id(core.tps(key)) for core in cores}) == 1
+    other = TPPTuningEnv("S1", cohort="test", cases=2, tps_settings=ADMMSettings(max_iter=30))
+    assert other.core.tps(("test", 0)) is not cores[0].tps(("test", 0))
+    assert other.core.tps(("test", 0)).settings.max_iter == 30
+    gone = weakref.ref(cores[0].tps(("test", 1)))
+    del sync, cores
+    gc.collect()
+    assert gone() is None
+
+
 def test_partial_reset_equals_gymnasiums_sync_vector_env():
     """``options["reset_mask"]`` resets only the marked envs, as in Gymnasium's vector envs."""
     kw = {"cases": 3, "start": "random", "max_steps": 5}
