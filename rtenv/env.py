@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -85,6 +86,7 @@ class EpisodeState:
 
     case_key: tuple[str, int]
     tpp: np.ndarray
+    tps: TPS | None = field(default=None, repr=False, compare=False)  # its case's, while it runs
     warm_start: np.ndarray | None = None
     dose: np.ndarray | None = None
     result: ProtocolResult | None = None
@@ -110,7 +112,13 @@ class TuningCore:
         max_steps: Steps before truncation.
         device: Torch device of the TPS.
         tps_settings: ADMM settings.
+
+    Attributes:
+        recent_cases: How many cases the core keeps loaded after their episodes end, most
+            recently used first (a case whose episode runs stays loaded regardless).
     """
+
+    recent_cases: int = 10
 
     def __init__(self, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
                  cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
@@ -149,7 +157,7 @@ class TuningCore:
         self.structures = self.scenario.structures
         self.names = tpp_names(self.structures)
         self.n_tpp = len(self.names)
-        self._tps: dict[tuple[str, int], TPS] = {}
+        self._recent: OrderedDict[tuple[str, int], TPS] = OrderedDict()  # least recently used first
         self._dvh_grids: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}  # rows, dose points
         self._kinds = tpp_kinds(self.structures)
         # discrete steps per TPP: (up, down) factors and the clamp range
@@ -170,18 +178,26 @@ class TuningCore:
 
     # ------------------------------------------------------------------- cases
     def tps(self, key: tuple[str, int]) -> TPS:
-        """The TPS of case ``key`` (cohort, index). Every env of the process that plans this case
-        with the same scenario, device and settings shares one (a TPS holds no state between
-        solves): the sub-envs of a ``SyncVectorEnv`` would otherwise each hold their own copy of
-        each case's matrices (about 170 MB per S2 case)."""
-        if key not in self._tps:
+        """The TPS of case ``key`` (cohort, index).
+
+        Every env of the process that plans this case with the same scenario, device and
+        settings shares one (a TPS holds no state between solves), so the sub-envs of a
+        ``SyncVectorEnv`` hold each case once (about 170 MB per S2 case). A TPS stays loaded
+        while an episode of its case runs, and the core keeps the :attr:`recent_cases` most
+        recently used besides: a pass over a large cohort does not hold every case it visited.
+        """
+        tps = self._recent.pop(key, None)
+        if tps is None:
             shared = (self.scenario, *key, str(self.device), self.tps_settings or ADMMSettings())
             tps = _SHARED_TPS.get(shared)
             if tps is None:
                 tps = TPS(load_case(self.scenario, key[0], key[1]), device=self.device, settings=self.tps_settings)
                 _SHARED_TPS[shared] = tps
-            self._tps[key] = tps
-        return self._tps[key]
+        self._recent[key] = tps
+        while len(self._recent) > self.recent_cases:
+            old, _ = self._recent.popitem(last=False)
+            self._dvh_grids.pop(old, None)
+        return tps
 
     def case(self, key: tuple[str, int]) -> PlanningCase:
         return self.tps(key).case
@@ -220,8 +236,8 @@ class TuningCore:
             tpp = TPP.random(self.structures, rng).values
         else:
             tpp = TPP.default(self.structures).values
-        self.tps(key)  # build (or load) the case now, so errors surface at reset
-        return EpisodeState(case_key=key, tpp=np.array(tpp))
+        # build (or load) the case now, so errors surface at reset
+        return EpisodeState(case_key=key, tpp=np.array(tpp), tps=self.tps(key))
 
     # ----------------------------------------------------------------- actions
     def action_mask(self, tpp: np.ndarray) -> np.ndarray:
@@ -286,6 +302,8 @@ class TuningCore:
             groups.setdefault(ep.case_key, []).append(i)
         for key, idx in groups.items():
             tps = self.tps(key)
+            for i in idx:
+                episodes[i].tps = tps
             x0 = np.stack([episodes[i].warm_start if warm[k] and episodes[i].warm_start is not None
                            else tps.cold_start for k, i in enumerate(idx)])
             plans = tps.optimize(np.stack([episodes[i].tpp for i in idx]), x0=x0)

@@ -291,6 +291,32 @@ def test_envs_of_a_process_share_each_cases_tps():
     assert gone() is None
 
 
+def test_a_core_keeps_running_cases_and_the_recent_ones_loaded():
+    """A pass over many cases holds only ``recent_cases`` of them besides the running ones; a
+    running case stays loaded even when more recent ones push it out of that list."""
+    import gc
+    import weakref
+
+    venv = TPPTuningVectorEnv(num_envs=3, scenario="S1", cohort="test", cases=6, max_steps=2)
+    venv.core.recent_cases = 1
+    venv.reset(seed=0, options={"index": 0})
+    env = TPPTuningEnv("S1", cohort="test", cases=6)
+    env.core.recent_cases = 2
+    seen = []
+    for i in range(6):
+        env.reset(seed=0, options={"index": i})
+        seen.append(weakref.ref(env.core.tps(("test", i))))
+    gc.collect()
+    assert [r() is not None for r in seen] == [True, False, False, False, True, True]  # case 0: venv's
+    assert len(env.core._recent) == 2
+    # venv's three episodes on case 0 outlive its list, which the other cases took over
+    for i in (1, 2):
+        venv.core.tps(("test", i))
+    assert ("test", 0) not in venv.core._recent and venv._eps[0].tps is seen[0]()
+    obs, *_ = venv.step(np.array([0, 1, 2]))
+    assert obs.shape == (3, venv.single_observation_space.shape[0])
+
+
 def test_partial_reset_equals_gymnasiums_sync_vector_env():
     """``options["reset_mask"]`` resets only the marked envs, as in Gymnasium's vector envs."""
     kw = {"cases": 3, "start": "random", "max_steps": 5}
