@@ -320,7 +320,9 @@ class ACERLstmPolicy(BasePolicy):
 
 
 class SegmentReplay:
-    """FIFO replay of trajectory segments (time-major arrays of ``n_steps`` x ``n_envs``)."""
+    """FIFO replay of trajectory segments (time-major arrays of ``n_steps`` x ``n_envs``; the
+    states a time limit cut episodes at, ``trunc_obs`` and ``trunc_masks``, one row per True in
+    ``truncated``)."""
 
     FORMAT_VERSION = 1
 
@@ -334,16 +336,8 @@ class SegmentReplay:
         return int(self.segments.maxlen or 0)
 
     def state_dict(self) -> dict[str, Any]:
-        """The segments (oldest first), the capacity and the sampling rng's state, for saving.
-        Each segment's ``trunc_obs`` / ``trunc_masks`` keep only their truncated rows (the rest are
-        placeholders), which roughly halves the size."""
-        segments = []
-        for seg in self.segments:
-            packed = dict(seg)
-            trunc = seg["truncated"]
-            packed["trunc_obs"], packed["trunc_masks"] = seg["trunc_obs"][trunc], seg["trunc_masks"][trunc]
-            segments.append(packed)
-        return {"format": self.FORMAT_VERSION, "capacity": self.capacity, "segments": segments,
+        """The segments (oldest first), the capacity and the sampling rng's state, for saving."""
+        return {"format": self.FORMAT_VERSION, "capacity": self.capacity, "segments": [dict(s) for s in self.segments],
                 "rng_state": copy.deepcopy(self.rng.bit_generator.state)}
 
     def load_state_dict(self, data: dict[str, Any]) -> None:
@@ -356,14 +350,7 @@ class SegmentReplay:
         if capacity < 1:
             raise ValueError(f"replay capacity = {capacity} must be >= 1")
         segments: deque[dict[str, np.ndarray]] = deque(maxlen=capacity)
-        for packed in data["segments"]:
-            seg = dict(packed)
-            trunc = packed["truncated"]
-            obs_rows, mask_rows = packed["trunc_obs"], packed["trunc_masks"]
-            seg["trunc_obs"] = np.zeros((*trunc.shape, *obs_rows.shape[1:]), dtype=obs_rows.dtype)
-            seg["trunc_masks"] = np.ones((*trunc.shape, *mask_rows.shape[1:]), dtype=bool)
-            seg["trunc_obs"][trunc], seg["trunc_masks"][trunc] = obs_rows, mask_rows
-            segments.append(seg)
+        segments.extend(dict(seg) for seg in data["segments"])
         self.segments = segments
         self.rng.bit_generator.state = data["rng_state"]
 
@@ -577,9 +564,11 @@ class ACER(BaseAlgorithm):
             "mu": np.zeros((T, N, A), dtype=np.float32),
             "terminated": np.zeros((T, N), dtype=bool),
             "truncated": np.zeros((T, N), dtype=bool),
-            "trunc_obs": np.zeros((T, N, *obs_shape), dtype=np.float32),
-            "trunc_masks": np.ones((T, N, A), dtype=bool),
         }
+        # the states a time limit cut episodes at, for bootstrapping: one row per True in
+        # "truncated", in time-then-env order (most steps have none)
+        trunc_obs: list[np.ndarray] = []
+        trunc_masks: list[np.ndarray] = []
         if self._last_masks is None:
             self._last_masks = np.ones((N, A), dtype=bool)
         recurrent = self.recurrent
@@ -623,11 +612,13 @@ class ACER(BaseAlgorithm):
                     seg["truncated"][t, i] = truncated
                     seg["terminated"][t, i] = not truncated
                     if truncated:
-                        seg["trunc_obs"][t, i] = infos[i]["terminal_observation"]
-                        seg["trunc_masks"][t, i] = final_masks[i]
+                        trunc_obs.append(np.asarray(infos[i]["terminal_observation"], dtype=np.float32))
+                        trunc_masks.append(np.asarray(final_masks[i], dtype=bool))
             self._last_obs, self._last_masks = new_obs, next_masks
             self._last_episode_starts = np.asarray(dones, dtype=bool)
         seg["obs"][T], seg["masks"][T] = self._last_obs, self._last_masks
+        seg["trunc_obs"] = np.array(trunc_obs, dtype=np.float32).reshape(len(trunc_obs), *obs_shape)
+        seg["trunc_masks"] = np.array(trunc_masks, dtype=bool).reshape(len(trunc_masks), A)
         if recurrent:
             seg["episode_starts"][T] = self._last_episode_starts
         callback.on_rollout_end()
@@ -675,8 +666,8 @@ class ACER(BaseAlgorithm):
         LSTM evaluates each with the state after the step that reached it (``states``, from
         :meth:`_segment_forward`)."""
         dev = self.device
-        trunc_obs = torch.as_tensor(seg["trunc_obs"], device=dev)[trunc]
-        trunc_masks = torch.as_tensor(seg["trunc_masks"], device=dev)[trunc]
+        trunc_obs = torch.as_tensor(seg["trunc_obs"], device=dev)
+        trunc_masks = torch.as_tensor(seg["trunc_masks"], device=dev)
         with torch.no_grad():
             if states is not None:
                 hs, cs = states

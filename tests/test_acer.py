@@ -64,7 +64,8 @@ def test_truncation_is_recorded_apart_from_termination():
     seg = model._collect_segment(cb)
     assert seg["truncated"].any()
     assert not (seg["truncated"] & seg["terminated"]).any()
-    assert np.abs(seg["trunc_obs"][seg["truncated"]]).sum() > 0  # the truncated state is kept for bootstrap
+    # the truncated states are kept for bootstrapping, one row per truncation
+    assert seg["trunc_obs"].shape == (seg["truncated"].sum(), 4) and np.abs(seg["trunc_obs"]).sum() > 0
     assert np.allclose(seg["mu"].sum(-1), 1.0, atol=1e-5)  # the full behaviour distribution per step
 
 
@@ -192,13 +193,14 @@ def _step_by_step(policy: ACERLstmPolicy, seg: dict) -> tuple[np.ndarray, np.nda
     time from the stored state (an independent check of the batched unroll's indexing)."""
     state = (torch.as_tensor(seg["state_h"]), torch.as_tensor(seg["state_c"]))
     logits, trunc_v = [], []
+    rows = iter(seg["trunc_obs"])
     with torch.no_grad():
         for t in range(seg["actions"].shape[0]):
             state = policy.reset_state(state, torch.as_tensor(seg["episode_starts"][t]))
             lg, _, state = policy.step(torch.as_tensor(seg["obs"][t]), state)
             logits.append(lg.numpy())
             for i in np.flatnonzero(seg["truncated"][t]):
-                lp, q, _ = policy.evaluate(torch.as_tensor(seg["trunc_obs"][t, i][None]),
+                lp, q, _ = policy.evaluate(torch.as_tensor(next(rows)[None]),
                                            (state[0][i:i + 1], state[1][i:i + 1]))
                 trunc_v.append(float((lp.exp() * q).sum()))
     return np.stack(logits), np.array(trunc_v)
