@@ -222,10 +222,8 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
 
     t_start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
-    transcript = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        transcript = (out / "transcript.jsonl").open("w")
     policy.reset()
     obs, info = env.reset(seed=seed, options=options)
     case = env.unwrapped.case
@@ -240,6 +238,8 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
     figure(0, info["score"])
     records: list[dict[str, Any]] = []
     done = bool(info["full_score"])
+    # opened once the episode has started, so a failed reset leaves neither an open file nor an empty one
+    transcript = (out / "transcript.jsonl").open("w") if out is not None else None
     try:
         while not done:
             t0 = time.perf_counter()

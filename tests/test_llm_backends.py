@@ -108,6 +108,14 @@ def test_guided_llama_cpp_planning_writes_the_transcript(llama, tmp_path):
         assert "## Memory" in json.loads(lines[1])["prompt"][1]["content"]
 
 
+def test_a_failed_start_leaves_no_transcript(llama, tmp_path):
+    env = s1_env(1)
+    policy = LLMPolicy.for_env(env, llama, options=PromptOptions(guidance=False))
+    with pytest.raises(ValueError, match="index"):
+        plan_episode(env, policy, seed=0, options={"index": 99}, out_dir=tmp_path)
+    assert not (tmp_path / "transcript.jsonl").exists()
+
+
 def test_a_reused_policy_starts_each_episode_fresh(llama):
     """run_episode / evaluate_cohort reuse one policy: a new episode (info steps == 0) must not
     see the last one's attempts in its prompt, nor get other seeds."""
