@@ -86,7 +86,6 @@ class EpisodeState:
 
     case_key: tuple[str, int]
     tpp: np.ndarray
-    tps: TPS | None = field(default=None, repr=False, compare=False)  # its case's, while it runs
     warm_start: np.ndarray | None = None
     dose: np.ndarray | None = None
     result: ProtocolResult | None = None
@@ -94,6 +93,8 @@ class EpisodeState:
     initial_score: float = 0.0
     tps_converged: bool = True
     tps_iterations: int = 0
+    # its case's TPS, which stays loaded while the episode runs (TuningCore.tps)
+    tps: TPS | None = field(default=None, repr=False, compare=False)
 
 
 class TuningCore:
