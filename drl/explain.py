@@ -188,21 +188,19 @@ def reference_dvh(scenario: str = "S1", cohort: str = "knowledge", cases: int | 
     fraction 0..1 at the env's dose points) of the SPEC default-TPP plans of a cohort's cases.
 
     Args:
-        scenario: ``"S1"``, ``"S2"``, ``"S3"``.
+        scenario: ``"S1"``, ``"S2"``, ``"S3"``, ``"TG119"``.
         cohort: Cohort of the reference plans (default ``knowledge``, disjoint from ``test``).
         cases: Number of cases (its first ``n``) or explicit indices; ``None``: the whole cohort
-            (20 for ``knowledge``).
+            (20 for ``knowledge``; TG119 has one case).
         device: Torch device of the TPS.
 
     Returns:
         A float64 vector of the observation's shape, ``(100 n_structures,)``; results are cached
         per process.
     """
-    from rtenv.scenarios import COHORTS
+    from rtenv.scenarios import cohort_size
 
-    if cohort not in COHORTS:
-        raise ValueError(f"unknown cohort {cohort!r}; valid: {sorted(COHORTS)}")
-    size = COHORTS[cohort][0]
+    size = cohort_size(scenario, cohort)  # checks the cohort; TG119 has one case
     if cases is None:
         cases = 1 if size is None else size
     if is_integer(cases):

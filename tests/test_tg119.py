@@ -115,3 +115,8 @@ def test_single_case_cohorts(case):
         assert TPPTuningEnv("TG119", cohort=cohort).core.case_indices == [0]
     with pytest.raises(ValueError, match="unknown cohort"):
         cohort_size("TG119", "validation")
+    from drl.explain import reference_dvh
+
+    # the mean-DVH baseline of IG takes the cohort's one case (it asked for 20 and failed)
+    env = TPPTuningEnv("TG119", cohort="knowledge")
+    assert reference_dvh("TG119").shape == env.observation_space.shape
