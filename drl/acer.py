@@ -148,8 +148,10 @@ class ACERPolicy(BasePolicy):
         h = self.torso(self.extract_features(obs, self.features_extractor))
         return self.pi_head(h), self.q_head(h)
 
-    def predict_masked(self, observation: np.ndarray, mask: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        """Actions for a batch (or one) of observations, with disallowed actions (``mask`` False) excluded."""
+    def predict_masked(self, observation: np.ndarray, mask: np.ndarray,
+                       deterministic: bool = True) -> np.ndarray | np.integer:
+        """Actions for a batch of observations (an array), or the action for one (a numpy
+        integer), with disallowed actions (``mask`` False) excluded."""
         obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim == len(self.observation_space.shape)
         obs_t = torch.as_tensor(obs[None] if single else obs, device=self.device)
@@ -405,7 +407,8 @@ class ACER(BaseAlgorithm):
     policy_aliases = {"MlpPolicy": ACERPolicy, "LstmPolicy": ACERLstmPolicy}  # noqa: RUF012
     policy: ACERPolicy | ACERLstmPolicy
 
-    def __init__(self, policy: str | type[ACERPolicy], env: GymEnv | str, learning_rate: float | Schedule = 7e-4,
+    def __init__(self, policy: str | type[ACERPolicy] | type[ACERLstmPolicy], env: GymEnv | str,
+                 learning_rate: float | Schedule = 7e-4,
                  n_steps: int = 20, gamma: float = 0.99, q_coef: float = 0.5, ent_coef: float = 0.01,
                  buffer_size: int = 5000, replay_ratio: float = 4.0, replay_start: int = 1000,
                  truncation: float = 10.0, trust_region: bool = True, delta: float = 1.0, alpha: float = 0.99,

@@ -9,7 +9,9 @@ A knowledge base is a versioned JSON file::
                               "q3": ..., "min": ..., "max": ...}, ...,
                     "lambda_bladder": {..., "geometric_mean": ..., "geometric_sd": ...}}}
 
-Values are kept per parameter and sorted, so no per-patient TPP vector can be read back from the
+Values are in the TPPs' own units (:mod:`rtenv.tpp`): ``t_*`` as fractions of the prescription
+dose, ``V_*`` as fractions of the structure's volume, ``lambda_*`` unitless weights. They are kept
+per parameter and sorted, so no per-patient TPP vector can be read back from the
 file (the M2M seed's parameter-wise serialisation). Weights (``lambda_*``) also carry geometric
 statistics. ``source.target`` names the target's key in the TPP names (files without it: the one
 key not in lower case, as TPP names lower-case the organs' keys). :func:`load_knowledge` validates

@@ -176,7 +176,8 @@ class LLMPolicy:
 
 @dataclass
 class PlanningResult:
-    """One LLM planning episode."""
+    """One LLM planning episode (``final_dv_metrics`` as in :class:`rtenv.rollout.EpisodeRecord`:
+    Gy for dose criteria, percent of the structure's volume for ``V`` criteria)."""
 
     initial_score: float
     final_score: float

@@ -144,6 +144,7 @@ class PlanningCase:
 
     @property
     def voxel_cc(self) -> float:
+        """Volume of one voxel, cm^3."""
         dz, dy, dx = self.voxel_mm
         return dz * dy * dx / 1000.0
 

@@ -6,8 +6,9 @@ The dose that beamlet ``j`` of a beam delivers per unit fluence to a voxel at po
 
 where
 
-* ``r`` is the distance from the source to ``P`` and ``(u_iso, v_iso)`` the point where the ray
-  source -> ``P`` crosses the isocentre plane (divergent rays);
+* ``r`` is the distance from the source to ``P``, ``z`` its distance along the beam axis, and
+  ``(u_iso, v_iso)`` the point where the ray source -> ``P`` crosses the isocentre plane
+  (divergent rays);
 * ``d_rad`` is the radiological depth: the line integral of the relative electron density along
   that ray, from where it enters the density grid to ``P`` (so bone deepens and lung shallows it);
 * ``PDD(d) = (1 - (1 - s0) exp(-d / l_b)) exp(-mu d)``, normalised to 1 at its maximum, is a
@@ -15,7 +16,7 @@ where
   falls exponentially; ``l_b`` is solved so that the maximum sits exactly at ``d_max``;
 * ``A(x) = (erf((x + w/2)/(sqrt(2) s)) - erf((x - w/2)/(sqrt(2) s))) / 2`` is the square beamlet
   aperture of side ``w`` (mm at the isocentre plane) convolved with a Gaussian penumbra kernel of
-  width ``s = (sigma_0 + sigma_slope * d_rad) * SAD / r`` (projected to the isocentre plane);
+  width ``s = (sigma_0 + sigma_slope * d_rad) * SAD / z`` (projected to the isocentre plane);
 * ``K`` (``output_gy``) scales the whole matrix: 1 Gy per unit fluence by default.
 
 Each lateral profile is truncated at ``w/2 + cutoff_sigmas * s`` from the beamlet axis, which keeps
@@ -110,7 +111,8 @@ class BeamModel:
         return brentq(lambda lb: a * math.exp(-d / lb) * (1.0 / lb + mu) - mu, 1e-2, d)
 
     def pdd(self, depth_mm: np.ndarray) -> np.ndarray:
-        """Depth-dose curve (1 at ``d_max_mm``) at radiological depths in mm (0 for depth < 0)."""
+        """Depth-dose curve (1 at ``d_max_mm``) at radiological depths in mm (a negative depth
+        counts as 0: the surface dose)."""
         d = np.maximum(np.asarray(depth_mm, dtype=np.float64), 0.0)
         lb = self.buildup_mm
         raw = (1.0 - (1.0 - self.surface_dose) * np.exp(-d / lb)) * np.exp(-self.mu_per_mm * d)

@@ -52,8 +52,9 @@ RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
 
 
 def fine_score(result: ProtocolResult) -> float:
-    """SPEC's ScoreFine: the linear score with each target hot-spot (``max_dose`` on the primary
-    structure of the target) ramp replaced by a smooth arctan ramp that keeps a gradient beyond
+    """SPEC's ScoreFine: the linear score with each hot-spot ramp of the target (a ``max_dose``
+    criterion on the structure the protocol's first criterion names, with its limit above its
+    goal) replaced by a smooth arctan ramp that keeps a gradient beyond
     the goal and the limit: ``points * (1/2 - arctan(2 (v - m) / h) / pi)`` with ``m`` the ramp's
     midpoint and ``h`` its half-width (reconstructed: the seed lost the formula)."""
     total = 0.0
@@ -81,8 +82,8 @@ REWARDS: dict[str, RewardFn] = {"spec": spec_reward, "score": score_reward}
 
 @dataclass
 class EpisodeState:
-    """One episode's state: its case, current TPPs, the TPS iterate to warm-start from, the plan's
-    dose and its evaluation."""
+    """One episode's state: its case, current TPPs, the TPS iterate to warm-start from (fluence,
+    ``(n_beamlets,)``), the plan's dose (Gy over the case's dose rows) and its evaluation."""
 
     case_key: tuple[str, int]
     tpp: np.ndarray
@@ -448,13 +449,14 @@ class TPPTuningEnv(gym.Env):
         self.render_mode = render_mode
         self._ep: EpisodeState | None = None
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self._ep = self.core.new_episode(self.np_random, options)
         self.core.reset_batch([self._ep])
         return self.core.observe(self._ep), self.core.info(self._ep)
 
-    def step(self, action):
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._ep is None:
             raise RuntimeError("call reset() before step()")
         (reward, terminated, truncated), = self.core.step_batch([self._ep], [action])
@@ -532,7 +534,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         self._ended = np.zeros(self.num_envs, dtype=bool)  # next-step autoreset: restart at the next step
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None,
-              options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None):
+              options: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start a new episode in every env. ``seed``: env ``i`` gets ``seed + i``, or one seed
         per env; ``None`` (for all or for one env) keeps that env's generator, as a single env's
         ``reset(seed=None)`` does. ``options``: one dict for every env (Gymnasium's form), or one
@@ -604,7 +607,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs")
         return actions
 
-    def step_episodes(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
+    def step_episodes(self, actions: np.ndarray | Sequence[Any]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict], list]:
         """Step every episode; finished ones restart at once. Returns the batched observations,
         rewards, terminations, truncations, one info dict per env, and each finished env's final
         observation (``None`` for the others)."""
@@ -626,7 +630,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
         truncs = np.array([o[2] for o in outcomes], dtype=bool)
         return np.stack(obs), rewards, terms, truncs, infos, finals
 
-    def step(self, actions):
+    def step(self, actions: np.ndarray | Sequence[Any]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         if self.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP:
             return self._step_next_step_reset(actions)
         obs, rewards, terms, truncs, per_env, finals = self.step_episodes(actions)

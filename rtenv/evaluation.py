@@ -33,7 +33,8 @@ their ``parameters`` (besides ``structure_name``):
 ``goal_volume_perc``/``limit_volume_perc``. If only one of goal and limit is given, the
 other equals it (a step function).
 
-Fields added by rtenv (all optional; unknown keys are ignored):
+Fields added by rtenv (all optional; unknown keys are ignored, except in ``constraints``, where a
+key that does not apply to the criterion's type is refused):
 
 * top level: ``name``, ``description``, ``score_mode`` (``"linear"`` default,
   ``"binary"`` or ``"relative"``).
@@ -59,11 +60,14 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rtenv.validation import check_integer, check_real
+
+if TYPE_CHECKING:
+    from rtenv.case import PlanningCase
 
 __all__ = [
     "CRITERION_TYPES",
@@ -630,7 +634,7 @@ def _load_protocol_cached(name_or_path: str, stamp: tuple[int, int] | None) -> P
     return Protocol.load(name_or_path)
 
 
-def score_plan(case: Any, dose: np.ndarray, mode: str | None = None,
+def score_plan(case: PlanningCase, dose: np.ndarray, mode: str | None = None,
                protocol: Protocol | str | None = None) -> ProtocolResult:
     """Score a plan of a :class:`~rtenv.case.PlanningCase`.
 

@@ -24,9 +24,11 @@ Unmapped structures are ignored. The matrix rows are the union of the mapped str
 Coordinates: every importer returns rtenv patient coordinates (x to the patient's left, y
 anterior, z superior, mm; grid arrays ``(z, y, x)``). MATLAB/matRad cubes are ``(rows = y,
 columns = x, slices = z)`` in LPS (y posterior) and PortPy arrays are ``(z, y, x)`` in DICOM LPS,
-so both have their y axis reversed on import. Values of imported matrices are taken as Gy per unit
-fluence; their absolute scale does not matter to the TPS, which normalises plans to the
-prescription.
+so both have their y axis reversed on import. matRad and PortPy grids keep the file's origin;
+CORT grids start at 0 (``metadata["grid_origin_mm"]``), so a CORT isocentre is in grid-local
+coordinates (the plan, which only needs positions relative to the grid, is unaffected). Values
+of imported matrices are taken as Gy per unit fluence; their absolute scale does not matter to
+the TPS, which normalises plans to the prescription.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def plot_dvh(
 
 
 def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, title: str | None = None) -> Path:
-    """Axial dose colour-wash (Gy) on the slice through the isocentre with structure outlines.
+    """Axial dose colour-wash (Gy) with structure outlines, on the slice through the isocentre
+    (the case's ``metadata["iso_slice"]``; without it, as in imported cases, the slice with the
+    largest target cross-section).
 
     Only voxels that are dose rows carry dose; built-in cases include every body voxel of that
     slice.

@@ -27,7 +27,9 @@ Policy = Callable[[np.ndarray, dict[str, Any]], Any]
 
 @dataclass
 class EpisodeRecord:
-    """One tuning episode: scores (the env's scoring mode and binary), steps, final TPPs and metrics."""
+    """One tuning episode: scores (the env's scoring mode and binary), steps, final TPPs and metrics
+    (``final_dv_metrics``: each protocol criterion's value by name, in its own unit: Gy for
+    dose criteria, percent of the structure's volume for ``V`` criteria)."""
 
     case: str
     initial_score: float

@@ -6,7 +6,8 @@ For one case and a TPP vector (``t_s``, ``lambda_s``, ``V_s`` per structure; see
     minimise_x  sum_s  w_s / (2 |A_s|) * || d_{A_s} - t_s ||^2
     subject to  x >= 0,   D95(d_PTV) >= 1
 
-with ``w_s = lambda_s / lambda_PTV`` (the solver itself scales all weights by one constant so the
+(D95 here and below: the coverage dose of :attr:`ADMMSettings.coverage`, 0.95 by default) with
+``w_s = lambda_s / lambda_PTV`` (the solver itself scales all weights by one constant so the
 largest is 1, which leaves the minimiser unchanged and keeps float32 arithmetic well conditioned
 for extreme weight ratios) and ``A_s`` the active set of structure ``s``: of its hottest
 ``V_s`` fraction of voxels, those with ``d > t_s`` (for the PTV this is the hot-spot term). The
@@ -21,7 +22,7 @@ and a non-negative copy ``z`` of the fluence with scaled dual ``h``::
 
     x <- argmin f(x) + rho_y/2 || d_PTV(x) - y + g ||^2 + rho_z/2 || x - z + h ||^2
     z <- max(x + h, 0);                     h <- h + x - z
-    y <- d_PTV + g with the voxels at or above its 5th percentile raised to >= 1
+    y <- d_PTV + g with its hottest coverage fraction of voxels raised to >= 1
     g <- g + d_PTV - y
 
 ``rho_y = beta / |PTV|`` (beta acts on the mean squared consensus residual) and ``rho_z`` gives
