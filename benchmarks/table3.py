@@ -460,7 +460,9 @@ def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         plot_tpp_distributions,
         spearman_table,
     )
+    from rtenv.evaluation import Protocol
     from rtenv.plots import new_figure, save_figure
+    from rtenv.scenarios import get_scenario
 
     paths = []
     by_sc: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -484,7 +486,9 @@ def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                                             title=f"{sc}: final TPPs per policy"))
         paths.append(plot_metric_distributions({p: {m: [r["final_dv_metrics"][m] for r in rs]
                                                     for m in rs[0]["final_dv_metrics"]} for p, rs in groups.items()},
-                                               out / f"dv_metrics_{sc}.png", title=f"{sc}: final dose-volume metrics"))
+                                               out / f"dv_metrics_{sc}.png", title=f"{sc}: final dose-volume metrics",
+                                               units={c.name: c.unit for c in
+                                                      Protocol.load(get_scenario(sc).protocol).criteria}))
         for pol, rs in groups.items():
             if len(rs) >= 3:
                 table = spearman_table(rs)

@@ -98,15 +98,30 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
 
 
 
+def metric_panels(metrics: Sequence[str], units: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """The metrics by unit, ``{"Gy": [...], "%": [...]}`` (empty units left out): ``units`` gives a
+    metric's unit; one it does not name is in % when its name has a ``V<number>`` word
+    (``Bladder V70Gy``), else in Gy."""
+    units = units or {}
+    bad = {m: u for m, u in units.items() if u not in ("Gy", "%")}
+    if bad:
+        raise ValueError(f"units {bad} are invalid; valid: 'Gy', '%'")
+    unit = {m: units.get(m, "%" if re.search(r"\bV\d", m) else "Gy") for m in metrics}
+    panels = {u: [m for m in metrics if unit[m] == u] for u in ("Gy", "%")}
+    return {u: names for u, names in panels.items() if names}
+
+
 def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
-                              title: str = "final dose-volume metrics") -> Path:
+                              title: str = "final dose-volume metrics",
+                              units: Mapping[str, str] | None = None) -> Path:
     """Box plots of each dose-volume metric per group (e.g. policy -> {metric: values}), one panel
-    per unit (Gy, %), as the seed's Fig. 4 (organ dose-volume mean and spread per agent)."""
+    per unit (Gy, %), as the seed's Fig. 4 (organ dose-volume mean and spread per agent).
+
+    ``units`` gives each metric's unit (``"Gy"`` or ``"%"``, e.g. from the protocol's criteria;
+    see :func:`metric_panels` for the others).
+    """
     labels = list(groups)
-    metrics = list(next(iter(groups.values())))
-    percent = [m for m in metrics if re.search(r"\bV\d", m)]  # volume metrics (V70Gy ...) are in %
-    panels = {"Gy": [m for m in metrics if m not in percent], "%": percent}
-    panels = {k: v for k, v in panels.items() if v}
+    panels = metric_panels(list(next(iter(groups.values()))), units)
     fig, axes = new_figure(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     for ax, (unit, names) in zip(axes[0], panels.items(), strict=True):
         width = 0.8 / max(len(labels), 1)

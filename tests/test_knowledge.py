@@ -6,7 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from knowledge_extraction.analysis import plot_spearman, plot_tpp_distributions, spearman_table
+from knowledge_extraction.analysis import (
+    metric_panels,
+    plot_metric_distributions,
+    plot_spearman,
+    plot_tpp_distributions,
+    spearman_table,
+)
 from knowledge_extraction.knowledge import (
     KnowledgeFormatError,
     build_knowledge,
@@ -105,6 +111,16 @@ def test_spearman_by_construction(tmp_path):
     assert plot_spearman(table, tmp_path / "s.png").stat().st_size > 5000
     groups = {"guided": {k: [r["final_tpp"][k] for r in recs] for k in recs[0]["final_tpp"]}}
     assert plot_tpp_distributions(groups, tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_metric_panels_take_the_protocols_units(tmp_path):
+    metrics = ["PTV hot spot", "Bladder V70Gy", "rectum_v70", "Heart mean"]
+    assert metric_panels(metrics) == {"Gy": ["PTV hot spot", "rectum_v70", "Heart mean"], "%": ["Bladder V70Gy"]}
+    assert metric_panels(metrics, {"rectum_v70": "%"})["%"] == ["Bladder V70Gy", "rectum_v70"]
+    with pytest.raises(ValueError, match="'cGy'"):
+        metric_panels(metrics, {"Heart mean": "cGy"})
+    groups = {"a": {m: [1.0, 2.0] for m in metrics}}
+    assert plot_metric_distributions(groups, tmp_path / "m.png", units={"rectum_v70": "%"}).stat().st_size > 5000
 
 
 def test_search_knowledge_and_the_shipped_base(tmp_path):
