@@ -116,8 +116,8 @@ class TuningCore:
         tps_settings: ADMM settings.
 
     Attributes:
-        recent_cases: How many cases the core keeps loaded after their episodes end, most
-            recently used first (a case whose episode runs stays loaded regardless).
+        recent_cases: How many of the most recently used cases the core keeps loaded (>= 1;
+            running episodes count among them, and keep their case loaded even beyond them).
     """
 
     recent_cases: int = 10
@@ -160,7 +160,9 @@ class TuningCore:
         self.names = tpp_names(self.structures)
         self.n_tpp = len(self.names)
         self._recent: OrderedDict[tuple[str, int], TPS] = OrderedDict()  # least recently used first
-        self._dvh_grids: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}  # rows, dose points
+        # per loaded case (its TPS): each structure's rows and DVH dose points
+        self._dvh_grids: weakref.WeakKeyDictionary[TPS, list[tuple[np.ndarray, np.ndarray]]] = (
+            weakref.WeakKeyDictionary())
         self._kinds = tpp_kinds(self.structures)
         # discrete steps per TPP: (up, down) factors and the clamp range
         self._factors = np.array([ACTION_FACTORS[k] for k in self._kinds])
@@ -186,8 +188,10 @@ class TuningCore:
         settings shares one (a TPS holds no state between solves), so the sub-envs of a
         ``SyncVectorEnv`` hold each case once (about 170 MB per S2 case). A TPS stays loaded
         while an episode of its case runs, and the core keeps the :attr:`recent_cases` most
-        recently used besides: a pass over a large cohort does not hold every case it visited.
+        recently used (running or not): a pass over a large cohort does not hold every case it
+        visited.
         """
+        keep = check_integer("recent_cases", self.recent_cases, 1)
         tps = self._recent.pop(key, None)
         if tps is None:
             shared = (self.scenario, *key, str(self.device), self.tps_settings or ADMMSettings())
@@ -196,9 +200,8 @@ class TuningCore:
                 tps = TPS(load_case(self.scenario, key[0], key[1]), device=self.device, settings=self.tps_settings)
                 _SHARED_TPS[shared] = tps
         self._recent[key] = tps
-        while len(self._recent) > self.recent_cases:
-            old, _ = self._recent.popitem(last=False)
-            self._dvh_grids.pop(old, None)
+        while len(self._recent) > keep:
+            self._recent.popitem(last=False)
         return tps
 
     def case(self, key: tuple[str, int]) -> PlanningCase:
@@ -319,15 +322,16 @@ class TuningCore:
 
     def observe(self, ep: EpisodeState) -> np.ndarray:
         """Cumulative DVH of each structure at 100 dose points (SPEC section 3 ranges), float32."""
-        if ep.case_key not in self._dvh_grids:
-            case = self.case(ep.case_key)
-            self._dvh_grids[ep.case_key] = [
+        tps = ep.tps or self.tps(ep.case_key)
+        grid = self._dvh_grids.get(tps)
+        if grid is None:
+            case = tps.case
+            grid = self._dvh_grids[tps] = [
                 (case.structure(name).rows,
                  np.linspace(*(TARGET_DVH_RANGE if i == 0 else OAR_DVH_RANGE), DVH_POINTS) * case.prescription_gy)
                 for i, name in enumerate(self.structures)]
         # the TPS dose is finite (scoring checked it)
-        parts = [dvh_of_sorted(np.sort(ep.dose[rows].astype(np.float64)), points)
-                 for rows, points in self._dvh_grids[ep.case_key]]
+        parts = [dvh_of_sorted(np.sort(ep.dose[rows].astype(np.float64)), points) for rows, points in grid]
         return np.concatenate(parts).astype(np.float32)
 
     def info(self, ep: EpisodeState) -> dict[str, Any]:

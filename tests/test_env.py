@@ -315,6 +315,9 @@ def test_a_core_keeps_running_cases_and_the_recent_ones_loaded():
     assert ("test", 0) not in venv.core._recent and venv._eps[0].tps is seen[0]()
     obs, *_ = venv.step(np.array([0, 1, 2]))
     assert obs.shape == (3, venv.single_observation_space.shape[0])
+    env.core.recent_cases = 0
+    with pytest.raises(ValueError, match=r"recent_cases = 0 must be an integer in \[1, inf\]"):
+        env.reset(seed=0, options={"index": 1})
 
 
 def test_partial_reset_equals_gymnasiums_sync_vector_env():
