@@ -198,6 +198,11 @@ def reference_dvh(scenario: str = "S1", cohort: str = "knowledge", cases: int | 
         A float64 vector of the observation's shape, ``(100 n_structures,)``; results are cached
         per process.
     """
+    return _reference_dvh_cached(scenario, cohort, _reference_indices(scenario, cohort, cases), device).copy()
+
+
+def _reference_indices(scenario: str, cohort: str, cases: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The case indices :func:`reference_dvh` averages over."""
     from rtenv.scenarios import cohort_size
 
     size = cohort_size(scenario, cohort)  # checks the cohort; TG119 has one case
@@ -208,7 +213,7 @@ def reference_dvh(scenario: str = "S1", cohort: str = "knowledge", cases: int | 
     indices = tuple(range(cases)) if is_integer(cases) else tuple(int(i) for i in cases)
     if not indices:
         raise ValueError("the reference DVH needs at least one case")
-    return _reference_dvh_cached(scenario, cohort, indices, device).copy()
+    return indices
 
 
 # ------------------------------------------------------------------------------- attributions
@@ -411,8 +416,9 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     if "mean" in baselines:
         if reference is None:
             reference = reference_dvh(scenario, reference_cohort, reference_cases, device)
+            used = _cases_label(_reference_indices(scenario, reference_cohort, reference_cases))
             descriptions["mean"] = (f"mean observation of the SPEC default-TPP plans of {scenario} cohort "
-                                    f"{reference_cohort!r} (cases {_cases_label(reference_cohort, reference_cases)})")
+                                    f"{reference_cohort!r} (cases {used})")
         else:
             descriptions["mean"] = "user-supplied reference DVH"
         reference = np.asarray(reference, dtype=np.float64)
@@ -534,13 +540,10 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     return out
 
 
-def _cases_label(cohort: str, cases: int | Sequence[int] | None) -> str:
-    from rtenv.scenarios import COHORTS
-
-    if cases is None:
-        size = COHORTS[cohort][0]
-        cases = 1 if size is None else size
-    return f"0-{cases - 1}" if isinstance(cases, int) else ", ".join(str(int(i)) for i in cases)
+def _cases_label(indices: Sequence[int]) -> str:
+    if tuple(indices) == tuple(range(len(indices))):
+        return f"0-{len(indices) - 1}"
+    return ", ".join(map(str, indices))
 
 
 # -------------------------------------------------------------------------------------- figures

@@ -120,3 +120,6 @@ def test_single_case_cohorts(case):
     # the mean-DVH baseline of IG takes the cohort's one case (it asked for 20 and failed)
     env = TPPTuningEnv("TG119", cohort="knowledge")
     assert reference_dvh("TG119").shape == env.observation_space.shape
+    from drl.explain import _cases_label, _reference_indices
+
+    assert _cases_label(_reference_indices("TG119", "knowledge", None)) == "0-0"  # as attributions.json says
