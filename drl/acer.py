@@ -352,7 +352,12 @@ class SegmentReplay:
         if capacity < 1:
             raise ValueError(f"replay capacity = {capacity} must be >= 1")
         segments: deque[dict[str, np.ndarray]] = deque(maxlen=capacity)
-        segments.extend(dict(seg) for seg in data["segments"])
+        for k, seg in enumerate(data["segments"]):
+            n = int(np.count_nonzero(seg["truncated"]))
+            if not len(seg["trunc_obs"]) == len(seg["trunc_masks"]) == n:
+                raise ValueError(f"replay segment {k} has {len(seg['trunc_obs'])} truncated states and "
+                                 f"{len(seg['trunc_masks'])} masks for {n} truncations")
+            segments.append(dict(seg))
         self.segments = segments
         self.rng.bit_generator.state = data["rng_state"]
 

@@ -325,6 +325,11 @@ def test_replay_save_load_roundtrip(tmp_path):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert any(s["truncated"].any() for s in other.replay_buffer.segments)  # the compacted rows come back
     assert other._rng.random() == model._rng.random()  # the rng continues where it was saved
+    torn = model.replay_buffer.state_dict()
+    k = next(i for i, seg in enumerate(torn["segments"]) if seg["truncated"].any())
+    torn["segments"][k] = {**torn["segments"][k], "trunc_obs": torn["segments"][k]["trunc_obs"][1:]}
+    with pytest.raises(ValueError, match=f"replay segment {k} has .* truncated states"):
+        other.replay_buffer.load_state_dict(torn)
     mlp = ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2), device="cpu")
     mlp.load_replay_buffer(tmp_path / "replay.pkl")  # LSTM segments also serve the MLP
     mlp.save_replay_buffer(tmp_path / "mlp.pkl")
