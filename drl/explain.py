@@ -415,10 +415,10 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
         descriptions["zero"] = "all-zero DVH"
     if "mean" in baselines:
         if reference is None:
-            reference = reference_dvh(scenario, reference_cohort, reference_cases, device)
-            used = _cases_label(_reference_indices(scenario, reference_cohort, reference_cases))
+            indices = _reference_indices(scenario, reference_cohort, reference_cases)
+            reference = _reference_dvh_cached(scenario, reference_cohort, indices, device).copy()
             descriptions["mean"] = (f"mean observation of the SPEC default-TPP plans of {scenario} cohort "
-                                    f"{reference_cohort!r} (cases {used})")
+                                    f"{reference_cohort!r} (cases {_cases_label(indices)})")
         else:
             descriptions["mean"] = "user-supplied reference DVH"
         reference = np.asarray(reference, dtype=np.float64)
