@@ -179,10 +179,10 @@ class PlanningCase:
     def coverage_scale(self, dose: np.ndarray, volume_pct: float = 95.0) -> float:
         """Factor that makes the target's D``volume_pct``% equal the prescription.
 
-        Dx% is the minimum dose of the hottest x % of the target's voxels (voxel-based). For a
-        float32 dose (what :meth:`dose` returns) the factor is a float32 value rounded so that
-        ``dose * factor``, computed in float32, has Dx% at or just above the prescription (the
-        plain ratio often lands one rounding step below it, which fails a ``D95 >= Rx`` goal).
+        Dx% is the minimum dose of the hottest x % of the target's voxels (voxel-based). The
+        factor is a value of the dose's float type rounded so that ``dose * factor``, computed in
+        that type, has Dx% at or just above the prescription (the plain ratio often lands one
+        rounding step below it, which fails a ``D95 >= Rx`` goal).
         """
         if not (0.0 < volume_pct <= 100.0):
             raise ValueError(f"volume_pct = {volume_pct} is outside the valid range (0, 100]")
@@ -190,12 +190,11 @@ class PlanningCase:
         dx = dose_at_volume_percent(dose[self.target.rows], volume_pct)
         if dx <= 0:
             raise ValueError(f"target D{volume_pct:g}% is {dx} Gy: the plan gives no dose to rescale")
-        if dose.dtype != np.float32:
-            return self.prescription_gy / dx
-        dx32, rx = np.float32(dx), self.prescription_gy
-        scale = np.float32(rx / dx)
-        while float(dx32 * scale) < rx:  # at most a step or two
-            scale = np.nextafter(scale, np.float32(np.inf))
+        kind = dose.dtype.type if np.issubdtype(dose.dtype, np.floating) else np.float64
+        dx_k, rx = kind(dx), self.prescription_gy
+        scale = kind(rx / dx)
+        while float(dx_k * scale) < rx:  # at most a step or two
+            scale = np.nextafter(scale, kind(np.inf))
         return float(scale)
 
     def _check_dose(self, dose: np.ndarray) -> np.ndarray:

@@ -35,8 +35,9 @@ reference code instead clips ``x`` to >= 0 after plain CG; measured here, that f
 the optimum of the convex sub-problem and drifts away from it as the CG steps grow, while the
 split converges to it.) Iteration stops when ``||z - z_old|| / ||z_old|| < tol`` or after
 ``max_iter`` outer iterations; the plan is ``z``, rescaled so that PTV D95 equals the
-prescription exactly. A batch of B TPP vectors shares every sparse product (one SpMM of the
-``(voxels, beamlets)`` matrix with a ``(beamlets, B)`` block); plans that converge leave the
+prescription (in the float32 Gy dose: at or a rounding step above it, never below). A batch of B
+TPP vectors shares every sparse product (one SpMM of the ``(voxels, beamlets)`` matrix with a
+``(beamlets, B)`` block); plans that converge leave the
 working set while the rest continue. Every per-plan operation is independent of the batch (on
 CPU, bitwise), so a batched solve returns the same plans as B single solves.
 """
@@ -286,6 +287,7 @@ class TPS:
         self._D = _csr_tensor(D, self.device)
         self._Dt = _csr_tensor(D.T.tocsr(), self.device)
         self._D_full = _csr_tensor(case.dose_influence.astype(np.float32).tocsr(), self.device)
+        self._target_rows = torch.as_tensor(target.rows, device=self.device)
         n_ptv = block_rows[0].size
         self._cover_k = max(math.ceil(self.settings.coverage * n_ptv), 1)
         self._cold_start: np.ndarray | None = None
@@ -542,9 +544,11 @@ class TPS:
                 f"plans {torch.nonzero(unusable).flatten().tolist()} of the batch cannot be rescaled to D95 = Rx: "
                 "their ADMM iterate gives no finite coverage dose (e.g. a warm start x0 far larger than the "
                 "plan's fluence diverged; start cold)")
+        dose = spmm(self._D_full, X)
+        nudge = self._coverage_nudge(dose[self._target_rows])
+        X, d, dose = X * nudge, d * nudge, (dose * nudge).T
         _, _, masks = self._active_weights(d, t_all, w_spec, self._volume_ranks(vol_all), frozen_all)
         objective = self._objective(d, t_all, w_spec, masks)
-        dose = spmm(self._D_full, X).T
         return PlanResult(
             tpps=batch,
             fluence=X.T.cpu().numpy(),
@@ -559,6 +563,21 @@ class TPS:
             device=str(dev),
             names=list(self.names),
         )
+
+    def _coverage_nudge(self, dose_ptv: torch.Tensor) -> torch.Tensor:
+        """Per plan, the factor (1 or a few float32 steps above it) that lifts the coverage dose of
+        the rescaled plans' float32 Gy dose ``dose_ptv`` (target rows, ``(n_ptv, B)``) to at least
+        the prescription. The rescale sets it in relative dose; the Gy dose comes from another
+        matrix and often lands a rounding step below Rx, which fails a ``D95 >= Rx`` goal."""
+        rx = self.case.prescription_gy
+        dx = kth_largest(dose_ptv, self._cover_k)
+        low = dx.double() < rx
+        factor = torch.where(low, (rx / dx.double()).float(), 1.0)  # dx > 0: the rescale checked it
+        low = (dx * factor).double() < rx
+        while bool(low.any()):  # a step or two
+            factor = torch.where(low, torch.nextafter(factor, torch.full_like(factor, math.inf)), factor)
+            low = (dx * factor).double() < rx
+        return factor
 
     def _project(self, v: torch.Tensor, cover_rows: torch.Tensor | None) -> torch.Tensor:
         """Coverage projection: raise the covered voxels of ``v`` (relative dose) to >= 1."""

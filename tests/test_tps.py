@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from rtenv.evaluation import dose_at_volume_percent
+from rtenv.evaluation import dose_at_volume_percent, volume_at_dose_percent
 from rtenv.phantom import make_phantom
 from rtenv.reference import solve_reference
 from rtenv.scenarios import SCENARIOS, build_case, load_case
@@ -278,11 +278,17 @@ def test_reference_solvers_agree_and_report_status(small_case):
 
 
 def test_plan_is_rescaled_to_exact_d95(s1):
-    for tpp in (TPP.default(s1.structure_names), tuned(s1)):
-        plan = TPS(s1).optimize(tpp)
-        d95 = dose_at_volume_percent(plan.dose[0][s1.target.rows], 95)
-        assert d95 == pytest.approx(s1.prescription_gy, rel=1e-3)
-        assert plan.fluence.min() >= 0
+    rng = np.random.default_rng(0)
+    tpps = [TPP.default(s1.structure_names), tuned(s1)] + [TPP.random(s1.structure_names, rng) for _ in range(14)]
+    plan = TPS(s1).optimize(tpps)
+    rx = s1.prescription_gy
+    for dose in plan.dose:
+        d95 = dose_at_volume_percent(dose[s1.target.rows], 95)
+        # never below Rx (a float32 step below fails a D95 >= Rx goal: 10 of these 16 plans did
+        # before the Gy dose was nudged), and at most a few float32 steps above it
+        assert rx <= d95 <= rx * (1 + 4 * np.finfo(np.float32).eps)
+        assert volume_at_dose_percent(dose[s1.target.rows], rx) >= 95.0
+    assert plan.fluence.min() >= 0
 
 
 def test_batched_equals_sequential(s1):
