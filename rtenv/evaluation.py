@@ -546,7 +546,8 @@ class Protocol:
     def load(cls, name_or_path: str | Path) -> Protocol:
         """Load a shipped protocol by name (e.g. ``"prostate9"``) or a JSON file by path."""
         path = Path(name_or_path)
-        if isinstance(name_or_path, Path) or path.suffix == ".json" or len(path.parts) > 1 or path.is_file():
+        if is_protocol_path(name_or_path):
+            _check_protocol_file(path)
             text, stem = path.read_text(encoding="utf-8"), path.stem
         else:
             resource = _protocol_dir() / f"{name_or_path}.json"
@@ -617,13 +618,27 @@ def dola_reward(result: ProtocolResult) -> float:
     return 50.0 * i_ptv + others - 50.0 * (1.0 - i_ptv)
 
 
+def is_protocol_path(name_or_path: str | Path) -> bool:
+    """Whether :meth:`Protocol.load` reads ``name_or_path`` as a file path (a :class:`Path`, a name
+    ending in ``.json``, one with a folder, or an existing file) rather than a shipped name."""
+    path = Path(name_or_path)
+    return isinstance(name_or_path, Path) or path.suffix == ".json" or len(path.parts) > 1 or path.is_file()
+
+
+def _check_protocol_file(path: Path) -> None:
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise FileNotFoundError(f"protocol file {str(path)!r} not found{where}; shipped protocols: "
+                                f"{', '.join(available_protocols())}")
+
+
 def _load_protocol(name_or_path: str) -> Protocol:
     """:meth:`Protocol.load`, cached; a file's entry is keyed on its modification time and size,
-    so an edited protocol file is read again (one ``stat`` per call, as :meth:`Protocol.load`
-    decides what a path is)."""
+    so an edited protocol file is read again (one ``stat`` per call)."""
     path = Path(name_or_path)
     stamp = None
-    if path.suffix == ".json" or len(path.parts) > 1 or path.is_file():
+    if is_protocol_path(name_or_path):
+        _check_protocol_file(path)
         st = path.stat()
         stamp = (st.st_mtime_ns, st.st_size)
     return _load_protocol_cached(name_or_path, stamp)
@@ -641,7 +656,12 @@ def score_plan(case: PlanningCase, dose: np.ndarray, mode: str | None = None,
     ``dose`` is the dose (Gy) over the case's dose rows; ``protocol`` defaults to the case's own
     (loaded once and cached); ``*_perc`` doses are relative to the case's prescription.
     """
-    if protocol is None or isinstance(protocol, str):
-        protocol = _load_protocol(protocol or case.protocol)
+    if protocol is None:
+        try:
+            protocol = _load_protocol(case.protocol)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"case {case.name!r} is scored by {exc}") from None
+    elif isinstance(protocol, str):
+        protocol = _load_protocol(protocol)
     return protocol.evaluate(case.structure_doses(dose), {s.name: s.voxel_cc for s in case.structures},
                              mode=mode, prescription_gy=case.prescription_gy)

@@ -49,7 +49,7 @@ import scipy.sparse as sp
 
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.dose_engine import BeamModel, Grid
-from rtenv.evaluation import Protocol
+from rtenv.evaluation import Protocol, is_protocol_path
 from rtenv.phantom import Phantom
 from rtenv.scenarios import Scenario, build_case
 from rtenv.validation import check_integer, check_real, is_integer, is_real
@@ -174,12 +174,15 @@ def _select_beams(available: Sequence[tuple[float, float]], beams: Sequence[Beam
 
 
 def _resolve_protocol(protocol: str, prescription_gy: float | None, fractions: int | None,
-                      ) -> tuple[Protocol, float, int]:
+                      ) -> tuple[Protocol, float, int, str]:
+    """The protocol, Rx (Gy), fractions, and what the case stores: a shipped protocol's name, or a
+    protocol file's absolute path (a relative one would break from any other working directory)."""
     proto = Protocol.load(protocol)
     rx = check_real("prescription_gy", proto.prescription_gy if prescription_gy is None else prescription_gy,
                     0.0, low_inclusive=False)
     fx = check_integer("fractions", proto.fractions if fractions is None else fractions, 1)
-    return proto, rx, fx
+    reference = str(Path(protocol).resolve()) if is_protocol_path(protocol) else str(protocol)
+    return proto, rx, fx, reference
 
 
 def _check_protocol_structures(proto: Protocol, names: Sequence[str], protocol: str) -> None:
@@ -449,7 +452,7 @@ def load_cort(
     folder = Path(path)
     if not folder.is_dir():
         raise CaseFormatError(f"CORT case folder {folder} does not exist or is not a directory")
-    proto, rx, fx = _resolve_protocol(protocol, prescription_gy, fractions)
+    proto, rx, fx, protocol = _resolve_protocol(protocol, prescription_gy, fractions)
     available = sorted(p.name[: -len("_VOILIST.mat")] for p in folder.glob("*_VOILIST.mat"))
     mapping = _normalise_structures(structures, available, f"CORT folder {folder}")
     if check_protocol:
@@ -612,7 +615,7 @@ def load_matrad(
                 raise CaseFormatError(f"{file.name}: cst structure {nm!r} has type {typ!r}; expected 'TARGET' or 'OAR'")
             structures[nm] = typ.lower()
     mapping = _normalise_structures(structures, list(rows_by_name), f"{file.name} cst")
-    proto, rx, fx = _resolve_protocol(protocol, prescription_gy, fractions)
+    proto, rx, fx, protocol = _resolve_protocol(protocol, prescription_gy, fractions)
     if check_protocol:
         _check_protocol_structures(proto, [m[2] for m in mapping], protocol)
 
@@ -784,7 +787,7 @@ def load_portpy(
         raise CaseFormatError(f"PortPy patient folder {folder} does not exist or is not a directory")
     if matrix not in ("sparse", "full"):
         raise ValueError(f"matrix must be 'sparse' or 'full', got {matrix!r}")
-    proto, rx, fx = _resolve_protocol(protocol, prescription_gy, fractions)
+    proto, rx, fx, protocol = _resolve_protocol(protocol, prescription_gy, fractions)
 
     ss_path = folder / "StructureSet_MetaData.json"
     ss = _read_json(ss_path)

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from rtenv.case import CaseFormatError, PlanningCase
 from rtenv.dose_engine import Grid
+from rtenv.evaluation import Protocol, score_plan
 from rtenv.importers import (
     hu_to_density,
     import_case,
@@ -152,6 +153,23 @@ def test_cort_gantry_list_and_defaults(tmp_path):
         load_cort(folder, CORT_MAP, [90], protocol="prostate9")
     case = load_cort(folder, CORT_MAP, [0], protocol="prostate9", prescription_gy=70.0, fractions=35)
     assert case.n_beamlets == 2 and case.prescription_gy == 70.0 and case.fractions == 35
+
+
+def test_a_protocol_file_is_stored_by_absolute_path(tmp_path, monkeypatch):
+    folder = _write_cort(tmp_path / "P", ct="matrad")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    Path("mine.json").write_text(json.dumps({**Protocol.load("prostate9").to_dict(), "name": "mine"}))
+    saved = load_cort(folder, CORT_MAP, [0], protocol="mine.json").save(tmp_path / "c.rtcase")
+    monkeypatch.chdir(tmp_path)  # a relative path stored in the case would no longer resolve here
+    case = PlanningCase.load(saved)
+    assert case.protocol == str(tmp_path / "work" / "mine.json")
+    assert score_plan(case, case.dose(np.ones(case.n_beamlets))).protocol == "mine"
+    (tmp_path / "work" / "mine.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"case 'P' is scored by protocol file '.*mine.json' not found"):
+        score_plan(case, case.dose(np.ones(case.n_beamlets)))
+    with pytest.raises(FileNotFoundError, match=r"'elsewhere/x.json' not found \(relative to the working directory"):
+        Protocol.load("elsewhere/x.json")
 
 
 def test_cort_malformed(tmp_path):
