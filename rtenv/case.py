@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from rtenv.evaluation import dose_at_volume_percent
+from rtenv.validation import check_integer, check_real
 
 FORMAT_NAME = "rtenv-case"
 FORMAT_VERSION = 1
@@ -290,10 +291,17 @@ class PlanningCase:
             raise CaseFormatError(
                 f"density has shape {self.density.shape}, grid_shape is {tuple(self.grid_shape)}"
             )
-        if not (self.prescription_gy > 0 and self.fractions > 0):
-            raise CaseFormatError(
-                f"prescription must be positive: {self.prescription_gy} Gy in {self.fractions} fractions"
-            )
+        try:
+            check_real("prescription_gy", self.prescription_gy, 0.0, low_inclusive=False)
+            check_integer("fractions", self.fractions, 1)
+            if len(self.voxel_mm) != 3:
+                raise ValueError(f"voxel_mm = {self.voxel_mm!r} must be 3 sizes (dz, dy, dx) in mm")
+            for axis, size in zip("zyx", self.voxel_mm, strict=True):
+                check_real(f"voxel_mm[{axis}]", size, 0.0, low_inclusive=False)
+            for st in self.structures:
+                check_real(f"voxel_cc of structure {st.name!r}", st.voxel_cc, 0.0, low_inclusive=False)
+        except ValueError as exc:
+            raise CaseFormatError(str(exc)) from None
 
     # -------------------------------------------------------------------- I/O
     def save(self, path: str | Path) -> Path:
@@ -405,7 +413,7 @@ class PlanningCase:
                 beams=beams,
                 dose_influence=D,
                 prescription_gy=float(header["prescription_gy"]),
-                fractions=int(header["fractions"]),
+                fractions=header["fractions"],  # validated: a non-integer is refused, not truncated
                 protocol=header["protocol"],
                 density=need("density") if header.get("has_density") else None,
                 metadata=header.get("metadata", {}),

@@ -17,7 +17,9 @@ load as they are::
                    "parameters": {"structure_name": "Bladder", "dose_gy": 80},
                    "constraints": {"goal_volume_perc": 15, "limit_volume_perc": 20}}]}
 
-The prescription is ``pres_per_fraction_gy * num_of_fractions`` (Gy). Criterion types and
+The prescription is ``pres_per_fraction_gy * num_of_fractions`` (Gy; at most
+:data:`MAX_GY_PER_FRACTION` per fraction, which catches a total dose typed as the per-fraction
+one). Criterion types and
 their ``parameters`` (besides ``structure_name``):
 
 * ``max_dose``: optional ``method`` (``"max"`` default: the hottest voxel, as PortPy's
@@ -33,8 +35,12 @@ their ``parameters`` (besides ``structure_name``):
 ``goal_volume_perc``/``limit_volume_perc``. If only one of goal and limit is given, the
 other equals it (a step function).
 
-Fields added by rtenv (all optional; unknown keys are ignored, except in ``constraints``, where a
-key that does not apply to the criterion's type is refused):
+A parameter that does not apply to the criterion (``n_voxels`` without method
+``"hottest_voxels"``, a second volume) is refused. Other keys PortPy files carry are ignored, but a
+key one or two letters off a known one (``"sence"``, ``"methd"``) is refused rather than silently
+dropped, and so is a ``constraints`` key that does not apply to the criterion's type.
+
+Fields added by rtenv (all optional):
 
 * top level: ``name``, ``description``, ``score_mode`` (``"linear"`` default,
   ``"binary"`` or ``"relative"``).
@@ -55,7 +61,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -72,6 +78,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CRITERION_TYPES",
     "MAX_DOSE_METHODS",
+    "MAX_GY_PER_FRACTION",
     "SCORE_MODES",
     "Criterion",
     "CriterionResult",
@@ -92,6 +99,9 @@ CRITERION_TYPES = ("max_dose", "mean_dose", "dose_volume_V", "dose_volume_D")
 MAX_DOSE_METHODS = ("max", "hottest_voxels", "cc")
 SCORE_MODES = ("linear", "binary", "relative")
 SENSES = ("upper", "lower")
+MAX_GY_PER_FRACTION = 40.0
+"""Largest dose per fraction (Gy) a protocol may prescribe (single-fraction radiosurgery goes to
+about 24 Gy); a larger value is almost always a total dose typed as the per-fraction one."""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -310,6 +320,7 @@ class Criterion:
         for key in ("type", "parameters"):
             if key not in raw:
                 raise fail(f"missing required field {key!r}")
+        _refuse_near_misses(raw, _CRITERION_FIELDS, "field", fail)
         ctype = raw["type"]
         if ctype not in CRITERION_TYPES:
             raise fail(f"unsupported criterion type {ctype!r}; supported types: {', '.join(CRITERION_TYPES)}")
@@ -338,6 +349,12 @@ class Criterion:
                 raise fail(f"{ctype} needs exactly one of parameters {' / '.join(choices)}")
             key = given[0]
             params[key] = num(raw_params[key], key, 100.0 if key == "volume_perc" else math.inf)
+        _refuse_near_misses(raw_params, _PARAMETERS, "parameter", fail)
+        stray = [k for k in raw_params if k in _PARAMETERS and k != "structure_name" and k not in params]
+        if stray:  # e.g. n_voxels without method "hottest_voxels": it would silently measure the hottest voxel
+            what = f"method {params['method']!r}" if ctype == "max_dose" else "criterion"
+            raise fail(f"parameters {stray} do not apply to this {ctype} {what}; it uses "
+                       f"{sorted(params) or 'none besides structure_name'}")
 
         unit = "%" if ctype == "dose_volume_V" else "Gy"
         constraints = raw.get("constraints", {})
@@ -390,6 +407,38 @@ class Criterion:
         if self.note:
             out["note"] = self.note
         return out
+
+
+_PROTOCOL_FIELDS = ("name", "protocol_name", "description", "disease_site", "pres_per_fraction_gy",
+                    "num_of_fractions", "score_mode", "criteria")
+_CRITERION_FIELDS = ("type", "name", "parameters", "constraints", "sense", "points", "primary", "note")
+_PARAMETERS = ("structure_name", "method", "n_voxels", "volume_cc", "dose_gy", "dose_perc", "volume_perc")
+
+
+def _refuse_near_misses(given: Mapping[str, Any], known: Sequence[str], what: str,
+                        fail: Callable[[str], ValueError]) -> None:
+    """Unknown keys are ignored (PortPy files carry fields of their own, e.g. ``structure_def``),
+    except a likely misspelling of a known one (``"sence"``: one letter inserted, deleted, changed
+    or swapped, two in a name longer than 5), which would silently drop the setting."""
+    for key in given:
+        if key not in known:
+            close = [k for k in known if _edits(str(key).lower(), k) <= (1 if len(k) <= 5 else 2)]
+            if close:
+                raise fail(f"unknown {what} {key!r}; did you mean {close[0]!r}? (valid: {', '.join(known)})")
+
+
+def _edits(a: str, b: str) -> int:
+    """Edit distance with adjacent swaps (optimal string alignment) between ``a`` and ``b``."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
 
 
 def _default_name(ctype: str, structure: str, params: Mapping[str, Any]) -> str:
@@ -514,10 +563,19 @@ class Protocol:
         """Parse and validate a PortPy-style protocol dict (unknown keys are ignored)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"protocol must be an object, got {type(data).__name__}")
+        def fail(msg: str) -> ValueError:
+            return ValueError(f"protocol: {msg}")
+
+        _refuse_near_misses(data, _PROTOCOL_FIELDS, "field", fail)
         for key in ("pres_per_fraction_gy", "num_of_fractions", "criteria"):
             if key not in data:
                 raise ValueError(f"protocol is missing required field {key!r}")
-        per_fraction = check_real("pres_per_fraction_gy", data["pres_per_fraction_gy"], 0.0, low_inclusive=False)
+        try:
+            per_fraction = check_real("pres_per_fraction_gy", data["pres_per_fraction_gy"], 0.0,
+                                      MAX_GY_PER_FRACTION, low_inclusive=False)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the dose per fraction; the prescription is pres_per_fraction_gy x "
+                             "num_of_fractions)") from None
         fractions = check_integer("num_of_fractions", data["num_of_fractions"], 1)
         mode = data.get("score_mode", "linear")
         if mode not in SCORE_MODES:

@@ -169,6 +169,25 @@ def test_structure_rows_must_be_sorted_unique_integers(s1):
             dataclasses.replace(s1, structures=structures)
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"prescription_gy": float("inf")}, r"prescription_gy = inf is invalid; expected a finite number in \(0, inf\)"),
+    ({"prescription_gy": "60"}, r"prescription_gy = '60' is invalid"),  # was a TypeError from a comparison
+    ({"prescription_gy": True}, r"prescription_gy = True is invalid"),
+    ({"fractions": 2.5}, r"fractions = 2.5 must be an integer in \[1, inf\]"),  # was truncated to 2 on save
+    ({"voxel_mm": (5.0, -5.0, 5.0)}, r"voxel_mm\[y\] = -5.0 is invalid"),
+    ({"voxel_mm": (5.0, 5.0)}, r"voxel_mm = \(5.0, 5.0\) must be 3 sizes"),
+])
+def test_case_refuses_bad_prescription_and_sizes(s1, change, match):
+    with pytest.raises(CaseFormatError, match=match):
+        dataclasses.replace(s1, **change)
+
+
+def test_case_refuses_a_negative_voxel_volume(s1):
+    structures = [dataclasses.replace(s1.structures[0], voxel_cc=-0.125), *s1.structures[1:]]
+    with pytest.raises(CaseFormatError, match=r"voxel_cc of structure 'PTV' = -0.125 is invalid"):
+        dataclasses.replace(s1, structures=structures)
+
+
 def test_coverage_scale_lands_at_or_above_the_prescription(s1):
     rng = np.random.default_rng(0)
     rx60 = dataclasses.replace(s1, prescription_gy=60.0)

@@ -309,7 +309,10 @@ def base_protocol(**criterion):
         (base_protocol(constraints={"goal_volume_perc": 150}), r"goal_volume_perc = 150.*\[0, 100\]"),
         (base_protocol(constraints={"goal_dose_gy": 5}), r"goal_volume_perc, limit_volume_perc"),
         (base_protocol(constraints={}), "no goal or limit"),
-        (base_protocol(type="mean_dose", constraints={"goal_dose_gy": 5, "limit_dose_perc": 9}), "mix units"),
+        (base_protocol(type="mean_dose", parameters={"structure_name": "Bladder"},
+                       constraints={"goal_dose_gy": 5, "limit_dose_perc": 9}), "mix units"),
+        (base_protocol(type="mean_dose", constraints={"goal_dose_gy": 5}),
+         r"parameters \['dose_gy'\] do not apply to this mean_dose criterion"),
         (base_protocol(constraints={"goal_volume_perc": 15, "limit_dose_gy": 20}),  # was dropped: limit = goal
          r"constraints \['limit_dose_gy'\] do not apply to a dose_volume_V criterion"),
         (base_protocol(parameters={"structure_name": "Bladder", "dose_gy": -80}), r"dose_gy = -80"),
@@ -327,6 +330,17 @@ def base_protocol(**criterion):
          r"criterion names \['Bladder V80Gy'\] appear more than once"),
         ({**base_protocol(), "score_mode": "fancy"}, "fancy.*linear, binary, relative"),
         ({**base_protocol(), "criteria": []}, "non-empty"),
+        # settings that were silently dropped: a misspelt key, a parameter of another method, a
+        # total dose typed as the per-fraction one
+        (base_protocol(sence="lower"), r"criteria\[0\]: unknown field 'sence'; did you mean 'sense'\?"),
+        (base_protocol(type="max_dose", parameters={"structure_name": "B", "methd": "cc"},
+                       constraints={"goal_dose_gy": 5}), r"unknown parameter 'methd'; did you mean 'method'\?"),
+        (base_protocol(type="max_dose", parameters={"structure_name": "B", "n_voxels": 5},
+                       constraints={"goal_dose_gy": 5}), r"parameters \['n_voxels'\] do not apply to this max_dose "
+                                                         r"method 'max'"),
+        ({**base_protocol(), "score_mod": "binary"}, r"protocol: unknown field 'score_mod'; did you mean 'score_mode'"),
+        ({**base_protocol(), "pres_per_fraction_gy": 60}, r"pres_per_fraction_gy = 60 .* \(0, 40\] \(the dose per "
+                                                          r"fraction"),
     ],
 )
 def test_bad_protocols(data, match):
