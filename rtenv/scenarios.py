@@ -106,6 +106,11 @@ COHORTS: dict[str, tuple[int | None, int]] = {
 
 def get_scenario(name: str) -> Scenario:
     """The preset named ``name`` (``S1``, ``S2``, ``S3``, ``TG119``)."""
+    if not isinstance(name, str):
+        hint = (" (the environments run on the built-in scenarios only; plan and score an imported case "
+                "with rtenv.tps.TPS and rtenv.evaluation.score_plan)") if isinstance(name, PlanningCase) else ""
+        raise ValueError(f"scenario must be a scenario name, one of {sorted(SCENARIOS)}; got a "
+                         f"{type(name).__name__}{hint}")
     try:
         return SCENARIOS[name]
     except KeyError:

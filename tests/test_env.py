@@ -12,6 +12,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import rtenv  # registers the ids
 from rtenv.env import ACTION_FACTORS, TPPTuningEnv, TPPTuningVectorEnv, fine_score
 from rtenv.sb3 import make_sb3_vec_env
+from rtenv.scenarios import load_case
 from rtenv.tpp import TPP
 
 IDS = ["rtenv/Prostate7Beam-v0", "rtenv/Prostate180Beam-v0", "rtenv/Liver7Beam-v0"]
@@ -429,6 +430,8 @@ def test_bad_arguments():
         TPPTuningEnv("S1", action_mode="box")
     with pytest.raises(ValueError, match="unknown scenario 'S9'"):
         TPPTuningEnv("S9")
+    with pytest.raises(ValueError, match="got a PlanningCase .the environments run on the built-in scenarios only"):
+        TPPTuningEnv(load_case("S1", "test", 0))  # was an unhashable-type TypeError
     with pytest.raises(ValueError, match="unknown reset options"):
         TPPTuningEnv("S1").reset(options={"case": 1})
     with pytest.raises(ValueError, match="t_PTV"):
