@@ -99,25 +99,28 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
 
 
 def metric_panels(metrics: Sequence[str], units: Mapping[str, str] | None = None) -> dict[str, list[str]]:
-    """The metrics by unit, ``{"Gy": [...], "%": [...]}`` (empty units left out): ``units`` gives a
-    metric's unit; one it does not name is in % when its name has a ``V<number>`` word
-    (``Bladder V70Gy``), else in Gy."""
+    """The metrics by unit, ``{"Gy": [...], "%": [...], "cc": [...]}`` (empty units left out):
+    ``units`` gives a metric's unit; one it does not name is in % when its name has a
+    ``V<number>`` word (``Bladder V70Gy``), else in Gy."""
     units = units or {}
-    bad = {m: u for m, u in units.items() if u not in ("Gy", "%")}
+    bad = {m: u for m, u in units.items() if u not in _AXIS_LABELS}
     if bad:
-        raise ValueError(f"units {bad} are invalid; valid: 'Gy', '%'")
+        raise ValueError(f"units {bad} are invalid; valid: {', '.join(map(repr, _AXIS_LABELS))}")
     unit = {m: units.get(m, "%" if re.search(r"\bV\d", m) else "Gy") for m in metrics}
-    panels = {u: [m for m in metrics if unit[m] == u] for u in ("Gy", "%")}
+    panels = {u: [m for m in metrics if unit[m] == u] for u in _AXIS_LABELS}
     return {u: names for u, names in panels.items() if names}
+
+
+_AXIS_LABELS = {"Gy": "Gy", "%": "% of the structure volume", "cc": "cm$^3$"}
 
 
 def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
                               title: str = "final dose-volume metrics",
                               units: Mapping[str, str] | None = None) -> Path:
     """Box plots of each dose-volume metric per group (e.g. policy -> {metric: values}), one panel
-    per unit (Gy, %), as the seed's Fig. 4 (organ dose-volume mean and spread per agent).
+    per unit (Gy, %, cc), as the seed's Fig. 4 (organ dose-volume mean and spread per agent).
 
-    ``units`` gives each metric's unit (``"Gy"`` or ``"%"``, e.g. from the protocol's criteria;
+    ``units`` gives each metric's unit (``"Gy"``, ``"%"`` or ``"cc"``, e.g. from the protocol's criteria;
     see :func:`metric_panels` for the others).
     """
     labels = list(groups)
@@ -134,7 +137,7 @@ def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]
                 box.set_alpha(0.6)
             ax.plot([], [], color=f"C{g}", lw=6, alpha=0.6, label=label)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
-        ax.set_ylabel("Gy" if unit == "Gy" else "% of the structure volume")
+        ax.set_ylabel(_AXIS_LABELS[unit])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)

@@ -10,7 +10,9 @@ of the structure volume receiving at least x Gy.
 Protocol files
 --------------
 Protocols are JSON files laid out like PortPy's clinical-criteria files, so PortPy files
-load as they are::
+load as they are (also its earlier layout, which names the criterion type in ``name``; repeated
+generated names, where a file gives a structure's goal and limit as two criteria, are numbered
+``#2``, ``#3``)::
 
     {"disease_site": "Prostate", "pres_per_fraction_gy": 1.8, "num_of_fractions": 44,
      "criteria": [{"type": "dose_volume_V",
@@ -32,7 +34,8 @@ their ``parameters`` (besides ``structure_name``):
 ``constraints`` hold a goal (full credit) and a limit (zero credit). Dose-valued criteria
 (max, mean, D) use ``goal_dose_gy``/``limit_dose_gy`` or ``goal_dose_perc``/
 ``limit_dose_perc`` (percent of the prescription); ``dose_volume_V`` uses
-``goal_volume_perc``/``limit_volume_perc``. If only one of goal and limit is given, the
+``goal_volume_perc``/``limit_volume_perc`` (percent of the structure volume) or
+``goal_volume_cc``/``limit_volume_cc`` (absolute volume, cc). If only one of goal and limit is given, the
 other equals it (a step function).
 
 A parameter that does not apply to the criterion (``n_voxels`` without method
@@ -62,7 +65,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -222,7 +225,7 @@ def criterion_score(value: float, goal: float, limit: float, points: float = 1.0
                     sense: str = "upper", mode: str = "linear") -> float:
     """Score of one criterion value (0..points); see the module docstring for the modes.
 
-    ``value``, ``goal`` and ``limit`` share one unit (Gy or %); the limit lies beyond the goal
+    ``value``, ``goal`` and ``limit`` share one unit (Gy, % or cc); the limit lies beyond the goal
     (``limit >= goal`` for an upper bound, ``<=`` for a lower one) and ``points > 0``.
     """
     if sense not in SENSES:
@@ -258,7 +261,7 @@ class Criterion:
     """One validated protocol criterion.
 
     ``goal`` and ``limit`` are in ``unit`` ("Gy" for max, mean and D criteria, "%" of the
-    structure volume for V criteria), except when ``rx_relative`` is true: then they are
+    structure volume or "cc" for V criteria), except when ``rx_relative`` is true: then they are
     percent of the prescription and converted to Gy at evaluation. ``parameters`` holds
     the metric parameters (``dose_gy``/``dose_perc``, ``volume_perc``/``volume_cc``,
     ``method``/``n_voxels``/``volume_cc``).
@@ -278,13 +281,13 @@ class Criterion:
     note: str = ""
 
     def thresholds(self, prescription_gy: float) -> tuple[float, float]:
-        """(goal, limit) in the criterion's unit (Gy or %) for a prescription in Gy."""
+        """(goal, limit) in the criterion's unit (Gy, % or cc) for a prescription in Gy."""
         if self.rx_relative:
             return self.goal * prescription_gy / 100.0, self.limit * prescription_gy / 100.0
         return self.goal, self.limit
 
     def measure(self, dose: np.ndarray, voxel_cc: float, prescription_gy: float) -> float:
-        """The criterion's metric (Gy or %) for one structure's voxel doses (Gy)."""
+        """The criterion's metric (Gy, % or cc) for one structure's voxel doses (Gy)."""
         return self._measure(_check_dose(dose), check_real("voxel_cc", voxel_cc, 0.0, low_inclusive=False),
                              check_real("prescription_gy", prescription_gy, 0.0, low_inclusive=False))
 
@@ -296,6 +299,8 @@ class Criterion:
             return float(arr.mean())
         if self.type == "dose_volume_V":
             threshold = p["dose_gy"] if "dose_gy" in p else p["dose_perc"] * prescription_gy / 100.0
+            if self.unit == "cc":
+                return float(np.count_nonzero(arr >= threshold) * voxel_cc)
             return _volume_at_dose_percent(arr, threshold)
         if "volume_perc" in p:
             return _dose_at_volume_percent(arr, p["volume_perc"])
@@ -317,6 +322,9 @@ class Criterion:
             except ValueError as exc:
                 raise fail(str(exc)) from None
 
+        if "type" not in raw and raw.get("name") in CRITERION_TYPES:
+            # PortPy's earlier layout names the criterion type in "name" ({"name": "max_dose", ...})
+            raw = {k: v for k, v in raw.items() if k != "name"} | {"type": raw["name"]}
         for key in ("type", "parameters"):
             if key not in raw:
                 raise fail(f"missing required field {key!r}")
@@ -356,11 +364,10 @@ class Criterion:
             raise fail(f"parameters {stray} do not apply to this {ctype} {what}; it uses "
                        f"{sorted(params) or 'none besides structure_name'}")
 
-        unit = "%" if ctype == "dose_volume_V" else "Gy"
         constraints = raw.get("constraints", {})
         if not isinstance(constraints, Mapping):
             raise fail("'constraints' must be an object")
-        flavours = ("volume_perc",) if unit == "%" else ("dose_gy", "dose_perc")
+        flavours = ("volume_perc", "volume_cc") if ctype == "dose_volume_V" else ("dose_gy", "dose_perc")
         foreign = [k for k in constraints if k not in {f"{e}_{f}" for e in ("goal", "limit") for f in flavours}]
         if foreign:
             keys = ", ".join(f"{e}_{f}" for f in flavours for e in ("goal", "limit"))
@@ -371,10 +378,12 @@ class Criterion:
             reason = "mix units" if used else "have no goal or limit"
             raise fail(f"constraints {reason}; a {ctype} criterion uses {keys}")
         flavour = used[0]
+        unit = {"volume_perc": "%", "volume_cc": "cc"}.get(flavour, "Gy")
         high = 100.0 if flavour == "volume_perc" else math.inf
-        goal = constraints.get(f"goal_{flavour}", constraints.get(f"limit_{flavour}"))
-        limit = constraints.get(f"limit_{flavour}", goal)
-        goal, limit = num(goal, f"goal_{flavour}", high), num(limit, f"limit_{flavour}", high)
+        # either may be missing (it then equals the other); check each under the key it was given as
+        given = {e: num(constraints[f"{e}_{flavour}"], f"{e}_{flavour}", high)
+                 for e in ("goal", "limit") if f"{e}_{flavour}" in constraints}
+        goal, limit = given.get("goal", given.get("limit")), given.get("limit", given.get("goal"))
 
         sense = raw.get("sense", "upper")
         if sense not in SENSES:
@@ -394,7 +403,7 @@ class Criterion:
 
     def to_dict(self) -> dict[str, Any]:
         """PortPy-style dict (with rtenv's fields) that :meth:`from_dict` reads back."""
-        flavour = "volume_perc" if self.unit == "%" else ("dose_perc" if self.rx_relative else "dose_gy")
+        flavour = {"%": "volume_perc", "cc": "volume_cc"}.get(self.unit, "dose_perc" if self.rx_relative else "dose_gy")
         out: dict[str, Any] = {
             "name": self.name,
             "type": self.type,
@@ -459,7 +468,7 @@ def _default_name(ctype: str, structure: str, params: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class CriterionResult:
     """Evaluation of one criterion. ``value``, ``goal``, ``limit`` and ``margin`` are in
-    ``unit`` (Gy or % of the structure volume); ``margin`` > 0 means the goal is missed by
+    ``unit`` (Gy, % of the structure volume, or cc); ``margin`` > 0 means the goal is missed by
     that much (upper: value - goal; lower: goal - value)."""
 
     name: str
@@ -583,7 +592,14 @@ class Protocol:
         raw_criteria = data["criteria"]
         if not isinstance(raw_criteria, Sequence) or isinstance(raw_criteria, str) or not raw_criteria:
             raise ValueError("protocol field 'criteria' must be a non-empty list")
-        criteria = tuple(Criterion.from_dict(c, i) for i, c in enumerate(raw_criteria))
+        criteria = [Criterion.from_dict(c, i) for i, c in enumerate(raw_criteria)]
+        # generated names (no "name", or PortPy's earlier {"name": type}) can repeat where a file
+        # gives a structure's goal and limit as two criteria: number the repeats
+        seen: dict[str, int] = {}
+        for i, (c, raw) in enumerate(zip(criteria, raw_criteria, strict=True)):
+            seen[c.name] = seen.get(c.name, 0) + 1
+            if seen[c.name] > 1 and (raw.get("name") in (None, "", *CRITERION_TYPES)):
+                criteria[i] = replace(c, name=f"{c.name} #{seen[c.name]}")
         names = [c.name for c in criteria]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:  # results are reported by criterion name
@@ -591,7 +607,7 @@ class Protocol:
         return cls(name=str(data.get("name") or data.get("protocol_name") or "custom"),
                    disease_site=str(data.get("disease_site", "")),
                    prescription_gy=round(per_fraction * fractions, 9), fractions=fractions,
-                   criteria=criteria, score_mode=mode, description=str(data.get("description", "")))
+                   criteria=tuple(criteria), score_mode=mode, description=str(data.get("description", "")))
 
     def to_dict(self) -> dict[str, Any]:
         """PortPy-style dict (with rtenv's fields) that :meth:`from_dict` reads back."""

@@ -43,6 +43,9 @@ RANGES: dict[tuple[str, bool], tuple[float, float, bool]] = {
     ("V", False): (0.0, 1.0, False),
 }
 
+_MEANING = {"t": "a dose threshold as a fraction of the prescription", "lambda": "a relative weight",
+            "V": "a volume fraction of the structure"}
+
 # SPEC section 1 default start and random-start distributions (uniform low, high)
 DEFAULTS = {("t", True): 1.0, ("t", False): 1.0, ("lambda", True): 1.0, ("lambda", False): 1.0,
             ("V", True): 0.1, ("V", False): 1.0}
@@ -252,7 +255,8 @@ def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> np.ndarra
             b = int(np.argmax(bad))
             where = f" (plan {b})" if v.shape[0] > 1 else ""
             interval = f"{'[' if lo_inc else '('}{lo:g}, {hi:g}]"
-            raise ValueError(f"TPP {name} = {float(col[b])!r}{where} is outside its valid range {interval}")
+            raise ValueError(f"TPP {name} = {float(col[b])!r}{where} is outside its valid range {interval} "
+                             f"({_MEANING[key[0]]})")
         np.clip(col, lo, hi, out=col)
     return v if raw.ndim == 2 else v[0]
 

@@ -247,6 +247,47 @@ def test_score_plan_reads_an_edited_protocol_file_again(tmp_path):
         Protocol.load(path)
 
 
+def test_portpy_earlier_layout_and_split_goal_and_limit():
+    # PortPy's earlier files name the type in "name"; some give a structure's limit and goal as two
+    # criteria, whose generated names repeat
+    protocol = Protocol.from_dict({
+        "pres_per_fraction_gy": 2, "num_of_fractions": 30,
+        "criteria": [
+            {"name": "max_dose", "parameters": {"structure_name": "CORD"}, "constraints": {"limit_dose_gy": 50}},
+            {"name": "max_dose", "parameters": {"structure_name": "CORD"}, "constraints": {"goal_dose_gy": 48}},
+            {"type": "mean_dose", "parameters": {"structure_name": "HEART", "weight": 10},
+             "constraints": {"limit_dose_gy": 27, "goal_dose_gy": 20}},
+        ],
+    })
+    assert [(c.name, c.type, c.goal, c.limit) for c in protocol.criteria] == [
+        ("CORD Dmax", "max_dose", 50, 50), ("CORD Dmax #2", "max_dose", 48, 48), ("HEART Dmean", "mean_dose", 20, 27)]
+    result = protocol.evaluate({"CORD": np.full(10, 49.0), "HEART": np.full(10, 10.0)}, 0.1)
+    assert [c.met for c in result.criteria] == [True, False, True]
+    assert Protocol.from_dict(protocol.to_dict()) == protocol
+
+
+def test_v_criteria_in_cc():
+    # PortPy files give some V goals as absolute volumes (goal_volume_cc / limit_volume_cc)
+    protocol = Protocol.from_dict({"pres_per_fraction_gy": 2, "num_of_fractions": 30, "criteria": [
+        {"type": "dose_volume_V", "parameters": {"structure_name": "ESOPHAGUS", "dose_gy": 18},
+         "constraints": {"goal_volume_cc": 2.5, "limit_volume_cc": 5}}]})
+    (c,) = protocol.criteria
+    assert (c.unit, c.goal, c.limit) == ("cc", 2.5, 5.0)
+    dose = np.array([30.0, 20.0, 18.0, 17.9] + [5.0] * 96)  # 3 voxels at >= 18 Gy
+    r = protocol.evaluate({"ESOPHAGUS": dose}, 0.5).criteria[0]
+    assert (r.value, r.unit, r.met) == (1.5, "cc", True)
+    r = protocol.evaluate({"ESOPHAGUS": dose}, 1.5).criteria[0]  # 4.5 cc: between goal and limit
+    assert r.value == 4.5 and r.score == pytest.approx((5 - 4.5) / 2.5) and not r.met
+    assert Protocol.from_dict(protocol.to_dict()) == protocol
+    with pytest.raises(ValueError, match=r"mix units"):
+        Protocol.from_dict({**protocol.to_dict(), "criteria": [{**protocol.to_dict()["criteria"][0], "constraints": {
+            "goal_volume_cc": 2.5, "limit_volume_perc": 5}}]})
+    # a limit-only criterion's bad value is reported under the key it was given as
+    with pytest.raises(ValueError, match=r"limit_volume_cc = -1 is invalid"):
+        Protocol.from_dict({**protocol.to_dict(), "criteria": [{**protocol.to_dict()["criteria"][0], "constraints": {
+            "limit_volume_cc": -1}}]})
+
+
 def test_criterion_score_rejects_what_a_protocol_rejects():
     for kwargs, match in (({"value": float("nan")}, "not finite"), ({"points": 0.0}, "points = 0.0"),
                           ({"goal": 10.0, "limit": 5.0}, "wrong side of goal 10")):
@@ -326,8 +367,8 @@ def base_protocol(**criterion):
         (base_protocol(type="max_dose",
                        parameters={"structure_name": "B", "method": "hottest_voxels", "n_voxels": True},
                        constraints={"goal_dose_gy": 5}), r"criteria\[0\]: n_voxels = True must be an integer"),
-        ({**base_protocol(), "criteria": [base_protocol()["criteria"][0]] * 2},
-         r"criterion names \['Bladder V80Gy'\] appear more than once"),
+        ({**base_protocol(), "criteria": [{**base_protocol()["criteria"][0], "name": "bladder"}] * 2},
+         r"criterion names \['bladder'\] appear more than once"),
         ({**base_protocol(), "score_mode": "fancy"}, "fancy.*linear, binary, relative"),
         ({**base_protocol(), "criteria": []}, "non-empty"),
         # settings that were silently dropped: a misspelt key, a parameter of another method, a

@@ -117,6 +117,7 @@ def test_metric_panels_take_the_protocols_units(tmp_path):
     metrics = ["PTV hot spot", "Bladder V70Gy", "rectum_v70", "Heart mean"]
     assert metric_panels(metrics) == {"Gy": ["PTV hot spot", "rectum_v70", "Heart mean"], "%": ["Bladder V70Gy"]}
     assert metric_panels(metrics, {"rectum_v70": "%"})["%"] == ["Bladder V70Gy", "rectum_v70"]
+    assert metric_panels(metrics, {"rectum_v70": "cc"})["cc"] == ["rectum_v70"]  # a V criterion in cc
     with pytest.raises(ValueError, match="'cGy'"):
         metric_panels(metrics, {"Heart mean": "cGy"})
     groups = {"a": {m: [1.0, 2.0] for m in metrics}}
