@@ -10,7 +10,9 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
 
+import drl.acer
 from drl.acer import ACER, ACERLstmPolicy, ACERPolicy
+from drl.acer_math import retrace_targets
 from rtenv.sb3 import make_sb3_vec_env
 
 
@@ -50,18 +52,15 @@ def test_deterministic_under_seed(policy, steps):
     assert not torch.equal(params(3), params(4))
 
 
-def test_truncation_is_recorded_apart_from_termination():
+def _cartpole_segment(**kwargs) -> tuple[ACER, dict]:
+    """A model and one collected segment of 5-step CartPole episodes (time-limit truncations)."""
     venv = make_vec_env("CartPole-v1", n_envs=2, seed=0, env_kwargs={"max_episode_steps": 5})
-    model = ACER("MlpPolicy", venv, seed=0, n_steps=12, device="cpu")
-    model._setup_learn(100)
+    model = ACER("MlpPolicy", venv, seed=0, n_steps=12, device="cpu", **kwargs)
+    return model, model._collect_segment(_collector(model, 100))
 
-    class Keep(BaseCallback):
-        def _on_step(self) -> bool:
-            return True
 
-    cb = Keep()
-    cb.init_callback(model)
-    seg = model._collect_segment(cb)
+def test_truncation_is_recorded_apart_from_termination():
+    model, seg = _cartpole_segment()
     assert seg["truncated"].any()
     assert not (seg["truncated"] & seg["terminated"]).any()
     # the truncated states are kept for bootstrapping, one row per truncation
@@ -171,6 +170,29 @@ def _collector(model: ACER, total: int = 10_000) -> _Continue:
     cb = _Continue()
     cb.init_callback(model)
     return cb
+
+
+def test_an_update_bootstraps_truncations_and_moves_the_average_policy(monkeypatch):
+    model, seg = _cartpole_segment(alpha=0.5, trust_region=False)
+    assert seg["truncated"].any()
+    with torch.no_grad():  # V of the truncated states under the policy before the update
+        lp, q = model.policy.evaluate(torch.as_tensor(seg["trunc_obs"]), torch.as_tensor(seg["trunc_masks"]))
+        expected = (lp.exp() * q).sum(-1)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["truncated"], seen["boot"] = args[5].clone(), args[6].clone()
+        return retrace_targets(*args, **kwargs)
+
+    monkeypatch.setattr(drl.acer, "retrace_targets", spy)
+    avg_before = [p.detach().clone() for p in model.avg_policy.parameters()]
+    model._update(seg)
+    T = seg["actions"].shape[0]
+    assert expected.abs().min() > 0
+    torch.testing.assert_close(seen["boot"][:T][seen["truncated"]], expected)  # not 0, as at a termination
+    for a0, a, p in zip(avg_before, model.avg_policy.parameters(), model.policy.parameters(), strict=True):
+        torch.testing.assert_close(a, 0.5 * a0 + 0.5 * p.detach())  # alpha a + (1 - alpha) p
+    assert any(not torch.equal(a0, a) for a0, a in zip(avg_before, model.avg_policy.parameters(), strict=True))
 
 
 def test_lstm_policy_sizes_come_from_the_spaces():

@@ -38,6 +38,15 @@ def test_retrace_bootstraps_at_truncation():
     assert q_ret[:, 0].tolist() == pytest.approx([4.195, 6.5, 4.8])
 
 
+def test_retrace_truncates_the_trace_at_trace_max():
+    # rho_1 = 3 is cut to 1: carried 1*(6.05-1)+0.8 = 5.85; t=0: 1 + 0.9*5.85 = 6.265
+    seg = _segment()
+    seg["rho_taken"] = torch.tensor([[2.0], [3.0], [1.0]], dtype=torch.float64)
+    assert retrace_targets(**seg)[:, 0].tolist() == pytest.approx([6.265, 6.05, 4.8])
+    # a higher cut lets it through: carried 3*(6.05-1)+0.8 = 15.95; t=0: 1 + 0.9*15.95 = 15.355
+    assert retrace_targets(**seg, trace_max=5.0)[:, 0].tolist() == pytest.approx([15.355, 6.05, 4.8])
+
+
 def test_retrace_checks_shapes():
     seg = _segment()
     seg["values"] = seg["values"][:2]

@@ -1,5 +1,6 @@
 """Gymnasium environments: API conformance, dynamics, vector env, SB3 adapter and training."""
 
+import math
 import re
 
 import gymnasium as gym
@@ -11,6 +12,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import rtenv  # registers the ids
 from rtenv.env import ACTION_FACTORS, TPPTuningEnv, TPPTuningVectorEnv, fine_score
+from rtenv.evaluation import Protocol, cumulative_dvh
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.scenarios import load_case
 from rtenv.tpp import TPP
@@ -90,18 +92,23 @@ def test_terminates_at_full_score():
     found = {"t_PTV": 1.0042, "t_bladder": 0.9046, "t_rectum": 0.9116, "lambda_PTV": 3.1567,
              "lambda_bladder": 0.2103, "lambda_rectum": 4.5534, "V_PTV": 0.0566, "V_bladder": 0.9245,
              "V_rectum": 0.8949}
-    env = TPPTuningEnv("S1", action_mode="continuous", cohort="test", cases=[4], scoring_mode="binary")
-    _, info = env.reset(seed=0)
-    assert not info["full_score"] and info["score"] < 9
+    env = TPPTuningEnv("S1", action_mode="continuous", cohort="test", cases=[4], scoring_mode="binary", max_steps=1)
+    _, start = env.reset(seed=0)
+    assert not start["full_score"] and start["score"] < 9
     _, reward, terminated, truncated, info = env.step(env.core.tpp_to_action(np.array(list(found.values()))))
     assert info["full_score"] and info["score"] == 9 and info["violated"] == []
-    assert terminated and not truncated and reward > 0
+    assert terminated and not truncated  # full score on the last allowed step ends the episode, not the time limit
+    # SPEC reward: fine-score delta + 4 x score delta (here the score rises, so the weight shows)
+    assert reward == pytest.approx(info["fine_score"] - start["fine_score"] + 4 * (9 - start["score"]), abs=1e-9)
 
 
 def test_continuous_map_roundtrip():
     env = TPPTuningEnv("S1", action_mode="continuous")
     tpp = np.array([1.05, 0.6, 0.5, 5.0, 0.5, 2.0, 0.1, 0.5, 0.8])
     np.testing.assert_allclose(env.core.action_to_tpp(env.core.tpp_to_action(tpp)), tpp, rtol=1e-5)
+    for edge in (1.0, -1.0):  # actions beyond the Box act as its edge
+        beyond, at = env.core.action_to_tpp(np.full(9, 3 * edge)), env.core.action_to_tpp(np.full(9, edge))
+        np.testing.assert_array_equal(beyond, at)
     env.reset(seed=0)
     _, _, _, _, info = env.step(env.core.tpp_to_action(tpp))
     np.testing.assert_allclose(list(info["tpp"].values()), tpp, rtol=1e-5)
@@ -399,6 +406,33 @@ def test_fine_score_is_smooth_beyond_the_ramp():
     env = TPPTuningEnv("S1")
     _, info = env.reset(seed=0)
     assert abs(fine_score(env._ep.result) - info["score"]) < 1.0
+    # the hot-spot ramp at its goal (3 hottest PTV voxels at 107 % Rx): 1/2 - arctan(2 (g - m) / h) / pi with
+    # g - m = -h, the half-width; the 8 OAR criteria are met
+    rx = 79.2
+    doses = {"PTV": np.concatenate([np.full(3, 1.07 * rx), np.full(50, rx)]), "Bladder": np.full(100, 10.0),
+             "Rectum": np.full(100, 10.0)}
+    result = Protocol.load("prostate9").evaluate(doses, 0.027)
+    assert fine_score(result) == pytest.approx(8 + 0.5 + math.atan(2.0) / math.pi)
+
+
+def test_steps_warm_start_from_the_previous_solve():
+    env = TPPTuningEnv("S1")
+    env.reset(seed=0)
+    warm = env._ep.warm_start.copy()
+    env.step(2 * 4)  # raise lambda_bladder
+    tps, tpp = env._ep.tps, env._ep.tpp
+    np.testing.assert_array_equal(env.dose, tps.optimize(tpp, x0=warm).dose[0])
+    assert not np.array_equal(env.dose, tps.optimize(tpp).dose[0])  # a cold start ends elsewhere
+
+
+def test_observation_is_the_cumulative_dvh_over_specs_ranges():
+    env = TPPTuningEnv("S1")
+    obs, _ = env.reset(seed=0)
+    case, rx = env.case, env.case.prescription_gy
+    ranges = {"PTV": (1.0, 1.15), "Bladder": (0.6, 1.1), "Rectum": (0.6, 1.1)}  # SPEC section 3, relative to Rx
+    expected = np.concatenate([cumulative_dvh(env.dose[case.structure(s).rows], np.linspace(*ranges[s], 100) * rx)
+                               for s in case.structure_names])
+    np.testing.assert_allclose(obs, expected, atol=1e-6)
 
 
 def test_render_modes():
@@ -502,10 +536,15 @@ def test_sb3_algorithms_train_through_vector_adapter(algo):
 def test_sb3_adapter_hands_over_terminal_observations():
     venv = make_sb3_vec_env("S1", num_envs=2, max_steps=1)
     venv.seed(0)
-    venv.reset()
+    first = venv.reset()
     venv.step_async(np.array([0, 1]))
     obs, rewards, dones, infos = venv.step_wait()
     assert dones.all() and obs.shape == (2, 300)
+    for i, info in enumerate(infos):  # the finished episode's last observation, as a single env gives it
+        single = TPPTuningEnv("S1", max_steps=1)
+        single.reset(seed=i)
+        np.testing.assert_array_equal(info["terminal_observation"], single.step(i)[0])
+    np.testing.assert_array_equal(obs, first)  # and the new episodes' first ones (default start)
     for info, new in zip(infos, venv.reset_infos, strict=True):  # as SB3's DummyVecEnv hands them over
         assert info["terminal_observation"].shape == (300,)
         assert info["TimeLimit.truncated"] == (not info["full_score"])

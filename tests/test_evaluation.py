@@ -43,6 +43,9 @@ def test_dose_at_volume_percent():
 
 
 def test_dose_at_volume_cc():
+    # a 0 cc request is the hottest voxel, not the coldest; 2.1 / 0.3 = 7.000000000000001 is 7 voxels
+    assert dose_at_volume_cc(ONE_TO_TEN, 0.0, 0.1) == 10.0
+    assert dose_at_volume_cc(np.arange(1.0, 21.0), 2.1, 0.3) == 14.0
     assert dose_at_volume_cc(ONE_TO_TEN, 0.03, 0.125) == 10.0
     assert dose_at_volume_cc(ONE_TO_TEN, 0.3, 0.1) == 8.0
     assert dose_at_volume_cc(ONE_TO_TEN, 1.1, 0.1) == 1.0  # more than the structure: minimum
@@ -264,6 +267,15 @@ def test_portpy_earlier_layout_and_split_goal_and_limit():
     result = protocol.evaluate({"CORD": np.full(10, 49.0), "HEART": np.full(10, 10.0)}, 0.1)
     assert [c.met for c in result.criteria] == [True, False, True]
     assert Protocol.from_dict(protocol.to_dict()) == protocol
+
+
+def test_a_goal_reached_exactly_is_met():
+    doses = {"PTV": np.full(53, 79.2), "Bladder": np.array([80.0] * 15 + [10.0] * 85),  # V80Gy = 15 % = its goal
+             "Rectum": np.full(100, 10.0)}
+    result = Protocol.load("prostate9").evaluate(doses, 0.027)
+    v80 = next(c for c in result.criteria if c.name == "Bladder V80Gy")
+    assert v80.value == v80.goal == 15.0 and v80.met and v80.margin == 0 and v80.score == 1.0
+    assert result.full_score
 
 
 def test_v_criteria_in_cc():

@@ -48,6 +48,15 @@ def test_build_keeps_full_score_plans_parameter_wise():
         build_knowledge([record(1), other], {})
 
 
+def test_quartiles_and_geometric_sd_by_hand():
+    records = [EpisodeRecord(case=f"c{i}", initial_score=5, final_score=9, initial_binary_score=5, final_binary_score=9,
+                             max_score=9, steps=1, full_score=True, final_tpp={"lambda_PTV": lam}, final_dv_metrics={})
+               for i, lam in enumerate([2.0, 4.0, 8.0])]
+    p = build_knowledge(records, {})["parameters"]["lambda_PTV"]
+    assert (p["q1"], p["median"], p["q3"]) == pytest.approx((3.0, 4.0, 6.0))  # numpy's linear quantiles
+    assert p["geometric_sd"] == pytest.approx(2.0)  # exp(sample sd of ln 2, ln 4, ln 8) = exp(ln 2)
+
+
 def test_save_load_and_validation(tmp_path):
     kb = build_knowledge([record(1), record(2)], {"policy": "p", "scenario": "S1", "cohort": "knowledge"})
     path = save_knowledge(kb, tmp_path / "kb.json")

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knowledge_extraction.knowledge import build_knowledge
+from llm_policy.backends import Completion
+from llm_policy.policy import LLMPolicy
 from llm_policy.prompt import Attempt, PlanState, PromptOptions, build_messages, knowledge_guidance, select_memory
 from llm_policy.proposal import (
     REASONING_MAX_CHARS,
@@ -196,6 +198,35 @@ def test_guided_prompt_holds_the_three_components_and_no_identifiers():
     assert "Knowledge" not in unguided and unguided == text.replace(guide, "")
     with pytest.raises(ValueError, match="needs a knowledge base"):
         build_messages(s1_state(), PromptOptions(guidance=True))
+    # the checkpoint rows: value, goal and limit in the criterion's unit, and whether it is met
+    assert "PTV hot spot | 86.00 Gy | 84.74 Gy | 87.12 Gy | NO" in text
+    assert "Rectum V75Gy | 12.00 % | 15.00 % | 20.00 % | yes" in text
+
+
+class ScriptedBackend:
+    """Answers from a list and keeps the chats it was sent: the real model, constrained to the
+    schema, cannot be made to give the invalid answer whose repair this drives."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers, self.chats = list(answers), []
+
+    def complete(self, messages, schema, temperature, seed, max_tokens):
+        self.chats.append(list(messages))
+        return Completion(self.answers.pop(0), None, 1, 1, 0.0, "text")
+
+
+def test_an_invalid_answer_goes_back_with_its_error_and_the_repair_is_used():
+    good = {"t_PTV": 1.05, "t_bladder": 0.6, "t_rectum": 0.5, "lambda_PTV": 2.0, "lambda_bladder": 1.5,
+            "lambda_rectum": 3.0, "V_PTV": 0.1, "V_bladder": 0.6, "V_rectum": 0.5}
+    backend = ScriptedBackend([json.dumps({**good, "V_PTV": 0.9}), json.dumps(good)])
+    policy = LLMPolicy(backend, S1, 79.2, options=PromptOptions(guidance=False))
+    state = s1_state()
+    info = {"tpp": state.tpp, "score": state.score, "max_score": state.max_score, "criteria": state.criteria}
+    proposal, log = policy.propose(state.dvh, info)
+    assert proposal == good and not log.valid_first and not log.fallback
+    repair = backend.chats[1]
+    assert repair[:-2] == backend.chats[0] and repair[-2]["content"] == json.dumps({**good, "V_PTV": 0.9})
+    assert "V_PTV = 0.9 is outside" in repair[-1]["content"]  # the validation error went back to the model
 
 
 def test_knowledge_pooled_by_role_for_another_site():

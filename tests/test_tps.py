@@ -58,6 +58,9 @@ def test_tpp_random_within_spec_ranges_and_seeded():
     assert a[:, 0].min() >= 1.0 and a[:, 0].max() <= 1.2
     assert a[:, 3:6].max() <= 30.0 and a[:, 3:6].min() > 0
     assert a[:, 6].max() <= 0.3 and a[:, 7:].max() <= 1.0
+    # and they fill SPEC's random-start ranges: weights U(0, 30) (mean 15), thresholds of OARs U(0, 1)
+    assert a[:, 3:6].max() > 25.0 and 13.0 < a[:, 3:6].mean() < 17.0
+    assert a[:, 1:3].max() > 0.9 and 0.4 < a[:, 1:3].mean() < 0.6
 
 
 def test_tpp_json_roundtrip(tmp_path):
@@ -289,6 +292,15 @@ def test_plan_is_rescaled_to_exact_d95(s1):
         assert rx <= d95 <= rx * (1 + 4 * np.finfo(np.float32).eps)
         assert volume_at_dose_percent(dose[s1.target.rows], rx) >= 95.0
     assert plan.fluence.min() >= 0
+
+
+def test_warm_start_is_the_iterate_before_the_rescale(s1):
+    # extreme weights: after 40 iterations the iterate is far from D95 = Rx, so the rescale is large
+    tps = TPS(s1)
+    plan = tps.optimize(TPP(tuple(s1.structure_names), np.array([1.0, 0.2, 0.15, 1e-3, 1e4, 1e4, 0.05, 0.05, 0.6])))
+    d95_raw = dose_at_volume_percent(s1.dose(plan.warm_start[0])[s1.target.rows], 95)
+    assert abs(d95_raw / s1.prescription_gy - 1) > 0.05
+    np.testing.assert_allclose(plan.fluence[0], plan.warm_start[0] * s1.prescription_gy / d95_raw, rtol=1e-3)
 
 
 def test_batched_equals_sequential(s1):
