@@ -177,7 +177,8 @@ class LLMPolicy:
 @dataclass
 class PlanningResult:
     """One LLM planning episode (``final_dv_metrics`` as in :class:`rtenv.rollout.EpisodeRecord`:
-    Gy for dose criteria, percent of the structure's volume for ``V`` criteria)."""
+    Gy for dose criteria; for ``V`` criteria percent of the structure's volume, or cc where the
+    protocol gives them so)."""
 
     initial_score: float
     final_score: float

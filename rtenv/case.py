@@ -133,6 +133,8 @@ class PlanningCase:
 
     def __post_init__(self) -> None:
         self.validate()
+        # plain Python numbers (a numpy integer would not serialise to the header)
+        self.prescription_gy, self.fractions = float(self.prescription_gy), int(self.fractions)
 
     # ------------------------------------------------------------------ queries
     @property

@@ -299,8 +299,8 @@ class Criterion:
             return float(arr.mean())
         if self.type == "dose_volume_V":
             threshold = p["dose_gy"] if "dose_gy" in p else p["dose_perc"] * prescription_gy / 100.0
-            if self.unit == "cc":
-                return float(np.count_nonzero(arr >= threshold) * voxel_cc)
+            if self.unit == "cc":  # rounded as _ceil rounds: 3 x 0.1 cc is 0.3 cc, not a hair above it
+                return round(float(np.count_nonzero(arr >= threshold) * voxel_cc), 9)
             return _volume_at_dose_percent(arr, threshold)
         if "volume_perc" in p:
             return _dose_at_volume_percent(arr, p["volume_perc"])
@@ -336,6 +336,7 @@ class Criterion:
         structure = raw_params.get("structure_name") if isinstance(raw_params, Mapping) else None
         if not isinstance(structure, str) or not structure:
             raise fail("missing required field 'parameters.structure_name'")
+        _refuse_near_misses(raw_params, _PARAMETERS, "parameter", fail)
 
         params: dict[str, Any] = {}
         if ctype == "max_dose":
@@ -357,7 +358,6 @@ class Criterion:
                 raise fail(f"{ctype} needs exactly one of parameters {' / '.join(choices)}")
             key = given[0]
             params[key] = num(raw_params[key], key, 100.0 if key == "volume_perc" else math.inf)
-        _refuse_near_misses(raw_params, _PARAMETERS, "parameter", fail)
         stray = [k for k in raw_params if k in _PARAMETERS and k != "structure_name" and k not in params]
         if stray:  # e.g. n_voxels without method "hottest_voxels": it would silently measure the hottest voxel
             what = f"method {params['method']!r}" if ctype == "max_dose" else "criterion"
@@ -367,6 +367,9 @@ class Criterion:
         constraints = raw.get("constraints", {})
         if not isinstance(constraints, Mapping):
             raise fail("'constraints' must be an object")
+        # PortPy may state the sense inside the constraints ("constraint_type": "upper")
+        constraint_type = constraints.get("constraint_type")
+        constraints = {k: v for k, v in constraints.items() if k != "constraint_type"}
         flavours = ("volume_perc", "volume_cc") if ctype == "dose_volume_V" else ("dose_gy", "dose_perc")
         foreign = [k for k in constraints if k not in {f"{e}_{f}" for e in ("goal", "limit") for f in flavours}]
         if foreign:
@@ -385,9 +388,12 @@ class Criterion:
                  for e in ("goal", "limit") if f"{e}_{flavour}" in constraints}
         goal, limit = given.get("goal", given.get("limit")), given.get("limit", given.get("goal"))
 
-        sense = raw.get("sense", "upper")
-        if sense not in SENSES:
-            raise fail(f"unknown sense {sense!r}; valid senses: {', '.join(SENSES)}")
+        sense = raw.get("sense", constraint_type or "upper")
+        for key, value in (("sense", sense), ("constraints.constraint_type", constraint_type or sense)):
+            if value not in SENSES:
+                raise fail(f"unknown {key} {value!r}; valid senses: {', '.join(SENSES)}")
+        if constraint_type is not None and constraint_type != sense:
+            raise fail(f"sense {sense!r} contradicts constraints.constraint_type {constraint_type!r}")
         if (limit < goal) if sense == "upper" else (limit > goal):
             relation, need = ("<", ">=") if sense == "upper" else (">", "<=")
             raise fail(f"limit_{flavour} ({limit:g}) {relation} goal_{flavour} ({goal:g}); "
@@ -396,7 +402,7 @@ class Criterion:
         primary = raw.get("primary", False)
         if not isinstance(primary, bool):
             raise fail(f"primary = {primary!r} is invalid; expected true or false")
-        name = raw.get("name") or _default_name(ctype, structure, params)
+        name = raw.get("name") or _default_name(ctype, structure, params, unit)
         return cls(name=str(name), type=ctype, structure=structure, sense=sense, points=points,
                    primary=primary, parameters=params, goal=goal, limit=limit, unit=unit,
                    rx_relative=flavour == "dose_perc", note=str(raw.get("note", "")))
@@ -431,9 +437,11 @@ def _refuse_near_misses(given: Mapping[str, Any], known: Sequence[str], what: st
     or swapped, two in a name longer than 5), which would silently drop the setting."""
     for key in given:
         if key not in known:
-            close = [k for k in known if _edits(str(key).lower(), k) <= (1 if len(k) <= 5 else 2)]
+            dist = {k: _edits(str(key).lower(), k) for k in known}
+            close = [k for k in known if dist[k] <= (1 if len(k) <= 5 else 2)]
             if close:
-                raise fail(f"unknown {what} {key!r}; did you mean {close[0]!r}? (valid: {', '.join(known)})")
+                best = min(close, key=dist.__getitem__)
+                raise fail(f"unknown {what} {key!r}; did you mean {best!r}? (valid: {', '.join(known)})")
 
 
 def _edits(a: str, b: str) -> int:
@@ -450,8 +458,8 @@ def _edits(a: str, b: str) -> int:
     return prev[-1]
 
 
-def _default_name(ctype: str, structure: str, params: Mapping[str, Any]) -> str:
-    """Readable criterion name such as "Bladder V80Gy" or "PTV D95%"."""
+def _default_name(ctype: str, structure: str, params: Mapping[str, Any], unit: str = "%") -> str:
+    """Readable criterion name such as "Bladder V80Gy", "Esophagus V18Gy[cc]" or "PTV D95%"."""
     if ctype == "mean_dose":
         return f"{structure} Dmean"
     if ctype == "max_dose":
@@ -460,7 +468,7 @@ def _default_name(ctype: str, structure: str, params: Mapping[str, Any]) -> str:
         return f"{structure} {label}"
     if ctype == "dose_volume_V":
         label = f"V{params['dose_gy']:g}Gy" if "dose_gy" in params else f"V{params['dose_perc']:g}%Rx"
-        return f"{structure} {label}"
+        return f"{structure} {label}" + ("[cc]" if unit == "cc" else "")
     label = f"D{params['volume_perc']:g}%" if "volume_perc" in params else f"D{params['volume_cc']:g}cc"
     return f"{structure} {label}"
 
@@ -569,7 +577,8 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Protocol:
-        """Parse and validate a PortPy-style protocol dict (unknown keys are ignored)."""
+        """Parse and validate a PortPy-style protocol dict (unknown keys are ignored, except likely
+        misspellings of known ones)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"protocol must be an object, got {type(data).__name__}")
         def fail(msg: str) -> ValueError:
@@ -594,12 +603,17 @@ class Protocol:
             raise ValueError("protocol field 'criteria' must be a non-empty list")
         criteria = [Criterion.from_dict(c, i) for i, c in enumerate(raw_criteria)]
         # generated names (no "name", or PortPy's earlier {"name": type}) can repeat where a file
-        # gives a structure's goal and limit as two criteria: number the repeats
-        seen: dict[str, int] = {}
-        for i, (c, raw) in enumerate(zip(criteria, raw_criteria, strict=True)):
-            seen[c.name] = seen.get(c.name, 0) + 1
-            if seen[c.name] > 1 and (raw.get("name") in (None, "", *CRITERION_TYPES)):
-                criteria[i] = replace(c, name=f"{c.name} #{seen[c.name]}")
+        # gives a structure's goal and limit as two criteria: number each repeat with the first
+        # "#k" that no criterion uses (a given name is kept as it is)
+        generated = [raw.get("name") in (None, "", *CRITERION_TYPES) for raw in raw_criteria]
+        taken = {c.name for c, gen in zip(criteria, generated, strict=True) if not gen}
+        for i, (c, gen) in enumerate(zip(criteria, generated, strict=True)):
+            if gen:
+                name, k = c.name, 2
+                while name in taken:
+                    name, k = f"{c.name} #{k}", k + 1
+                taken.add(name)
+                criteria[i] = replace(c, name=name)
         names = [c.name for c in criteria]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:  # results are reported by criterion name

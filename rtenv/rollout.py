@@ -29,7 +29,8 @@ Policy = Callable[[np.ndarray, dict[str, Any]], Any]
 class EpisodeRecord:
     """One tuning episode: scores (the env's scoring mode and binary), steps, final TPPs and metrics
     (``final_dv_metrics``: each protocol criterion's value by name, in its own unit: Gy for
-    dose criteria, percent of the structure's volume for ``V`` criteria)."""
+    dose criteria; for ``V`` criteria percent of the structure's volume, or cc where the protocol
+    gives them so)."""
 
     case: str
     initial_score: float

@@ -182,6 +182,12 @@ def test_case_refuses_bad_prescription_and_sizes(s1, change, match):
         dataclasses.replace(s1, **change)
 
 
+def test_case_numbers_are_stored_as_plain_python_numbers(s1, tmp_path):
+    case = dataclasses.replace(s1, fractions=np.int64(44), prescription_gy=np.float32(79.2))
+    assert type(case.fractions) is int and type(case.prescription_gy) is float
+    assert PlanningCase.load(case.save(tmp_path / "c.rtcase")).fractions == 44  # a numpy integer failed to save
+
+
 def test_case_refuses_a_negative_voxel_volume(s1):
     structures = [dataclasses.replace(s1.structures[0], voxel_cc=-0.125), *s1.structures[1:]]
     with pytest.raises(CaseFormatError, match=r"voxel_cc of structure 'PTV' = -0.125 is invalid"):

@@ -264,6 +264,20 @@ def test_portpy_earlier_layout_and_split_goal_and_limit():
     })
     assert [(c.name, c.type, c.goal, c.limit) for c in protocol.criteria] == [
         ("CORD Dmax", "max_dose", 50, 50), ("CORD Dmax #2", "max_dose", 48, 48), ("HEART Dmean", "mean_dose", 20, 27)]
+    # a given name is kept, in either order, and generated ones take the next free number
+    given = {"type": "max_dose", "name": "CORD Dmax", "parameters": {"structure_name": "CORD"},
+             "constraints": {"limit_dose_gy": 50}}
+    given2 = {**given, "name": "CORD Dmax #2"}
+    plain = {k: v for k, v in given.items() if k != "name"}
+    for order in ([plain, given, plain, given2], [given, given2, plain, plain]):
+        names = [c.name for c in Protocol.from_dict({"pres_per_fraction_gy": 2, "num_of_fractions": 30,
+                                                     "criteria": order}).criteria]
+        assert sorted(names) == ["CORD Dmax", "CORD Dmax #2", "CORD Dmax #3", "CORD Dmax #4"]
+    # PortPy may give the sense inside the constraints
+    (c,) = Protocol.from_dict({"pres_per_fraction_gy": 2, "num_of_fractions": 30, "criteria": [
+        {"type": "dose_volume_V", "parameters": {"structure_name": "R", "dose_gy": 5},
+         "constraints": {"limit_volume_perc": 84, "constraint_type": "lower"}}]}).criteria
+    assert c.sense == "lower"
     result = protocol.evaluate({"CORD": np.full(10, 49.0), "HEART": np.full(10, 10.0)}, 0.1)
     assert [c.met for c in result.criteria] == [True, False, True]
     assert Protocol.from_dict(protocol.to_dict()) == protocol
@@ -291,6 +305,9 @@ def test_v_criteria_in_cc():
     r = protocol.evaluate({"ESOPHAGUS": dose}, 1.5).criteria[0]  # 4.5 cc: between goal and limit
     assert r.value == 4.5 and r.score == pytest.approx((5 - 4.5) / 2.5) and not r.met
     assert Protocol.from_dict(protocol.to_dict()) == protocol
+    r = protocol.evaluate({"ESOPHAGUS": np.array([20.0] * 5 + [5.0] * 95)}, 0.5).criteria[0]
+    assert r.value == 2.5 and r.met  # 5 x 0.5 cc exactly at the goal (3 x 0.1 was a hair above 0.3)
+    assert protocol.evaluate({"ESOPHAGUS": np.array([20.0] * 3 + [5.0] * 7)}, 0.1).criteria[0].value == 0.3
     with pytest.raises(ValueError, match=r"mix units"):
         Protocol.from_dict({**protocol.to_dict(), "criteria": [{**protocol.to_dict()["criteria"][0], "constraints": {
             "goal_volume_cc": 2.5, "limit_volume_perc": 5}}]})
@@ -386,6 +403,10 @@ def base_protocol(**criterion):
         # settings that were silently dropped: a misspelt key, a parameter of another method, a
         # total dose typed as the per-fraction one
         (base_protocol(sence="lower"), r"criteria\[0\]: unknown field 'sence'; did you mean 'sense'\?"),
+        (base_protocol(type="dose_volume_D", parameters={"structure_name": "B", "volume_pec": 5},
+                       constraints={"goal_dose_gy": 5}), r"'volume_pec'; did you mean 'volume_perc'\?"),  # the closest
+        (base_protocol(sense="upper", constraints={"goal_volume_perc": 15, "constraint_type": "lower"}),
+         r"sense 'upper' contradicts constraints.constraint_type 'lower'"),
         (base_protocol(type="max_dose", parameters={"structure_name": "B", "methd": "cc"},
                        constraints={"goal_dose_gy": 5}), r"unknown parameter 'methd'; did you mean 'method'\?"),
         (base_protocol(type="max_dose", parameters={"structure_name": "B", "n_voxels": 5},

@@ -11,7 +11,7 @@ from rtenv.phantom import make_phantom
 from rtenv.reference import solve_reference
 from rtenv.scenarios import SCENARIOS, build_case, load_case
 from rtenv.tpp import TPP, tpp_names
-from rtenv.tps import TPS, ADMMSettings, coldot, kth_largest
+from rtenv.tps import COVERAGE_HEADROOM, TPS, ADMMSettings, coldot, kth_largest
 
 S1_NAMES = ["t_PTV", "t_bladder", "t_rectum", "lambda_PTV", "lambda_bladder", "lambda_rectum",
             "V_PTV", "V_bladder", "V_rectum"]
@@ -288,9 +288,12 @@ def test_plan_is_rescaled_to_exact_d95(s1):
     for dose in plan.dose:
         d95 = dose_at_volume_percent(dose[s1.target.rows], 95)
         # never below Rx (a float32 step below fails a D95 >= Rx goal: 10 of these 16 plans did
-        # before the Gy dose was nudged), and at most a few float32 steps above it
-        assert rx <= d95 <= rx * (1 + 4 * np.finfo(np.float32).eps)
+        # before the Gy dose was nudged), and within a few tens of float32 steps above it
+        assert rx * (1 + COVERAGE_HEADROOM) <= d95 <= rx * (1 + 32 * np.finfo(np.float32).eps)
         assert volume_at_dose_percent(dose[s1.target.rows], rx) >= 95.0
+    # the headroom keeps the goal when the fluence is dosed again in another summation order
+    redosed = [dose_at_volume_percent(s1.dose(x)[s1.target.rows], 95) for x in plan.fluence]
+    assert min(redosed) >= rx
     assert plan.fluence.min() >= 0
 
 
