@@ -10,9 +10,9 @@ of the structure volume receiving at least x Gy.
 Protocol files
 --------------
 Protocols are JSON files laid out like PortPy's clinical-criteria files, so PortPy files
-load as they are (also its earlier layout, which names the criterion type in ``name``; repeated
-generated names, where a file gives a structure's goal and limit as two criteria, are numbered
-``#2``, ``#3``)::
+load as they are (also its earlier layout, which names the criterion type in ``name``, and a
+sense given as ``constraints.constraint_type``; repeated generated names, where a file gives a
+structure's goal and limit as two criteria, are numbered ``#2``, ``#3``)::
 
     {"disease_site": "Prostate", "pres_per_fraction_gy": 1.8, "num_of_fractions": 44,
      "criteria": [{"type": "dose_volume_V",
