@@ -78,7 +78,7 @@ class ADMMSettings:
         precond_every: Rebuild the CG's Jacobi preconditioner (the diagonal of the x-update's
             normal matrix, which follows the active sets) every this many outer iterations; each
             rebuild costs one sparse product. 1 (default) rebuilds it every iteration; 10 makes
-            a solve 7-17 % faster, with plans that differ from the default's about as much as
+            a solve 8-15 % faster, with plans that differ from the default's about as much as
             4 more iterations move them (docs/tps_and_envs.md).
         coverage: Fraction of the PTV that must receive the prescription (0.95: D95 >= Rx).
         ptv_underdose: Add the one-sided PTV under-dose term.
