@@ -12,7 +12,7 @@ from stable_baselines3.common.monitor import Monitor
 
 import drl.acer
 from drl.acer import ACER, ACERLstmPolicy, ACERPolicy
-from drl.acer_math import retrace_targets
+from drl.acer_math import retrace_targets, trust_region_step
 from rtenv.sb3 import make_sb3_vec_env
 
 
@@ -193,6 +193,26 @@ def test_an_update_bootstraps_truncations_and_moves_the_average_policy(monkeypat
     for a0, a, p in zip(avg_before, model.avg_policy.parameters(), model.policy.parameters(), strict=True):
         torch.testing.assert_close(a, 0.5 * a0 + 0.5 * p.detach())  # alpha a + (1 - alpha) p
     assert any(not torch.equal(a0, a) for a0, a in zip(avg_before, model.avg_policy.parameters(), strict=True))
+
+
+def test_the_trust_region_bounds_the_step_with_the_kl_gradient(monkeypatch):
+    model, seg = _cartpole_segment(delta=0.1)
+    T, N = seg["actions"].shape
+    with torch.no_grad():  # the KL(average || policy) gradient w.r.t. the policy's probabilities: -avg / pi
+        pi = model.policy.evaluate(torch.as_tensor(seg["obs"][:T].reshape(T * N, -1)),
+                                   torch.as_tensor(seg["masks"][:T].reshape(T * N, -1)))[0].exp()
+        avg = model.avg_policy.evaluate(torch.as_tensor(seg["obs"][:T].reshape(T * N, -1)),
+                                        torch.as_tensor(seg["masks"][:T].reshape(T * N, -1)))[0].exp()
+    seen = {}
+
+    def spy(g, k, delta):
+        seen["k"], seen["delta"], seen["z"] = k.clone(), delta, trust_region_step(g, k, delta)
+        return seen["z"]
+
+    monkeypatch.setattr(drl.acer, "trust_region_step", spy)
+    model._update(seg)
+    torch.testing.assert_close(seen["k"], -avg / pi)
+    assert seen["delta"] == 0.1 and ((seen["k"] * seen["z"]).sum(-1) <= 0.1 + 1e-5).all()
 
 
 def test_lstm_policy_sizes_come_from_the_spaces():
