@@ -306,12 +306,12 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
         model.learn(timesteps - done, callback=CallbackList(callbacks), reset_num_timesteps=previous is None,
                     log_interval=10)
         # the end is a checkpoint too, so that the same command run again finds the run finished
-        # (from an earlier checkpoint it would train past the end and replace model.zip)
-        final = out / "checkpoints" / f"acer_{model.num_timesteps}_steps.zip"
-        if not final.is_file():
-            model.save(final)
-            model.save_replay_buffer(replay_checkpoint(out, model.num_timesteps))
-            _keep_newest_replay(out / "checkpoints", model.num_timesteps)
+        # (from an earlier checkpoint it would train past the end and replace model.zip). It is
+        # written even where a periodic checkpoint has the same step count: that one was saved
+        # during the last rollout, before its update, and resuming from it would replace model.zip
+        model.save(out / "checkpoints" / f"acer_{model.num_timesteps}_steps.zip")
+        model.save_replay_buffer(replay_checkpoint(out, model.num_timesteps))
+        _keep_newest_replay(out / "checkpoints", model.num_timesteps)
     path = out / "model.zip"
     model.save(path)
     return path

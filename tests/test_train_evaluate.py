@@ -88,7 +88,9 @@ def test_resume_restores_the_checkpointed_replay(tmp_path, monkeypatch):
     assert steps == 16 and replay_checkpoint(out, 16).is_file()
     assert not replay_checkpoint(out, 8).exists()  # only the newest replay is kept
     segments, rng_state = saved[16]
-    assert len(segments) == 3  # the 4th segment was still being collected at the checkpoint
+    # the end checkpoint holds all 4 segments (the periodic one at 16 steps, saved while the 4th was
+    # being collected, held 3; the end one replaces it)
+    assert len(segments) == 4
 
     resumed: dict[str, object] = {}
     learn = ACER.learn
@@ -152,6 +154,19 @@ def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tm
         train_acer("S3", out, 16, **kw)
     # the resumed run logs beside the first run's log, which it used to overwrite
     assert (out / "logs" / "progress.csv").is_file() and (out / "logs" / "resumed_8_steps" / "progress.csv").is_file()
+
+
+def test_a_run_ending_on_a_periodic_checkpoint_keeps_its_last_update(tmp_path):
+    out = tmp_path / "run"
+    kw = {"train_cases": 1, "num_envs": 2, "checkpoint_every": 8, "progress": False, "start": "default",
+          "n_steps": 2, "replay_start": 4}
+    train_acer("S1", out, 8, **kw)  # the periodic checkpoint at 8 steps is written before the last update
+    first = load_policy(f"acer:{out / 'model.zip'}").policy.state_dict()
+    end = load_policy(f"acer:{out / 'checkpoints' / 'acer_8_steps.zip'}").policy.state_dict()
+    assert all(torch.equal(first[k], end[k]) for k in first)  # the end checkpoint holds the trained model
+    train_acer("S1", out, 8, **kw)  # the same command again: model.zip stays as it was
+    again = load_policy(f"acer:{out / 'model.zip'}").policy.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_train_cli_lstm_policy_net(tmp_path):
