@@ -43,6 +43,18 @@ FORMAT_VERSION = 1
 Role = Literal["target", "oar"]
 
 
+def rounded_up_ratio(dx: np.ndarray, target: float) -> np.ndarray:
+    """Per element, ``target / dx`` in ``dx``'s float type, raised by the rounding steps (a step
+    or two) that make ``dx * factor``, computed in that type, at least ``target`` (``dx > 0``)."""
+    kind = dx.dtype.type
+    factor = (target / dx.astype(np.float64)).astype(kind)
+    low = (dx * factor).astype(np.float64) < target
+    while low.any():
+        factor = np.where(low, np.nextafter(factor, kind(np.inf)), factor)
+        low = (dx * factor).astype(np.float64) < target
+    return factor
+
+
 class CaseFormatError(ValueError):
     """A case file is corrupt, of another format or version, or internally inconsistent."""
 
@@ -193,12 +205,8 @@ class PlanningCase:
         dx = dose_at_volume_percent(dose[self.target.rows], volume_pct)
         if dx <= 0:
             raise ValueError(f"target D{volume_pct:g}% is {dx} Gy: the plan gives no dose to rescale")
-        kind = dose.dtype.type if np.issubdtype(dose.dtype, np.floating) else np.float64
-        dx_k, rx = kind(dx), self.prescription_gy
-        scale = kind(rx / dx)
-        while float(dx_k * scale) < rx:  # at most a step or two
-            scale = np.nextafter(scale, kind(np.inf))
-        return float(scale)
+        kind = dose.dtype if np.issubdtype(dose.dtype, np.floating) else np.dtype(np.float64)
+        return float(rounded_up_ratio(np.array([dx], dtype=kind), self.prescription_gy)[0])
 
     def _check_dose(self, dose: np.ndarray) -> np.ndarray:
         dose = np.asarray(dose)

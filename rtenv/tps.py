@@ -55,7 +55,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rtenv.case import PlanningCase
+from rtenv.case import PlanningCase, rounded_up_ratio
 from rtenv.tpp import TPP, check_tpp_vector, tpp_names
 from rtenv.validation import check_integer, check_real
 
@@ -577,14 +577,9 @@ class TPS:
         ``D95 >= Rx`` goal; the headroom keeps the goal met when the fluence is dosed again with
         another summation order (:meth:`PlanningCase.dose`)."""
         target = self.case.prescription_gy * (1.0 + COVERAGE_HEADROOM)
-        dx = kth_largest(dose_ptv, self._cover_k)
-        low = dx.double() < target
-        factor = torch.where(low, (target / dx.double()).float(), 1.0)  # dx > 0: the rescale checked it
-        low = (dx * factor).double() < target
-        while bool(low.any()):  # a step or two
-            factor = torch.where(low, torch.nextafter(factor, torch.full_like(factor, math.inf)), factor)
-            low = (dx * factor).double() < target
-        return factor
+        dx = kth_largest(dose_ptv, self._cover_k).cpu().numpy()  # > 0: the rescale checked it
+        factor = np.maximum(rounded_up_ratio(dx, target), np.float32(1.0))  # plans already above stay as they are
+        return torch.as_tensor(factor, device=dose_ptv.device)
 
     def _project(self, v: torch.Tensor, cover_rows: torch.Tensor | None) -> torch.Tensor:
         """Coverage projection: raise the covered voxels of ``v`` (relative dose) to >= 1."""
