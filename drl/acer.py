@@ -785,6 +785,8 @@ class ACER(BaseAlgorithm):
                     stats = self._update(self._replay.sample())
             if log_interval and iteration % log_interval == 0:
                 self._log(stats)
+        if log_interval and iteration % log_interval:  # the last iterations, so that a short run logs too
+            self._log(stats)
         callback.on_training_end()
         return self
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import re
 import shutil
@@ -348,8 +349,31 @@ def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
     try:
         return ALGORITHMS[algo].load(file, device=device)
     except (TypeError, KeyError, AttributeError, ValueError, zipfile.BadZipFile) as exc:  # another algorithm's zip
+        saved_by = saved_algorithm(file)
+        if saved_by is not None and saved_by != algo:
+            raise ValueError(f"{file} was saved by {saved_by.upper()}, not {algo.upper()} (from policy spec "
+                             f"{spec!r}): use {saved_by}:{file}") from exc
         raise ValueError(f"{file} is not a loadable {algo} model (from policy spec {spec!r}): "
                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def saved_algorithm(file: str | Path) -> str | None:
+    """The :data:`ALGORITHMS` key whose model most likely saved the SB3 zip ``file``; None if unreadable.
+
+    SB3 stores a model's attributes, which include its constructor's settings: the algorithm whose
+    own settings (beyond those every algorithm has) the zip lacks fewest of is the one. PPO and A2C
+    zips load as each other in SB3, so this reads the settings rather than trying to load.
+    """
+    try:
+        with zipfile.ZipFile(file) as archive:
+            saved = set(json.loads(archive.read("data")))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    common = {"self", "policy", "env", "device", "_init_setup_model", "verbose", "seed", "policy_kwargs",
+              "tensorboard_log", "stats_window_size", "kwargs"}
+    missing = {name: len(set(inspect.signature(cls.__init__).parameters) - common - saved)
+               for name, cls in ALGORITHMS.items()}
+    return min(missing, key=missing.__getitem__)
 
 
 class SB3Policy:

@@ -146,6 +146,16 @@ def test_bad_numbers_and_model_files_are_clean_errors(capsys, tmp_path):
     assert "checkpoint_every = 0 must be an integer in [1, inf]" in capsys.readouterr().err
     # an ACER zip loaded as PPO raised a TypeError traceback
     assert main(["evaluate", "--policy", f"ppo:{BUILTIN_POLICIES['default']}", "--scenario", "S1"]) == 2
+    assert "was saved by ACER, not PPO" in capsys.readouterr().err
+    # and a PPO zip loaded as ACER raised the optimizer's TypeError, naming neither algorithm
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+    PPO("MlpPolicy", gym.make("CartPole-v1"), n_steps=8, batch_size=8).save(tmp_path / "ppo.zip")
+    assert main(["evaluate", "--policy", f"acer:{tmp_path / 'ppo.zip'}", "--scenario", "S1"]) == 2
+    err = capsys.readouterr().err
+    assert f"was saved by PPO, not ACER (from policy spec 'acer:{tmp_path / 'ppo.zip'}'): use ppo:" in err
+    (tmp_path / "junk.zip").write_text("not a zip")
+    assert main(["evaluate", "--policy", f"ppo:{tmp_path / 'junk.zip'}", "--scenario", "S1"]) == 2
     assert "is not a loadable ppo model" in capsys.readouterr().err
     for module, args, message in ((table3, ["--scenarios", "S9", "--out", str(tmp_path / "t3")], "S9"),
                                   (table3, ["--workers", "0", "--out", str(tmp_path / "t3")], "workers = 0"),

@@ -154,6 +154,9 @@ def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tm
         train_acer("S3", out, 16, **kw)
     # the resumed run logs beside the first run's log, which it used to overwrite
     assert (out / "logs" / "progress.csv").is_file() and (out / "logs" / "resumed_8_steps" / "progress.csv").is_file()
+    # runs shorter than the 10-iteration log interval log their end (their progress.csv was empty)
+    rows = (out / "logs" / "resumed_8_steps" / "progress.csv").read_text().splitlines()
+    assert len(rows) == 2 and "train/policy_loss" in rows[0] and "time/total_timesteps" in rows[0]
 
 
 def test_a_run_ending_on_a_periodic_checkpoint_keeps_its_last_update(tmp_path):
