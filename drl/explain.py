@@ -604,8 +604,8 @@ def plot_structure_shares(res: dict[str, Any], path: str | Path) -> Path:
 
     structures, steps = res["structures"], res["steps"]
     bases = list(res["baselines"])
-    fig, axes = new_figure(1, len(bases), figsize=(1.2 + 1.1 * len(structures) * len(bases),
-                                                   1.5 + 0.28 * len(steps)), dpi=100, squeeze=False)
+    fig, axes = new_figure(1, len(bases), figsize=(2.0 + 1.1 * len(structures) * len(bases),
+                                                   1.5 + 0.32 * len(steps)), dpi=100, squeeze=False)
     for ax, base in zip(axes[0], bases, strict=True):
         share = np.array([[rec["structure_share"][base][s] for s in structures] for rec in steps])
         im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -616,7 +616,7 @@ def plot_structure_shares(res: dict[str, Any], path: str | Path) -> Path:
         ax.set_xticks(range(len(structures)))
         ax.set_xticklabels(structures, rotation=30, fontsize=8)
         ax.set_yticks(range(len(steps)))
-        ax.set_yticklabels([f"{r['step']}: {_action_label(r)}" for r in steps], fontsize=6)
+        ax.set_yticklabels([f"{r['step']}: {_action_label(r)}" for r in steps], fontsize=8)
         rate = res["agreement"][base]["rate"]
         ax.set_title(f"{base} baseline\nagreement {'n/a' if rate is None else f'{rate:.2f}'}", fontsize=9)
         fig.colorbar(im, ax=ax, label="share of |IG| mass")

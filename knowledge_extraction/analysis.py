@@ -56,16 +56,21 @@ def spearman_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def plot_spearman(table: Mapping[str, Any], path: str | Path, title: str = "Spearman correlation") -> Path:
-    """Heatmap of rho (TPPs x metrics), pairs with p < 0.05 marked with an asterisk."""
+    """Heatmap of rho (TPPs x metrics), pairs with p < 0.05 (uncorrected for the many pairs) marked
+    with an asterisk; grey cells: no rho, as the TPP or the metric did not vary over the plans."""
     rho, p = np.array(table["rho"], dtype=float), np.array(table["p"], dtype=float)
-    fig, ax = new_figure(figsize=(1.0 + 0.6 * len(table["metrics"]), 1.0 + 0.4 * len(table["tpps"])))
-    im = ax.imshow(rho, cmap="coolwarm", vmin=-1, vmax=1)
+    fig, ax = new_figure(figsize=(max(5.5, 2.0 + 0.6 * len(table["metrics"])), 1.6 + 0.4 * len(table["tpps"])))
+    ax.set_facecolor("0.8")
+    im = ax.imshow(np.ma.masked_invalid(rho), cmap="coolwarm", vmin=-1, vmax=1)
     ax.set_xticks(range(len(table["metrics"])), table["metrics"], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(table["tpps"])), table["tpps"], fontsize=7)
     for i, j in zip(*np.nonzero(p < 0.05), strict=True):
         ax.text(j, i, "*", ha="center", va="center", fontsize=9)
     fig.colorbar(im, ax=ax, label="Spearman rho")
     ax.set_title(f"{title} (n = {table['n']})", fontsize=9)
+    tests = int(np.isfinite(rho).sum())
+    ax.set_xlabel(f"* p < 0.05, uncorrected: about {0.05 * tests:.0f} of these {tests} pairs by chance alone\n"
+                  "grey: a TPP or metric that is constant over the plans", fontsize=7)
     return save_figure(fig, path)
 
 
@@ -82,7 +87,8 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
         for g, label in enumerate(labels):
             data = [list(groups[label].get(n, [])) or [np.nan] for n in names]
             pos = np.arange(len(names)) + (g - (len(labels) - 1) / 2) * width
-            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True)
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
+                            medianprops={"color": "k"}, flierprops={"markeredgecolor": f"C{g}"})
             for box in bp["boxes"]:
                 box.set_facecolor(f"C{g}")
                 box.set_alpha(0.6)
@@ -92,7 +98,7 @@ def plot_tpp_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]], 
             ax.set_yscale("log")
         ax.set_title({"t": "dose thresholds t (x Rx)", "lambda": "weights lambda", "V": "volume fractions V"}[kind])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -131,7 +137,8 @@ def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]
         for g, label in enumerate(labels):
             data = [list(groups[label].get(n, [])) or [np.nan] for n in names]
             pos = np.arange(len(names)) + (g - (len(labels) - 1) / 2) * width
-            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True)
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
+                            medianprops={"color": "k"}, flierprops={"markeredgecolor": f"C{g}"})
             for box in bp["boxes"]:
                 box.set_facecolor(f"C{g}")
                 box.set_alpha(0.6)
@@ -139,6 +146,6 @@ def plot_metric_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
         ax.set_ylabel(_AXIS_LABELS[unit])
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title)
     return save_figure(fig, path)

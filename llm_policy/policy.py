@@ -235,7 +235,7 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
     def figure(step: int, score: float) -> None:
         if out is not None and dvh_figures:
             plot_dvh(case, env.unwrapped.dose, out / "dvh" / f"step_{step:02d}.png",
-                     title=f"step {step}: score {score:.2f}/{info['max_score']:g}")
+                     subtitle=f"LLM planner, step {step}: score {score:.2f}/{info['max_score']:g}")
 
     figure(0, info["score"])
     records: list[dict[str, Any]] = []
@@ -287,5 +287,6 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
         (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
         if dvh_figures:
             plot_dvh(case, {"initial": initial_dose, "final": env.unwrapped.dose}, out / "dvh_initial_final.png",
-                     title=f"initial {initial_score:.2f} -> final {info['score']:.2f} of {info['max_score']:g}")
+                     subtitle=f"LLM planner: score {initial_score:.2f} (initial) -> {info['score']:.2f} (final) "
+                              f"of {info['max_score']:g}")
     return result

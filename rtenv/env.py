@@ -21,7 +21,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
-from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, cumulative_dvh, dvh_of_sorted, score_plan
+from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, dvh_of_sorted, score_plan
 from rtenv.scenarios import cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
@@ -723,21 +723,19 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
 
 
 def _dvh_rgb(core: TuningCore, ep: EpisodeState) -> np.ndarray:
-    """The current plan's DVH as an RGB array ``(H, W, 3)`` uint8."""
+    """The current plan's DVH as an RGB array ``(H, W, 3)`` uint8, drawn as :func:`rtenv.plots.plot_dvh` draws it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+
+    from rtenv.plots import draw_dvh, new_figure
 
     case = core.case(ep.case_key)
-    doses = case.structure_doses(ep.dose)
-    fig = Figure(figsize=(6, 4), dpi=80)
+    fig, ax = new_figure(figsize=(8, 4), dpi=90)
     canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    grid = np.linspace(0, 1.25 * case.prescription_gy, 200)
-    for name, d in doses.items():
-        ax.plot(grid, 100 * cumulative_dvh(d, grid), label=name)
-    ax.set_xlabel("dose (Gy)")
-    ax.set_ylabel("volume (%)")
-    ax.set_title(f"{case.name}: step {ep.steps}, score {ep.result.total:.2f}")  # type: ignore[union-attr]
-    ax.legend(fontsize=7)
+    draw_dvh(ax, case, {"plan": ep.dose})
+    result = ep.result
+    assert result is not None  # set at reset, before any render
+    ax.set_title(f"{case.name} (Rx {case.prescription_gy:g} Gy): step {ep.steps}, "
+                 f"score {result.total:.2f}/{result.max_score:g}", fontsize=10)
+    fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps, patheffects
 from matplotlib.figure import Figure
 
 from rtenv.case import PlanningCase
-from rtenv.evaluation import cumulative_dvh
+from rtenv.evaluation import cumulative_dvh, dose_at_volume_percent
 
 STRUCTURE_COLORS = {
     "PTV": "tab:red", "Bladder": "tab:olive", "Rectum": "tab:brown", "FemoralHead_L": "tab:purple",
@@ -26,35 +27,31 @@ def _color(name: str, i: int) -> str:
     return STRUCTURE_COLORS.get(name, f"C{i % 10}")
 
 
-def plot_dvh(
-    case: PlanningCase, doses: Mapping[str, np.ndarray] | np.ndarray, path: str | Path,
-    title: str | None = None,
-) -> Path:
-    """Cumulative DVHs of every structure.
+LINE_STYLES = ("-", "--", ":", "-.")
 
-    Args:
-        case: The case (for structure names and the prescription).
-        doses: One plan's dose (a vector over dose rows in Gy) or several, ``label -> vector``;
-            plans after the first are drawn dashed.
-        path: PNG file to write (``.png``).
-        title: Figure title.
-    """
-    path = _png_path(path)
-    if not isinstance(doses, Mapping):
-        doses = {"plan": doses}
-    if not doses:
-        raise ValueError("doses is empty: give one dose vector (Gy) or a mapping label -> dose vector")
+
+def draw_dvh(ax: Any, case: PlanningCase, doses: Mapping[str, np.ndarray], legend_fontsize: float = 8) -> None:
+    """Draw cumulative DVHs on ``ax``: every structure of each plan (``label -> dose vector`` in Gy;
+    plans after the first dashed), the prescription line and each plan's target D95 point; the
+    legend sits outside the axes, to the right, so that it hides no curve."""
     finite = {str(label): _finite_dose(d, f"dose {label!r}") for label, d in doses.items()}
+    if not finite:
+        raise ValueError("doses is empty: give one dose vector (Gy) or a mapping label -> dose vector")
     plans = {label: case.structure_doses(d) for label, d in finite.items()}
     rx = case.prescription_gy
     top = max(float(d.max()) for d in finite.values())  # over every dose row, the slice's body voxels too
     grid = np.linspace(0.0, max(top, rx) * 1.05, 400)
-    fig, ax = new_figure(figsize=(7, 4.5))
+    target = case.target.name
     for p, by_structure in enumerate(plans.values()):
+        ls = LINE_STYLES[p % len(LINE_STYLES)]
         for i, (name, d) in enumerate(by_structure.items()):
-            ax.plot(grid, 100 * cumulative_dvh(d, grid), color=_color(name, i),
-                    ls=("-", "--", ":", "-.")[p % 4], label=name if p == 0 else None)
-    ax.axvline(rx, color="0.5", lw=0.8, ls=":")
+            ax.plot(grid, 100 * cumulative_dvh(d, grid), color=_color(name, i), ls=ls,
+                    label=name if p == 0 else None)
+    ax.axvline(rx, color="0.4", lw=0.9, ls=":", label=f"Rx {rx:g} Gy")
+    for p, by_structure in enumerate(plans.values()):
+        d95 = dose_at_volume_percent(by_structure[target], 95.0)  # as the protocols measure it
+        ax.plot([d95], [95.0], marker="o", ms=5, mfc="none", color="k", ls="none",
+                label=f"{target} D95" + (f" = {d95:.2f} Gy" if len(plans) == 1 else "") if p == 0 else None)
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
     ax.set_ylim(0, 102)
@@ -62,19 +59,44 @@ def plot_dvh(
     ax.grid(alpha=0.3)
     if len(plans) > 1:
         for p, label in enumerate(plans):
-            ax.plot([], [], color="k", ls=("-", "--", ":", "-.")[p % 4], label=label)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title or f"{case.name}: DVH (Rx {rx:g} Gy)")
+            ax.plot([], [], color="k", ls=LINE_STYLES[p % len(LINE_STYLES)], label=label)
+    ax.legend(fontsize=legend_fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def plot_dvh(
+    case: PlanningCase, doses: Mapping[str, np.ndarray] | np.ndarray, path: str | Path,
+    title: str | None = None, subtitle: str | None = None,
+) -> Path:
+    """Cumulative DVHs of every structure, with the prescription and the target's D95.
+
+    Args:
+        case: The case (for structure names and the prescription).
+        doses: One plan's dose (a vector over dose rows in Gy) or several, ``label -> vector``;
+            plans after the first are drawn dashed.
+        path: PNG file to write (``.png``).
+        title: Figure title; default: the case name and its prescription.
+        subtitle: A second title line (e.g. the plan's score), under the title.
+    """
+    path = _png_path(path)
+    if not isinstance(doses, Mapping):
+        doses = {"plan": doses}
+    fig, ax = new_figure(figsize=(8.5, 4.5))
+    draw_dvh(ax, case, doses)
+    head = title or f"{case.name}: DVH (Rx {case.prescription_gy:g} Gy)"
+    ax.set_title(head + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     return save_figure(fig, path)
 
 
-def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, title: str | None = None) -> Path:
+def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, title: str | None = None,
+                    subtitle: str | None = None) -> Path:
     """Axial dose colour-wash (Gy) with structure outlines, on the slice through the isocentre
     (the case's ``metadata["iso_slice"]``; without it, as in imported cases, the slice with the
     largest target cross-section).
 
-    Only voxels that are dose rows carry dose; built-in cases include every body voxel of that
-    slice.
+    The colour scale runs to 110 % of the prescription; hotter voxels are drawn magenta (the colour
+    bar's arrow) and the slice's maximum dose is given beside the bar. Only voxels that are dose
+    rows carry dose; built-in cases include every body voxel of that slice. ``title`` replaces the
+    default (case, slice); ``subtitle`` adds a second line.
     """
     k = case.metadata.get("iso_slice")
     if k is None:
@@ -90,23 +112,29 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
         ax.imshow(case.density[k], cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1.8)
     rx = case.prescription_gy
     masked = np.ma.masked_where(~np.isfinite(grid) | (grid < 0.1 * rx), grid)
-    im = ax.imshow(masked, cmap="jet", origin="lower", extent=extent, alpha=0.55, vmin=0, vmax=1.1 * rx)
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 0.0
+    cmap = colormaps["jet"].with_extremes(over="magenta")
+    im = ax.imshow(masked, cmap=cmap, origin="lower", extent=extent, alpha=0.55, vmin=0, vmax=1.1 * rx)
     xs = origin[0] + dx * np.arange(nx)
     ys = origin[1] + dy * np.arange(ny)
     # the target's contour on top and each one drawn under it a little wider, so that contours
-    # sharing an edge (a ring around the PTV, a core against it) all show
+    # sharing an edge (a ring around the PTV, a core against it) all show; a white rim keeps a
+    # contour visible on a wash of its own colour (the red PTV on the high-dose red)
     slices = [(i, s, case.mask(s.name)[k]) for i, s in enumerate(case.structures)]
     shown = [(i, s, m) for i, s, m in slices if m.any()]
     for depth, (i, s, m) in enumerate(reversed(shown)):
-        ax.contour(xs, ys, m.astype(float), levels=[0.5], colors=_color(s.name, i),
-                   linewidths=1.2 + 1.0 * (len(shown) - 1 - depth), zorder=3 + depth)
+        width = 1.6 + 1.0 * (len(shown) - 1 - depth)
+        ax.contour(xs, ys, m.astype(float), levels=[0.5], colors=_color(s.name, i), linewidths=width,
+                   zorder=3 + depth, path_effects=[patheffects.withStroke(linewidth=width + 1.0, foreground="w")])
     for i, s, _ in shown:
         ax.plot([], [], color=_color(s.name, i), label=s.name)
-    fig.colorbar(im, ax=ax, label="dose (Gy)")
+    fig.colorbar(im, ax=ax, label=f"dose (Gy); slice maximum {top:.1f} Gy",
+                 extend="max" if top > 1.1 * rx else "neither")
     ax.set_xlabel("x, patient left (mm)")
     ax.set_ylabel("y, anterior (mm)")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title or f"{case.name}: axial dose at isocentre (slice {k})")
+    head = title or f"{case.name}: axial dose at isocentre (slice {k}), Rx {rx:g} Gy"
+    ax.set_title(head + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     return save_figure(fig, path)
 
 

@@ -75,3 +75,16 @@ def test_documented_command_parses(argv):
         build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse's usage error: an unknown option, a bad choice, a missing --out
         pytest.fail(f"`rtenv {' '.join(argv)}` does not parse (exit {exc.code})")
+
+
+def test_the_readme_figure_is_the_plan_its_caption_names(tmp_path, capsys):
+    import json
+
+    from rtenv.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    assert "(score 9/9)" in readme and "--tpp docs/figures/s1_case0_tuned_tpp.json" in readme
+    assert main(["plan", "S1", "--case", "0", "--tpp", str(ROOT / "docs/figures/s1_case0_tuned_tpp.json"),
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["score"]["total"] == 9.0
+    assert (tmp_path / "dose_slice.png").is_file()

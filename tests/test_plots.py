@@ -49,3 +49,30 @@ def test_plot_dvh_rejects_bad_input(case, tmp_path, doses, path, message):
     with pytest.raises(ValueError, match=message):
         plot_dvh(case, doses, tmp_path / path)
     assert not list(tmp_path.iterdir())
+
+
+def test_dvh_marks_rx_and_the_target_d95_and_its_legend_hides_no_curve(case):
+    from rtenv.evaluation import dose_at_volume_percent
+    from rtenv.plots import draw_dvh, new_figure
+
+    dose = np.linspace(0.5, 1.2, case.n_rows) * case.prescription_gy
+    fig, ax = new_figure()
+    draw_dvh(ax, case, {"plan": dose})
+    d95 = dose_at_volume_percent(case.structure_doses(dose)["PTV"], 95.0)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [*case.structure_names, "Rx 79.2 Gy", f"PTV D95 = {d95:.2f} Gy"]
+    fig.draw_without_rendering()  # the legend sat on the PTV shoulder, over the Rx line and D95
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_dose_slice_shows_voxels_above_its_colour_scale(case, tmp_path):
+    def magenta_pixels(dose):
+        img = imread(plot_dose_slice(case, dose, tmp_path / "slice.png"))[..., :3]
+        r, g, b = img[..., 0], img[..., 1], img[..., 2]
+        return int(((r - g > 0.5) & (b - g > 0.5)).sum())
+
+    rx = case.prescription_gy
+    dose = np.full(case.n_rows, 1.05 * rx)
+    assert magenta_pixels(dose) == 0
+    dose[case.structure("PTV").rows] = 1.3 * rx  # drawn as 1.1 Rx before: the hot spot did not show
+    assert magenta_pixels(dose) > 500
