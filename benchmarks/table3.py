@@ -317,8 +317,8 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
-    _check_run_settings(out / "run_settings.json", knowledge, llm, names)
     done = {r["key"]: r for r in read_jsonl(path)}
+    _check_run_settings(out / "run_settings.json", knowledge, llm, names, resuming=bool(done))
     # starting state first: every policy's first episodes finish first (a cut run stays balanced)
     todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
     workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
@@ -346,19 +346,21 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     return summary
 
 
-def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, policies: Sequence[str]) -> None:
+def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, policies: Sequence[str],
+                        resuming: bool = True) -> None:
     """Episode keys name the policy, case, start, seed and budget, not the settings every
     episode shares: the knowledge base (by content) and the LLM options, nor the model file behind
     a policy name (by content, see :func:`_model_files`). They are written beside the results, and
     a resume with other ones is refused rather than mixed in; a resume that adds policies adds
-    their model files."""
+    their model files. Without finished episodes (``resuming`` False) the recorded settings are
+    replaced: there is nothing to mix."""
     from knowledge_extraction.knowledge import load_knowledge
 
     kb = None if knowledge is None else hashlib.sha256(
         json.dumps(load_knowledge(knowledge), sort_keys=True).encode()).hexdigest()
     settings = {"knowledge_sha256": kb, "llm": asdict(llm)}
     models = {name: file_sha256(file) for name, file in _model_files(policies).items()}
-    if path.is_file():
+    if path.is_file() and resuming:
         before = json.loads(path.read_text())
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
@@ -469,17 +471,27 @@ def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for r in records:
         by_sc.setdefault(r["scenario"], {}).setdefault(r["policy"], []).append(r)
     for sc, groups in by_sc.items():
-        fig, ax = new_figure(figsize=(6.4, 4.0))
+        fig, ax = new_figure(figsize=(8.0, 4.0))
+        top = max(r["max_score"] for rs in groups.values() for r in rs)
+        steps = max(len(r["score_trajectory"]) for rs in groups.values() for r in rs) - 1
         for pol, rs in groups.items():
             length = max(len(r["score_trajectory"]) for r in rs)
             padded = np.array([(t := r["score_trajectory"]) + [t[-1]] * (length - len(t)) for r in rs], dtype=float)
             mean, sd = padded.mean(axis=0), padded.std(axis=0)
-            ax.plot(range(length), mean, marker=".", label=pol)
-            ax.fill_between(range(length), mean - sd, mean + sd, alpha=0.15)
+            if length == 1:  # a policy that takes no step (default): its score holds over the whole run
+                ax.hlines(mean[0], 0, max(steps, 1), colors="k", linestyles="--", label=f"{pol} (no steps)")
+                continue
+            line, = ax.plot(range(length), mean, marker=".", label=pol)
+            # the band is clipped to the scores a plan can have
+            ax.fill_between(range(length), np.maximum(mean - sd, 0.0), np.minimum(mean + sd, top), alpha=0.15,
+                            color=line.get_color())
+        ax.axhline(top, color="0.4", lw=0.9, ls=":", label=f"full score ({top:g})")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("step")
         ax.set_ylabel("score (binary)")
-        ax.set_title(f"{sc}: score per step (mean +- sd; finished episodes hold their final score)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{sc}: score per step (mean +- sd, band clipped to [0, {top:g}]; finished episodes hold "
+                     "their final score)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         paths.append(save_figure(fig, out / f"trajectories_{sc}.png"))
         paths.append(plot_tpp_distributions({p: {n: [r["final_tpp"][n] for r in rs] for n in rs[0]["final_tpp"]}
                                              for p, rs in groups.items()}, out / f"final_tpps_{sc}.png",

@@ -31,6 +31,7 @@ The JSON is rewritten after each stage, so an interrupted run keeps what it meas
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -96,6 +97,8 @@ def check_settings(repeats: int, batches: tuple[int, ...]) -> None:
 
 def run(scenario: str, device: str, repeats: int, json_path: Path | None, batches: tuple[int, ...]) -> dict:
     check_settings(repeats, batches)
+    if importlib.util.find_spec("cvxpy") is None:  # found out before the timings, not after them
+        raise ImportError("the reference solvers of part (c) need cvxpy: pip install 'rtenv[bench]'")
     case = load_case(scenario, "test", 0)
     tps = TPS(case, device=device)
     dev = tps.device

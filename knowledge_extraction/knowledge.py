@@ -67,6 +67,8 @@ def build_knowledge(records: Sequence[EpisodeRecord], source: dict[str, Any]) ->
                              f"{good[0].case} has {sorted(names)}; build one knowledge base per scenario")
     params = {n: _stats([r.final_tpp[n] for r in good], n.split("_", 1)[0]) for n in names}
     src = {**source, "episodes": len(records), "successful": len(good),
+           # plans at full score before any step: their TPPs are the start's, not the policy's choice
+           "full_score_at_start": sum(r.steps == 0 for r in good),
            "target": names[0].split("_", 1)[1],  # TPP names list the target first (rtenv.tpp.tpp_names)
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return {"format": FORMAT, "version": VERSION, "source": src, "parameters": params}
@@ -167,8 +169,10 @@ def load_knowledge(path: str | Path) -> dict[str, Any]:
 def knowledge_table(kb: dict[str, Any]) -> str:
     """A readable table: one row per TPP with its distribution."""
     src = kb["source"]
+    at_start = src.get("full_score_at_start")
     lines = [f"knowledge base: {src.get('policy')} on {src.get('scenario')} {src.get('cohort')} "
-             f"({src.get('successful')}/{src.get('episodes')} full-score plans)",
+             f"({src.get('successful')}/{src.get('episodes')} full-score plans"
+             + (f"; {at_start} of them at full score from the start, before any step" if at_start else "") + ")",
              f"{'parameter':<18}{'n':>4}{'min':>10}{'q1':>10}{'median':>10}{'q3':>10}{'max':>10}"]
     for name, p in kb["parameters"].items():
         lines.append(f"{name:<18}{len(p['values']):>4}" + "".join(f"{p[s]:>10.4g}" for s in

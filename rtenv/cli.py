@@ -113,8 +113,9 @@ def _dose(args: argparse.Namespace) -> int:
     print(f"{case.name}: uniform fluence, normalised to PTV D95 = {case.prescription_gy:g} Gy")
     print(result.table())
     out = Path(args.out)
-    dvh = plot_dvh(case, dose, out / "dvh.png", title=f"{case.name}: uniform fluence (D95 = Rx)")
-    sl = plot_dose_slice(case, dose, out / "dose_slice.png", title=f"{case.name}: uniform fluence, axial dose")
+    note = f"uniform fluence, normalised to D95 = Rx; score {result.total:.2f}/{result.max_score:g}"
+    dvh = plot_dvh(case, dose, out / "dvh.png", subtitle=note)
+    sl = plot_dose_slice(case, dose, out / "dose_slice.png", subtitle=note)
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     print(f"wrote {dvh}, {sl}, {out / 'result.json'}")
     return 0
@@ -144,9 +145,9 @@ def _plan(args: argparse.Namespace) -> int:
         "fluence": plan.fluence[0].tolist(),
     }
     (out / "plan.json").write_text(json.dumps(record, indent=2))
-    title = f"{case.name}: optimised plan, score {result.total:.2f}/{result.max_score:g}"
-    dvh = plot_dvh(case, plan.dose[0], out / "dvh.png", title=title)
-    sl = plot_dose_slice(case, plan.dose[0], out / "dose_slice.png", title=title)
+    note = f"optimised plan, score {result.total:.2f}/{result.max_score:g}"
+    dvh = plot_dvh(case, plan.dose[0], out / "dvh.png", subtitle=note)
+    sl = plot_dose_slice(case, plan.dose[0], out / "dose_slice.png", subtitle=note)
     print(f"wrote {out / 'plan.json'}, {dvh}, {sl}")
     return 0
 
@@ -248,6 +249,9 @@ def _knowledge(args: argparse.Namespace) -> int:
         save_knowledge(kb, args.out)
         log.remove()
         print(knowledge_table(kb))
+        if kb["source"]["full_score_at_start"] == kb["source"]["successful"]:
+            print("warning: every full-score plan was at full score from its start TPPs, so this base holds "
+                  "the start TPPs, not TPPs the policy chose", file=sys.stderr)
         print(f"wrote {args.out} ({rate * 100:.0f} % of {args.cohort} plans at full score)")
         return 0
     kb = load_knowledge(args.path)
@@ -255,7 +259,7 @@ def _knowledge(args: argparse.Namespace) -> int:
         print(knowledge_table(kb))
         return 0
     label = f"{kb['source'].get('policy')} ({kb['source'].get('scenario')})"
-    title = f"knowledge base: final TPPs of {kb['source'].get('successful')} full-score plans"
+    title = f"knowledge base {label}: final TPPs of {kb['source'].get('successful')} full-score plans"
     path = plot_tpp_distributions({label: {n: p["values"] for n, p in kb["parameters"].items()}},
                                   Path(args.out) / "knowledge_tpp_distributions.png", title=title)
     print(f"wrote {path}")
@@ -489,9 +493,25 @@ def _check_common(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {value} is a folder; expected a file path")
 
 
+#: Optional packages by the pyproject extra that installs them (``pip install 'rtenv[EXTRA]'``).
+EXTRAS = {
+    "stable_baselines3": "sb3", "captum": "explain", "cvxpy": "bench", "clarabel": "bench", "osqp": "bench",
+    "transformers": "llm", "accelerate": "llm", "gguf": "llm", "xgrammar": "llm", "llama_cpp": "llamacpp",
+    "ray": "ray",
+}
+
+
+def _install_hint(exc: ImportError) -> str | None:
+    """What to install for a missing optional package; None for an import error that is a bug."""
+    module = (exc.name or "").partition(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and module in EXTRAS:
+        return f"{module} is not installed: pip install 'rtenv[{EXTRAS[module]}]'"
+    return str(exc) if "install" in str(exc) else None  # the package's own hint (pyradplan, captum, ...)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; bad input (invalid values, missing or unusable paths) prints ``rtenv: error: ...``
-    and returns 2."""
+    """Run the CLI; bad input (invalid values, missing or unusable paths) and a missing optional
+    package print ``rtenv: error: ...`` and return 2."""
     from llm_policy.backends import BackendError  # standard library only: cheap to import
 
     args = build_parser().parse_args(argv)
@@ -500,6 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, OSError, BackendError) as exc:
         print(f"rtenv: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        hint = _install_hint(exc)
+        if hint is None:
+            raise
+        print(f"rtenv: error: {hint}", file=sys.stderr)
         return 2
 
 

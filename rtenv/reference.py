@@ -146,7 +146,7 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
         try:
             import cvxpy as cp
         except ImportError as exc:  # pragma: no cover - cvxpy is in the dev extra
-            raise ImportError("the CVXPY reference solvers need `pip install cvxpy clarabel`") from exc
+            raise ImportError("the CVXPY reference solvers need cvxpy: pip install 'rtenv[bench]'") from exc
     t0 = time.perf_counter()
     scale = objective_scale(terms)
     if solver == "lbfgsb":

@@ -1,10 +1,12 @@
 """The rtenv command line, run in-process."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from rtenv.cli import main
+from rtenv.cli import _install_hint, main
 
 
 def test_cases_list(capsys):
@@ -167,3 +169,15 @@ def test_bad_numbers_and_model_files_are_clean_errors(capsys, tmp_path):
             module.main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "t3").exists()
+
+
+def test_a_missing_optional_package_names_its_extra():
+    # sb3 left out of the environment (as in an install without the sb3 extra): a traceback before
+    code = ("import sys; sys.modules['stable_baselines3'] = None; from rtenv.cli import main; "
+            "sys.exit(main(['evaluate', '--policy', 'acer:default', '--scenario', 'S1', '--cases', '1']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == "rtenv: error: stable_baselines3 is not installed: pip install 'rtenv[sb3]'"
+    # an import error that is not a missing optional package is a bug: it keeps its traceback
+    assert _install_hint(ModuleNotFoundError("No module named 'rtenv.nope'", name="rtenv.nope")) is None
+    assert _install_hint(ImportError("cannot import name 'x' from 'rtenv.tps'")) is None

@@ -1,5 +1,6 @@
 """Knowledge bases (parameter-wise export, validation) and the Spearman / distribution analyses."""
 
+import dataclasses
 import json
 import math
 
@@ -40,6 +41,12 @@ def test_build_keeps_full_score_plans_parameter_wise():
     assert lam["geometric_mean"] == pytest.approx(4.0)
     assert "geometric_mean" not in kb["parameters"]["t_PTV"]
     assert kb["parameters"]["t_PTV"]["q1"] == pytest.approx(1.015)
+    # plans already at full score at the start carry the start TPPs: the base says how many
+    assert kb["source"]["full_score_at_start"] == 0 and "from the start" not in knowledge_table(kb)
+    untouched = dataclasses.replace(record(4), steps=0)
+    kb = build_knowledge([*recs, untouched], {"policy": "acer:x", "scenario": "S1", "cohort": "knowledge"})
+    assert kb["source"]["full_score_at_start"] == 1
+    assert "(4/5 full-score plans; 1 of them at full score from the start, before any step)" in knowledge_table(kb)
     with pytest.raises(ValueError, match="no full-score plan"):
         build_knowledge([record(1, full=False)], {})
     other = record(2)
