@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from rtenv.runlog import file_sha256, read_jsonl, write_atomic
+from rtenv.runlog import exclusive, file_sha256, read_jsonl, write_atomic
 from rtenv.validation import check_integer
 
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
@@ -315,35 +315,36 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     needs_kb = [p for p in names if p == "knowledge-sample" or (p.startswith("llm:") and parse_policy(p)["guided"])]
     if needs_kb and not knowledge:
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.jsonl"
-    done = {r["key"]: r for r in read_jsonl(path)}
-    _check_run_settings(out / "run_settings.json", knowledge, llm, names, resuming=bool(done))
-    # starting state first: every policy's first episodes finish first (a cut run stays balanced)
-    todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
-    workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="episode", desc="table3", disable=not progress)
-    finals: dict[str, list[float]] = {}
-    for r in done.values():
-        finals.setdefault(f"{r['scenario']}/{r['policy']}", []).append(r["final_score"])
-    with path.open("a") as f:
-        for rec in _execute(todo, knowledge, llm, workers, ray_address, device):
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            done[rec["key"]] = rec
-            finals.setdefault(f"{rec['scenario']}/{rec['policy']}", []).append(rec["final_score"])
-            bar.set_postfix_str(", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in finals.items())[:200])
-            bar.update(1)
-    bar.close()
-    records = [done[s.key] for s in specs]
-    summary = summarise(records)
-    summary["command"] = {"scenarios": list(scenarios), "policies": list(policies), "cases": cases,
-                          "max_steps": max_steps, "seed": seed, "knowledge": knowledge, "llm": asdict(llm)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "table3.md").write_text(table_markdown(summary))
-    if figures:
-        write_figures(records, out)
-    return summary
+    with exclusive(out, "table3 run"):  # one run per folder: two would mix their settings and records
+        path = out / "results.jsonl"
+        done = {r["key"]: r for r in read_jsonl(path)}
+        _check_run_settings(out / "run_settings.json", knowledge, llm, names, resuming=bool(done))
+        # starting state first: every policy's first episodes finish first (a cut run stays balanced)
+        todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
+        workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
+        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="episode", desc="table3",
+                   disable=not progress)
+        finals: dict[str, list[float]] = {}
+        for r in done.values():
+            finals.setdefault(f"{r['scenario']}/{r['policy']}", []).append(r["final_score"])
+        with path.open("a") as f:
+            for rec in _execute(todo, knowledge, llm, workers, ray_address, device):
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[rec["key"]] = rec
+                finals.setdefault(f"{rec['scenario']}/{rec['policy']}", []).append(rec["final_score"])
+                bar.set_postfix_str(", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in finals.items())[:200])
+                bar.update(1)
+        bar.close()
+        records = [done[s.key] for s in specs]
+        summary = summarise(records)
+        summary["command"] = {"scenarios": list(scenarios), "policies": list(policies), "cases": cases,
+                              "max_steps": max_steps, "seed": seed, "knowledge": knowledge, "llm": asdict(llm)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "table3.md").write_text(table_markdown(summary))
+        if figures:
+            write_figures(records, out)
+        return summary
 
 
 def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, policies: Sequence[str],
@@ -478,8 +479,8 @@ def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             length = max(len(r["score_trajectory"]) for r in rs)
             padded = np.array([(t := r["score_trajectory"]) + [t[-1]] * (length - len(t)) for r in rs], dtype=float)
             mean, sd = padded.mean(axis=0), padded.std(axis=0)
-            if length == 1:  # a policy that takes no step (default): its score holds over the whole run
-                ax.hlines(mean[0], 0, max(steps, 1), colors="k", linestyles="--", label=f"{pol} (no steps)")
+            if length == 1:  # a policy that took no step (default): its score holds over the whole run
+                ax.plot([0, max(steps, 1)], [mean[0], mean[0]], ls="--", label=f"{pol} (no steps)")
                 continue
             line, = ax.plot(range(length), mean, marker=".", label=pol)
             # the band is clipped to the scores a plan can have

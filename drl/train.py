@@ -357,23 +357,34 @@ def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
                          f"{type(exc).__name__}: {exc}") from exc
 
 
-def saved_algorithm(file: str | Path) -> str | None:
-    """The :data:`ALGORITHMS` key whose model most likely saved the SB3 zip ``file``; None if unreadable.
+#: How many of its own settings an algorithm's zip may lack (see :func:`saved_algorithm`).
+_SETTINGS_SLACK = 3
 
-    SB3 stores a model's attributes, which include its constructor's settings: the algorithm whose
-    own settings (beyond those every algorithm has) the zip lacks fewest of is the one. PPO and A2C
-    zips load as each other in SB3, so this reads the settings rather than trying to load.
+
+def saved_algorithm(file: str | Path) -> str | None:
+    """The :data:`ALGORITHMS` key of the algorithm that saved the SB3 zip ``file``; None if the zip
+    is unreadable or none of them clearly did (e.g. a SAC zip).
+
+    SB3 stores a model's attributes, which include its constructor's settings: the algorithm is
+    the one whose own settings (beyond those every algorithm has) the zip lacks at most
+    :data:`_SETTINGS_SLACK` of, and fewer than any other's (A2C keeps two of its settings only in
+    its optimizer; zips of older SB3 versions lack settings added since). PPO and A2C zips load as
+    each other in SB3, so this reads the settings rather than trying to load.
     """
     try:
         with zipfile.ZipFile(file) as archive:
-            saved = set(json.loads(archive.read("data")))
+            data = json.loads(archive.read("data"))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    if not isinstance(data, dict):
         return None
     common = {"self", "policy", "env", "device", "_init_setup_model", "verbose", "seed", "policy_kwargs",
               "tensorboard_log", "stats_window_size", "kwargs"}
-    missing = {name: len(set(inspect.signature(cls.__init__).parameters) - common - saved)
-               for name, cls in ALGORITHMS.items()}
-    return min(missing, key=missing.__getitem__)
+    missing = sorted((len(set(inspect.signature(cls.__init__).parameters) - common - set(data)), name)
+                     for name, cls in ALGORITHMS.items())
+    (fewest, best), (runner_up, _) = missing[0], missing[1]
+    return best if fewest <= _SETTINGS_SLACK and fewest < runner_up else None
+
 
 
 class SB3Policy:

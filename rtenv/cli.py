@@ -502,11 +502,18 @@ EXTRAS = {
 
 
 def _install_hint(exc: ImportError) -> str | None:
-    """What to install for a missing optional package; None for an import error that is a bug."""
-    module = (exc.name or "").partition(".")[0]
-    if isinstance(exc, ModuleNotFoundError) and module in EXTRAS:
-        return f"{module} is not installed: pip install 'rtenv[{EXTRAS[module]}]'"
-    return str(exc) if "install" in str(exc) else None  # the package's own hint (pyradplan, captum, ...)
+    """What to install for a missing optional package; None for an import error that is a bug
+    (a missing submodule of an installed package, a name a module lacks)."""
+    from rtenv.tg119 import PyRadPlanMissing
+
+    if isinstance(exc, PyRadPlanMissing):
+        return str(exc)
+    missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+    if not isinstance(missing, ModuleNotFoundError) or missing.name not in EXTRAS:
+        return None
+    if missing is not exc:  # raised from the missing package with its own hint (captum, cvxpy)
+        return str(exc)
+    return f"{missing.name} is not installed: pip install 'rtenv[{EXTRAS[missing.name]}]'"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -425,7 +425,8 @@ _DOC = """
     ## Arguments
     ``scenario``, ``action_mode``, ``cohort``, ``cases``, ``start``, ``reward``,
     ``scoring_mode``, ``max_steps``, ``device``, ``tps_settings`` (see :class:`TuningCore`),
-    ``render_mode`` (``"rgb_array"``: DVH figure; ``"ansi"``: score table). The episode length
+    ``render_mode`` (``"rgb_array"``: the plan's DVH as :func:`rtenv.plots.plot_dvh` draws it,
+    with step and score, a ``(360, 720, 3)`` uint8 array; ``"ansi"``: score table). The episode length
     is ``max_steps`` (``gym.make(id, max_steps=50)``): ``gym.make``'s own ``max_episode_steps``
     only wraps Gymnasium's ``TimeLimit`` around the env, which can end episodes earlier but not
     later. The vector env also takes ``max_episode_steps`` (what ``gym.make_vec`` passes) as

@@ -48,10 +48,10 @@ def draw_dvh(ax: Any, case: PlanningCase, doses: Mapping[str, np.ndarray], legen
             ax.plot(grid, 100 * cumulative_dvh(d, grid), color=_color(name, i), ls=ls,
                     label=name if p == 0 else None)
     ax.axvline(rx, color="0.4", lw=0.9, ls=":", label=f"Rx {rx:g} Gy")
-    for p, by_structure in enumerate(plans.values()):
+    for p, (label, by_structure) in enumerate(plans.items()):
         d95 = dose_at_volume_percent(by_structure[target], 95.0)  # as the protocols measure it
-        ax.plot([d95], [95.0], marker="o", ms=5, mfc="none", color="k", ls="none",
-                label=f"{target} D95" + (f" = {d95:.2f} Gy" if len(plans) == 1 else "") if p == 0 else None)
+        ax.plot([d95], [95.0], marker="osD^v"[p % 5], ms=5, mfc="none", color="k", ls="none",
+                label=f"{target} D95 = {d95:.2f} Gy" + (f" ({label})" if len(plans) > 1 else ""))
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
     ax.set_ylim(0, 102)
@@ -112,7 +112,7 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
         ax.imshow(case.density[k], cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1.8)
     rx = case.prescription_gy
     masked = np.ma.masked_where(~np.isfinite(grid) | (grid < 0.1 * rx), grid)
-    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 0.0
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else None  # None: no dose row on this slice
     cmap = colormaps["jet"].with_extremes(over="magenta")
     im = ax.imshow(masked, cmap=cmap, origin="lower", extent=extent, alpha=0.55, vmin=0, vmax=1.1 * rx)
     xs = origin[0] + dx * np.arange(nx)
@@ -128,8 +128,9 @@ def plot_dose_slice(case: PlanningCase, dose: np.ndarray, path: str | Path, titl
                    zorder=3 + depth, path_effects=[patheffects.withStroke(linewidth=width + 1.0, foreground="w")])
     for i, s, _ in shown:
         ax.plot([], [], color=_color(s.name, i), label=s.name)
-    fig.colorbar(im, ax=ax, label=f"dose (Gy); slice maximum {top:.1f} Gy",
-                 extend="max" if top > 1.1 * rx else "neither")
+    fig.colorbar(im, ax=ax, label="dose (Gy); " + ("no dose on this slice" if top is None else
+                                                   f"slice maximum {top:.1f} Gy"),
+                 extend="max" if top is not None and top > 1.1 * rx else "neither")
     ax.set_xlabel("x, patient left (mm)")
     ax.set_ylabel("y, anterior (mm)")
     ax.legend(fontsize=7, loc="lower right")

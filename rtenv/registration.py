@@ -8,7 +8,7 @@ ENV_IDS = {
     "rtenv/Prostate7Beam-v0": "S1",
     "rtenv/Prostate180Beam-v0": "S2",
     "rtenv/Liver7Beam-v0": "S3",
-    "rtenv/TG119-v0": "TG119",  # single case; needs pyradplan (the TG-119 data; docs/data_sources.md)
+    "rtenv/TG119-v0": "TG119",  # single case; needs pyradplan (the TG-119 data; docs/cases.md)
 }
 
 

@@ -12,8 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -26,6 +33,23 @@ def write_atomic(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(folder: str | Path, what: str = "run") -> Iterator[None]:
+    """Hold ``folder/.lock`` for the ``with`` block, so that a second process writing the same
+    results folder stops with a ``ValueError`` instead of mixing its records in. The lock goes with
+    the process that holds it (a killed run leaves nothing to clean up); not locked on Windows."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another {what} is writing to {folder} (it holds {folder / '.lock'}); "
+                                 "let it finish or use another output folder") from None
+        yield
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

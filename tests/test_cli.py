@@ -179,5 +179,18 @@ def test_a_missing_optional_package_names_its_extra():
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == "rtenv: error: stable_baselines3 is not installed: pip install 'rtenv[sb3]'"
     # an import error that is not a missing optional package is a bug: it keeps its traceback
-    assert _install_hint(ModuleNotFoundError("No module named 'rtenv.nope'", name="rtenv.nope")) is None
-    assert _install_hint(ImportError("cannot import name 'x' from 'rtenv.tps'")) is None
+    assert _install_hint(ModuleNotFoundError("No module named 'rtenv.installer'", name="rtenv.installer")) is None
+    assert _install_hint(ModuleNotFoundError("No module named 'stable_baselines3.common.x'",
+                                             name="stable_baselines3.common.x")) is None  # sb3 is installed
+    assert _install_hint(ImportError("cannot import name 'install_hooks' from 'rtenv.tps'")) is None
+    # the package's own hint, raised from the missing package, is kept as it is
+    try:
+        try:
+            import captum_not_here  # noqa: F401
+        except ModuleNotFoundError as exc:
+            exc.name = "captum"
+            raise ImportError("drl.explain needs captum: pip install captum") from exc
+    except ImportError as exc:
+        assert _install_hint(exc) == "drl.explain needs captum: pip install captum"
+    from rtenv.tg119 import PyRadPlanMissing
+    assert _install_hint(PyRadPlanMissing("the TG119 scenario needs pyradplan")) == "the TG119 scenario needs pyradplan"

@@ -439,7 +439,7 @@ def test_render_modes():
     env = TPPTuningEnv("S1", render_mode="rgb_array")
     env.reset(seed=0)
     img = env.render()
-    assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8 and img.std() > 0
+    assert img.shape == (360, 720, 3) and img.dtype == np.uint8 and img.std() > 0
     env = TPPTuningEnv("S1", render_mode="ansi")
     env.reset(seed=0)
     assert "Rectum V75Gy" in env.render()

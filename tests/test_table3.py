@@ -95,6 +95,11 @@ def test_resume_with_other_shared_settings_is_refused(tmp_path):
     assert (empty / "run_settings.json").is_file() and not read_jsonl(empty / "results.jsonl")
     run_table3(["S1"], ["random"], empty, knowledge="S1-search", **kw)
     assert len(read_jsonl(empty / "results.jsonl")) == 1
+    # ... unless a run is still writing there (its settings would be swapped under it)
+    from rtenv.runlog import exclusive
+    with exclusive(empty, "table3 run"), pytest.raises(ValueError, match="another table3 run is writing to"):
+        run_table3(["S1"], ["random"], empty, knowledge="S1-acer", **kw)
+    run_table3(["S1"], ["random"], empty, knowledge="S1-search", **kw)  # the lock went with its holder
 
 
 def test_resume_with_another_model_file_is_refused(tmp_path):

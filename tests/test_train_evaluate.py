@@ -70,6 +70,30 @@ def test_bad_policy_specs():
         load_policy("acer:/nonexistent/model.zip")
 
 
+def test_the_algorithm_that_saved_a_zip_is_named_only_when_clear(tmp_path):
+    import zipfile
+
+    import gymnasium as gym
+    from stable_baselines3 import A2C, DQN, SAC
+
+    from drl.train import BUILTIN_POLICIES, saved_algorithm
+
+    files = {"acer": BUILTIN_POLICIES["default"]}
+    for name, cls, env in (("ppo", PPO, "CartPole-v1"), ("a2c", A2C, "CartPole-v1"), ("dqn", DQN, "CartPole-v1"),
+                           ("sac", SAC, "Pendulum-v1")):
+        kwargs = {"buffer_size": 100} if cls in (DQN, SAC) else {}
+        cls("MlpPolicy", gym.make(env), **kwargs).save(tmp_path / f"{name}.zip")
+        files[name] = tmp_path / f"{name}.zip"
+    # PPO and A2C zips load as each other in SB3; their settings tell them apart
+    assert {name: saved_algorithm(f) for name, f in files.items()} == {
+        "acer": "acer", "ppo": "ppo", "a2c": "a2c", "dqn": "dqn", "sac": None}  # SAC: none of ours
+    with zipfile.ZipFile(tmp_path / "odd.zip", "w") as z:
+        z.writestr("data", "3")  # not an attribute table: a TypeError escaped before
+    assert saved_algorithm(tmp_path / "odd.zip") is None
+    with pytest.raises(ValueError, match="is not a loadable ppo model"):
+        load_policy(f"ppo:{files['sac']}")  # named DQN before
+
+
 def test_resume_restores_the_checkpointed_replay(tmp_path, monkeypatch):
     out = tmp_path / "run"
     kw = {"train_cases": 1, "num_envs": 2, "checkpoint_every": 8, "progress": False, "start": "default",
