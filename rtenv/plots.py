@@ -27,7 +27,7 @@ def _color(name: str, i: int) -> str:
     return STRUCTURE_COLORS.get(name, f"C{i % 10}")
 
 
-LINE_STYLES = ("-", "--", ":", "-.")
+_LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def draw_dvh(ax: Any, case: PlanningCase, doses: Mapping[str, np.ndarray], legend_fontsize: float = 8) -> None:
@@ -43,7 +43,7 @@ def draw_dvh(ax: Any, case: PlanningCase, doses: Mapping[str, np.ndarray], legen
     grid = np.linspace(0.0, max(top, rx) * 1.05, 400)
     target = case.target.name
     for p, by_structure in enumerate(plans.values()):
-        ls = LINE_STYLES[p % len(LINE_STYLES)]
+        ls = _LINE_STYLES[p % len(_LINE_STYLES)]
         for i, (name, d) in enumerate(by_structure.items()):
             ax.plot(grid, 100 * cumulative_dvh(d, grid), color=_color(name, i), ls=ls,
                     label=name if p == 0 else None)
@@ -59,7 +59,7 @@ def draw_dvh(ax: Any, case: PlanningCase, doses: Mapping[str, np.ndarray], legen
     ax.grid(alpha=0.3)
     if len(plans) > 1:
         for p, label in enumerate(plans):
-            ax.plot([], [], color="k", ls=LINE_STYLES[p % len(LINE_STYLES)], label=label)
+            ax.plot([], [], color="k", ls=_LINE_STYLES[p % len(_LINE_STYLES)], label=label)
     ax.legend(fontsize=legend_fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
