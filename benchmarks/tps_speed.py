@@ -31,7 +31,6 @@ The JSON is rewritten after each stage, so an interrupted run keeps what it meas
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from rtenv.env import ACTION_FACTORS
-from rtenv.reference import solve_reference
+from rtenv.reference import import_cvxpy, solve_reference
 from rtenv.scenarios import SCENARIOS, load_case
 from rtenv.tpp import RANGES, TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device, spmm
@@ -97,8 +96,7 @@ def check_settings(repeats: int, batches: tuple[int, ...]) -> None:
 
 def run(scenario: str, device: str, repeats: int, json_path: Path | None, batches: tuple[int, ...]) -> dict:
     check_settings(repeats, batches)
-    if importlib.util.find_spec("cvxpy") is None:  # found out before the timings, not after them
-        raise ImportError("the reference solvers of part (c) need cvxpy: pip install 'rtenv[bench]'")
+    import_cvxpy()  # part (c) needs it: found out before the timings, not after them
     case = load_case(scenario, "test", 0)
     tps = TPS(case, device=device)
     dev = tps.device

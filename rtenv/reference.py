@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import scipy.sparse as sp
@@ -112,6 +113,15 @@ def _shortfall(Dc: sp.csr_matrix, x: np.ndarray) -> float:
     return max(0.0, 1.0 - low) if np.isfinite(low) else math.inf
 
 
+def import_cvxpy() -> ModuleType:
+    """The ``cvxpy`` module, or an ImportError that names the extra installing it."""
+    try:
+        import cvxpy
+    except ImportError as exc:  # pragma: no cover - cvxpy is in the bench and dev extras
+        raise ImportError("the CVXPY reference solvers need cvxpy: pip install 'rtenv[bench]'") from exc
+    return cvxpy
+
+
 def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray | None = None,
                     tol: float = 1e-6, max_outer: int = 30) -> ReferenceSolution:
     """Solve the frozen sub-problem from :meth:`rtenv.tps.TPS.subproblem`.
@@ -143,10 +153,7 @@ def solve_reference(subproblem: dict, solver: str = "clarabel", x0: np.ndarray |
             raise ValueError(f"x0 must be {n} finite fluences >= 0 (one per beamlet), got shape {x0.shape}"
                              + ("" if x0.shape != (n,) else " with negative or non-finite values"))
     if solver != "lbfgsb":
-        try:
-            import cvxpy as cp
-        except ImportError as exc:  # pragma: no cover - cvxpy is in the dev extra
-            raise ImportError("the CVXPY reference solvers need cvxpy: pip install 'rtenv[bench]'") from exc
+        cp = import_cvxpy()
     t0 = time.perf_counter()
     scale = objective_scale(terms)
     if solver == "lbfgsb":
