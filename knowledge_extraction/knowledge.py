@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,6 +72,9 @@ def build_knowledge(records: Sequence[EpisodeRecord], source: dict[str, Any]) ->
            "full_score_at_start": sum(r.steps == 0 for r in good),
            "target": names[0].split("_", 1)[1],  # TPP names list the target first (rtenv.tpp.tpp_names)
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if src["full_score_at_start"] == len(good):
+        warnings.warn(f"every full-score plan ({len(good)} of {len(records)} episodes) was at full score from its "
+                      "start TPPs, so this base holds the start TPPs, not TPPs the policy chose", stacklevel=2)
     return {"format": FORMAT, "version": VERSION, "source": src, "parameters": params}
 
 

@@ -249,9 +249,6 @@ def _knowledge(args: argparse.Namespace) -> int:
         save_knowledge(kb, args.out)
         log.remove()
         print(knowledge_table(kb))
-        if kb["source"]["full_score_at_start"] == kb["source"]["successful"]:
-            print("warning: every full-score plan was at full score from its start TPPs, so this base holds "
-                  "the start TPPs, not TPPs the policy chose", file=sys.stderr)
         print(f"wrote {args.out} ({rate * 100:.0f} % of {args.cohort} plans at full score)")
         return 0
     kb = load_knowledge(args.path)

@@ -47,6 +47,9 @@ def test_build_keeps_full_score_plans_parameter_wise():
     kb = build_knowledge([*recs, untouched], {"policy": "acer:x", "scenario": "S1", "cohort": "knowledge"})
     assert kb["source"]["full_score_at_start"] == 1
     assert "(4/5 full-score plans; 1 of them at full score from the start, before any step)" in knowledge_table(kb)
+    with pytest.warns(UserWarning, match=r"every full-score plan \(1 of 2 episodes\) was at full score from its start"):
+        kb = build_knowledge([untouched, record(9, full=False)], {"policy": "default", "scenario": "S1"})
+    assert kb["source"]["full_score_at_start"] == kb["source"]["successful"] == 1
     with pytest.raises(ValueError, match="no full-score plan"):
         build_knowledge([record(1, full=False)], {})
     other = record(2)
