@@ -348,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(args.device)
     except ValueError as e:  # counts out of range, an unknown or absent device
         p.error(str(e))
+    try:
+        import_cvxpy()
+    except ImportError as e:  # the reference solvers' extra is not installed
+        p.error(str(e))
     res = run(args.scenario, args.device, args.repeats, args.json, batches)
     print(table(res))
     return 0

@@ -178,6 +178,12 @@ def test_a_missing_optional_package_names_its_extra():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == "rtenv: error: stable_baselines3 is not installed: pip install 'rtenv[sb3]'"
+    # the TPS benchmark needs cvxpy for its reference solvers: it says so before any timing
+    code = ("import sys; sys.modules['cvxpy'] = None; from benchmarks.tps_speed import main; "
+            "sys.exit(main(['--scenario', 'S1']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert "error: the CVXPY reference solvers need cvxpy: pip install 'rtenv[bench]'" in run.stderr
     # an import error that is not a missing optional package is a bug: it keeps its traceback
     assert _install_hint(ModuleNotFoundError("No module named 'rtenv.installer'", name="rtenv.installer")) is None
     assert _install_hint(ModuleNotFoundError("No module named 'stable_baselines3.common.x'",
