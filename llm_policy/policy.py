@@ -178,8 +178,9 @@ class LLMPolicy:
 class PlanningResult:
     """One LLM planning episode (``final_dv_metrics`` as in :class:`rtenv.rollout.EpisodeRecord`:
     Gy for dose criteria; for ``V`` criteria percent of the structure's volume, or cc where the
-    protocol gives them so)."""
+    protocol gives them so); ``case`` is the env's case name (``info["case"]``)."""
 
+    case: str
     initial_score: float
     final_score: float
     max_score: float
@@ -275,7 +276,8 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
         if transcript is not None:
             transcript.close()
     result = PlanningResult(
-        initial_score=initial_score, final_score=info["score"], max_score=info["max_score"], steps=info["steps"],
+        case=info["case"], initial_score=initial_score, final_score=info["score"], max_score=info["max_score"],
+        steps=info["steps"],
         full_score=bool(info["full_score"]), final_tpp=info["tpp"], final_dv_metrics=info["dv_metrics"],
         score_trajectory=trajectory,
         valid_first_rate=sum(r["valid_first"] for r in records) / len(records) if records else None,

@@ -29,18 +29,34 @@ from pathlib import Path
 
 import numpy as np
 
+from rtenv.case import PlanningCase
 from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
 from rtenv.runlog import RunLog, file_sha256
-from rtenv.scenarios import COHORTS, SCENARIOS, load_case
+from rtenv.scenarios import COHORTS, SCENARIOS, check_case_for_scenario, load_case, scenario_for_case
 from rtenv.tpp import TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device
 
 
 def _add_case_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", choices=sorted(SCENARIOS), help="scenario preset")
+    p.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS), help="scenario preset (optional with --case-file)")
     p.add_argument("--cohort", default="test", choices=sorted(COHORTS), help="patient cohort (default: test)")
     p.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
+    p.add_argument("--case-file", default=None,
+                   help="a saved case (.rtcase, e.g. from `rtenv cases import`) instead of a built-in one; with a "
+                        "scenario, its structures must be that scenario's")
+
+
+def _load_case(args: argparse.Namespace) -> PlanningCase:
+    """The case the arguments name: ``--case-file``, or the scenario's cohort and index."""
+    if args.case_file is None:
+        if args.scenario is None:
+            raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
+        return load_case(args.scenario, args.cohort, args.case, progress=True)
+    case = PlanningCase.load(args.case_file)
+    if args.scenario is not None:
+        check_case_for_scenario(case, args.scenario)
+    return case
 
 
 def _add_mode_arg(p: argparse.ArgumentParser) -> None:
@@ -64,7 +80,7 @@ def _cases_list(args: argparse.Namespace) -> int:
 
 def _cases_show(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    case = load_case(args.scenario, args.cohort, args.case, progress=True)
+    case = _load_case(args)
     load_s = time.perf_counter() - t0
     info = case.summary()
     info["load_seconds"] = round(load_s, 3)
@@ -106,7 +122,7 @@ def _cases_import(args: argparse.Namespace) -> int:
 def _dose(args: argparse.Namespace) -> int:
     if not args.uniform:
         raise ValueError("rtenv dose needs --uniform, the only fluence it computes (optimised plans: `rtenv plan`)")
-    case = load_case(args.scenario, args.cohort, args.case, progress=True)
+    case = _load_case(args)
     dose = case.dose(np.ones(case.n_beamlets, dtype=np.float32))
     dose *= case.coverage_scale(dose)
     result = score_plan(case, dose, mode=args.mode)
@@ -124,7 +140,7 @@ def _dose(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     settings = ADMMSettings(max_iter=args.max_iter, cg_steps=args.cg_steps, tol=args.tol, beta=args.beta,
                             precond_every=args.precond_every, ptv_underdose=args.ptv_underdose)
-    case = load_case(args.scenario, args.cohort, args.case, progress=True)
+    case = _load_case(args)
     tpp = TPP.load(args.tpp, case.structure_names) if args.tpp else TPP.default(case.structure_names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # a bad --out fails before the solve, not after
@@ -137,7 +153,9 @@ def _plan(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"optimised in {1000 * plan.seconds:.1f} ms on {plan.device}: {plan.iterations[0]} ADMM iterations, {status}")
     record = {
-        "case": case.name, "scenario": args.scenario, "cohort": args.cohort, "index": args.case,
+        "case": case.name,
+        **({"scenario": args.scenario, "cohort": args.cohort, "index": args.case} if args.case_file is None
+           else {"case_file": str(Path(args.case_file).resolve())}),
         "tpp": tpp.to_dict(), "score": result.to_dict(), "objective": float(plan.objective[0]),
         "iterations": int(plan.iterations[0]), "converged": bool(plan.converged[0]),
         "seconds": plan.seconds, "device": plan.device, "settings": dataclasses.asdict(settings),
@@ -172,6 +190,8 @@ def _run_log(output: str, args: argparse.Namespace, keys: Sequence[str]) -> RunL
         from drl.train import policy_file
 
         settings["model_sha256"] = file_sha256(policy_file(args.policy))
+    if getattr(args, "case_file", None):
+        settings["case_files_sha256"] = [file_sha256(f) for f in args.case_file]
     log = RunLog(f"{output}.partial.jsonl", settings)
     if len(log):
         print(f"resuming: {len(log)} episodes already run, from {log.path}")
@@ -183,11 +203,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from drl.transfer import policy_for_scenario
     from rtenv.rollout import evaluate_cohort
 
+    cases = args.cases
+    if args.case_file:
+        if args.cases is not None:
+            raise ValueError("give --cases (of a built-in cohort) or --case-file, not both")
+        cases = [PlanningCase.load(f) for f in args.case_file]
+        for case in cases:
+            check_case_for_scenario(case, args.scenario)
     model = load_policy(args.policy, device=args.device)
     log = (_run_log(args.json, args, ("policy", "scenario", "cohort", "cases", "start", "max_steps", "seed", "device"))
            if args.json else None)
     res = evaluate_cohort(policy_for_scenario(model, args.scenario), args.scenario, cohort=args.cohort,
-                          cases=args.cases, start=args.start,
+                          cases=cases, start=args.start,
                           max_steps=args.max_steps, seed=args.seed, log=log, device=args.device)
     res["policy"] = args.policy
     print(f"{'case':<16}{'initial':>9}{'final':>8}{'binary':>13}{'steps':>7}  full   "
@@ -278,12 +305,19 @@ def _llm_plan(args: argparse.Namespace) -> int:
                             action_scope=args.action_scope)
     backend = make_backend(args.backend, model=args.model, base_url=args.base_url, device=args.device,
                            local_only=args.local_only, timeout_s=args.timeout)
-    env = TPPTuningEnv(args.scenario, action_mode="continuous", cohort=args.cohort, cases=[args.case],
-                       start=args.start, max_steps=args.max_steps, device=args.device)
+    if args.case_file is None:
+        scenario, index = args.scenario, args.case
+        env = TPPTuningEnv(scenario, action_mode="continuous", cohort=args.cohort, cases=[index],
+                           start=args.start, max_steps=args.max_steps, device=args.device)
+    else:  # the own case is case 0 of the env's cohort "own"
+        case = _load_case(args)
+        scenario, index = args.scenario or scenario_for_case(case), 0
+        env = TPPTuningEnv(scenario, action_mode="continuous", cases=[case], start=args.start,
+                           max_steps=args.max_steps, device=args.device)
     policy = LLMPolicy.for_env(env, backend, knowledge=kb, options=options, temperature=args.temperature,
                                seed=args.seed)
-    print(f"{args.scenario} {args.cohort} case {args.case}: {args.backend} ({getattr(backend, 'model', '?')}), "
-          f"{'guided' if guided else 'unguided'}, budget {args.max_steps} steps")
+    print(f"{scenario} case {env.core.case_name((env.core.cohort, index))}: {args.backend} "
+          f"({getattr(backend, 'model', '?')}), {'guided' if guided else 'unguided'}, budget {args.max_steps} steps")
     print(f"{'step':>4}{'score':>8}{'valid':>7}{'tokens':>8}{'llm s':>7}  violated | TPP changes")
 
     def row(rec: dict) -> None:
@@ -292,7 +326,7 @@ def _llm_plan(args: argparse.Namespace) -> int:
         print(f"{rec['step']:>4}{rec['score']:>8.2f}{valid:>7}{rec['prompt_tokens'] + rec['completion_tokens']:>8}"
               f"{rec['llm_seconds']:>7.1f}  {len(rec['violated'])} | {changes}")
 
-    res = plan_episode(env, policy, seed=args.seed, options={"index": args.case}, out_dir=args.out, on_step=row)
+    res = plan_episode(env, policy, seed=args.seed, options={"index": index}, out_dir=args.out, on_step=row)
     print(f"score {res.initial_score:.2f} -> {res.final_score:.2f} of {res.max_score:g} in {res.steps} steps "
           f"({'full score' if res.full_score else 'not full score'}); valid before repair "
           f"{'n/a' if res.valid_first_rate is None else f'{100 * res.valid_first_rate:.0f} %'}; "
@@ -393,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cohort", default="test", choices=sorted(COHORTS))
     ev.add_argument("--cases", type=int, default=None,
                     help="first N cases (default: the whole cohort; for the unbounded train cohort, its first case)")
+    ev.add_argument("--case-file", action="append", default=None,
+                    help="a saved case (.rtcase, e.g. from `rtenv cases import`) with the scenario's structures; "
+                         "repeat for more: they replace the cohort")
     ev.add_argument("--start", default="default", choices=["default", "random"])
     ev.add_argument("--max-steps", type=int, default=20, help="steps per episode (default 20)")
     ev.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")

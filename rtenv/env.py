@@ -22,7 +22,7 @@ from gymnasium.vector.utils import batch_space
 
 from rtenv.case import PlanningCase
 from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, dvh_of_sorted, score_plan
-from rtenv.scenarios import cohort_size, get_scenario, load_case
+from rtenv.scenarios import check_case_for_scenario, cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
 from rtenv.tps import TPS, ADMMSettings
 from rtenv.validation import check_integer, is_integer
@@ -47,6 +47,8 @@ CONTINUOUS_BOUNDS = {
 # env refers to any more is freed
 _SHARED_TPS: weakref.WeakValueDictionary[tuple, TPS] = weakref.WeakValueDictionary()
 _FLOOR = 1e-3  # discrete steps down keep t_OAR, lambda and V at least this far from 0
+OWN_COHORT = "own"
+"""The cohort name of the cases given to an env as :class:`~rtenv.case.PlanningCase` objects."""
 
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
 
@@ -106,7 +108,11 @@ class TuningCore:
         action_mode: ``"discrete"`` or ``"continuous"``.
         cohort: Cohort episodes draw their case from (``"train"``, ``"knowledge"``, ``"test"``).
         cases: Number of cases of the cohort (its first ``n``) or explicit indices; ``None``: the
-            whole cohort (``train``: 1 case, as the ACER planner was trained on one).
+            whole cohort (``train``: 1 case, as the ACER planner was trained on one). Or your own
+            cases: a sequence of :class:`~rtenv.case.PlanningCase` (e.g. from
+            :mod:`rtenv.importers`) whose structures are the scenario's, in its order; they form
+            the cohort :data:`OWN_COHORT` (``"own"``), which then replaces ``cohort``. Each is
+            scored with its own protocol.
         start: ``"default"`` (SPEC default TPPs) or ``"random"`` (SPEC random start).
         reward: ``"spec"``, ``"score"`` or a callable ``(previous, new ProtocolResult) -> float``.
         scoring_mode: Score used by the reward and info: ``"linear"``, ``"binary"``, ``"relative"``
@@ -123,9 +129,9 @@ class TuningCore:
     recent_cases: int = 10
 
     def __init__(self, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
-                 cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
-                 scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
-                 tps_settings: ADMMSettings | None = None) -> None:
+                 cases: int | Sequence[int] | Sequence[PlanningCase] | None = None, start: str = "default",
+                 reward: str | RewardFn = "spec", scoring_mode: str | None = None, max_steps: int = 20,
+                 device: str = "cpu", tps_settings: ADMMSettings | None = None) -> None:
         self.scenario = get_scenario(scenario)
         if action_mode not in ("discrete", "continuous"):
             raise ValueError(f"action_mode {action_mode!r} is invalid; valid: 'discrete', 'continuous'")
@@ -140,7 +146,14 @@ class TuningCore:
         self.action_mode, self.cohort, self.start, self.max_steps = action_mode, cohort, start, max_steps
         self.reward_fn: RewardFn = REWARDS[reward] if isinstance(reward, str) else reward
         self.scoring_mode = scoring_mode
-        size = cohort_size(self.scenario, cohort)
+        self.structures = self.scenario.structures
+        self._own: tuple[PlanningCase, ...] = ()
+        if isinstance(cases, Sequence) and cases and all(isinstance(c, PlanningCase) for c in cases):
+            for c in cases:
+                check_case_for_scenario(c, self.scenario)
+            self._own = tuple(cases)
+            self.cohort, cases = OWN_COHORT, len(cases)
+        size = self.cohort_size(self.cohort)
         if cases is None:
             cases = 1 if size is None else size
         if is_integer(cases):
@@ -148,15 +161,15 @@ class TuningCore:
         elif isinstance(cases, Sequence | np.ndarray) and all(is_integer(i) for i in cases):
             self.case_indices = [int(i) for i in cases]
         else:
-            raise ValueError(f"cases = {cases!r} must be a number of cases or a sequence of case indices")
+            raise ValueError(f"cases = {cases!r} must be a number of cases, a sequence of case indices or a "
+                             "sequence of PlanningCase objects")
         if not self.case_indices:
             raise ValueError("cases must name at least one case")
         outside = [i for i in self.case_indices if i < 0 or (size is not None and i >= size)]
         if outside:
             hi = "inf" if size is None else size - 1
-            raise ValueError(f"case indices {outside} are outside the range [0, {hi}] of cohort {cohort!r}")
+            raise ValueError(f"case indices {outside} are outside the range [0, {hi}] of cohort {self.cohort!r}")
         self.device, self.tps_settings = device, tps_settings
-        self.structures = self.scenario.structures
         self.names = tpp_names(self.structures)
         self.n_tpp = len(self.names)
         self._recent: OrderedDict[tuple[str, int], TPS] = OrderedDict()  # least recently used first
@@ -181,6 +194,13 @@ class TuningCore:
         return spaces.Box(-1.0, 1.0, shape=(self.n_tpp,), dtype=np.float32)
 
     # ------------------------------------------------------------------- cases
+    def cohort_size(self, cohort: str) -> int | None:
+        """Number of cases of ``cohort`` (``None``: unbounded): a built-in cohort of the scenario,
+        or :data:`OWN_COHORT` when the core was given its own cases."""
+        if cohort == OWN_COHORT and self._own:
+            return len(self._own)
+        return cohort_size(self.scenario, cohort)
+
     def tps(self, key: tuple[str, int]) -> TPS:
         """The TPS of case ``key`` (cohort, index).
 
@@ -189,11 +209,16 @@ class TuningCore:
         ``SyncVectorEnv`` hold each case once (about 170 MB per S2 case). A TPS stays loaded
         while an episode of its case runs, and the core keeps the :attr:`recent_cases` most
         recently used (running or not): a pass over a large cohort does not hold every case it
-        visited.
+        visited. An own case's TPS belongs to this core alone.
         """
         keep = check_integer("recent_cases", self.recent_cases, 1)
         tps = self._recent.pop(key, None)
-        if tps is None:
+        if tps is None and key[0] == OWN_COHORT and self._own:
+            if not 0 <= key[1] < len(self._own):
+                raise ValueError(f"case index {key[1]} is outside the range [0, {len(self._own) - 1}] of the "
+                                 f"{len(self._own)} own cases")
+            tps = TPS(self._own[key[1]], device=self.device, settings=self.tps_settings)
+        elif tps is None:
             shared = (self.scenario, *key, str(self.device), self.tps_settings or ADMMSettings())
             tps = _SHARED_TPS.get(shared)
             if tps is None:
@@ -206,6 +231,12 @@ class TuningCore:
 
     def case(self, key: tuple[str, int]) -> PlanningCase:
         return self.tps(key).case
+
+    def case_name(self, key: tuple[str, int]) -> str:
+        """``SCENARIO-COHORT-INDEX`` for a built-in case; an own case's own name."""
+        if key[0] == OWN_COHORT and self._own:
+            return self._own[key[1]].name
+        return f"{self.scenario.name}-{key[0]}-{key[1]}"
 
     def new_episode(self, rng: np.random.Generator, options: dict[str, Any] | None) -> EpisodeState:
         """Pick the case and the start TPPs (``options``: ``cohort``, ``index``, ``start``, ``tpp``)."""
@@ -221,7 +252,7 @@ class TuningCore:
         if start not in ("default", "random"):
             raise ValueError(f"start {start!r} is invalid; valid: 'default', 'random'")
         if cohort != self.cohort:
-            size = cohort_size(self.scenario, cohort)  # raises for an unknown cohort
+            size = self.cohort_size(cohort)  # raises for an unknown cohort
             if index is None:  # any of that cohort's cases (case 0 of the unbounded train cohort)
                 index = int(rng.integers(size or 1))
         elif index is None:
@@ -347,7 +378,7 @@ class TuningCore:
             "violated": [c.name for c in r.violated],
             "dv_metrics": {c.name: c.value for c in r.criteria},
             "tpp": dict(zip(self.names, (float(v) for v in ep.tpp), strict=True)),
-            "case": f"{self.scenario.name}-{ep.case_key[0]}-{ep.case_key[1]}",
+            "case": self.case_name(ep.case_key),
             "steps": ep.steps, "tps_converged": ep.tps_converged, "tps_iterations": ep.tps_iterations,
         }
         if self.action_mode == "discrete":
@@ -414,7 +445,8 @@ _DOC = """
     ## Starting State
     A case of the env's cohort, drawn from its ``cases`` (``reset(options={"cohort": ...,
     "index": ...})`` picks one; another cohort without an index draws from all its cases, or
-    gives case 0 of the unbounded train cohort) and
+    gives case 0 of the unbounded train cohort; own cases, given as ``cases=[PlanningCase, ...]``,
+    form the cohort ``"own"``) and
     the SPEC default TPPs (``start="default"``), SPEC random TPPs (``start="random"``) or given
     TPPs (``options={"tpp": ...}``).
 
@@ -442,7 +474,8 @@ class TPPTuningEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 2}
 
     def __init__(self, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
-                 cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
+                 cases: int | Sequence[int] | Sequence[PlanningCase] | None = None, start: str = "default",
+                 reward: str | RewardFn = "spec",
                  scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
                  tps_settings: ADMMSettings | None = None, render_mode: str | None = None) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -508,7 +541,8 @@ class TPPTuningVectorEnv(gym.vector.VectorEnv):
                 "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
     def __init__(self, num_envs: int = 8, scenario: str = "S1", action_mode: str = "discrete", cohort: str = "train",
-                 cases: int | Sequence[int] | None = None, start: str = "default", reward: str | RewardFn = "spec",
+                 cases: int | Sequence[int] | Sequence[PlanningCase] | None = None, start: str = "default",
+                 reward: str | RewardFn = "spec",
                  scoring_mode: str | None = None, max_steps: int = 20, device: str = "cpu",
                  tps_settings: ADMMSettings | None = None, render_mode: str | None = None,
                  max_episode_steps: int | None = None,

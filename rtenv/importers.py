@@ -2,7 +2,8 @@
 
 Three formats, one entry point :func:`import_case` (``fmt`` = ``"cort"``, ``"matrad"`` or
 ``"portpy"``); each returns a :class:`~rtenv.case.PlanningCase` ready for the TPS, the scoring and
-the plots (the environments, and so the DRL and LLM planners, run on the built-in scenarios only).
+the plots, and to the environments (and so the DRL and LLM planners) of the scenario whose structures
+it has (``TPPTuningEnv("S1", cases=[case])``).
 rtenv ships none of this data: users download it themselves (see
 ``docs/data_sources.md`` for sources and licences). Only numpy, scipy and h5py are used.
 

@@ -9,14 +9,15 @@ feed-forward SB3 model adapts with ``lambda obs, info: model.predict(obs, determ
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from rtenv.env import TPPTuningEnv
+from rtenv.case import PlanningCase
+from rtenv.env import OWN_COHORT, TPPTuningEnv
 from rtenv.evaluation import score_plan
 from rtenv.runlog import RunLog
 from rtenv.scenarios import COHORTS, cohort_size
@@ -70,10 +71,14 @@ def run_episode(env: gym.Env, policy: Policy, seed: int | None = None,
     )
 
 
-def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: int | None = None,
-                    start: str = "default", max_steps: int = 20, seed: int = 0, log: RunLog | None = None,
-                    **env_kwargs: Any) -> dict[str, Any]:
+def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test",
+                    cases: int | Sequence[PlanningCase] | None = None, start: str = "default", max_steps: int = 20,
+                    seed: int = 0, log: RunLog | None = None, **env_kwargs: Any) -> dict[str, Any]:
     """Run ``policy`` once on every case of a cohort and summarise.
+
+    ``cases``: the cohort's first ``n`` (``None``: all of it), or your own cases (a sequence of
+    :class:`~rtenv.case.PlanningCase` with the scenario's structures, e.g. imported ones), which
+    then replace the cohort (reported as ``"own"``).
 
     With a ``log`` (a :class:`~rtenv.runlog.RunLog` whose settings name the policy and these
     arguments), each finished episode is written to it at once and episodes already there are
@@ -83,11 +88,15 @@ def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test", cases: 
     summary keys ``initial_score_mean``, ``final_score_mean``, ``final_score_sd``, ``steps_mean``,
     ``steps_sd``, ``full_score_rate`` (scores in the env's scoring mode; ``*_binary_*`` too).
     """
-    size = cohort_size(scenario, cohort) if cohort in COHORTS else None
-    n = check_integer("cases", cases, 1, size) if cases is not None else (size or 1)
     check_integer("seed", seed, 0)  # episode i is reset with seed + i
-    env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
-                       **env_kwargs)
+    if isinstance(cases, Sequence) and not isinstance(cases, str):
+        n, cohort = len(cases), OWN_COHORT
+        env = TPPTuningEnv(scenario, cases=cases, start=start, max_steps=max_steps, **env_kwargs)
+    else:
+        size = cohort_size(scenario, cohort) if cohort in COHORTS else None
+        n = check_integer("cases", cases, 1, size) if cases is not None else (size or 1)
+        env = TPPTuningEnv(scenario, cohort=cohort, cases=list(range(n)), start=start, max_steps=max_steps,
+                           **env_kwargs)
     records = logged_episodes(n, lambda i: run_episode(env, policy, seed=seed + i, options={"index": i}), log)
     return summarise(records, scenario=scenario, cohort=cohort, start=start, max_steps=max_steps)
 

@@ -107,14 +107,39 @@ COHORTS: dict[str, tuple[int | None, int]] = {
 def get_scenario(name: str) -> Scenario:
     """The preset named ``name`` (``S1``, ``S2``, ``S3``, ``TG119``)."""
     if not isinstance(name, str):
-        hint = (" (the environments run on the built-in scenarios only; plan and score an imported case "
-                "with rtenv.tps.TPS and rtenv.evaluation.score_plan)") if isinstance(name, PlanningCase) else ""
+        hint = (" (an imported case goes to the environments as cases=[case], with the scenario whose "
+                "structures it has)") if isinstance(name, PlanningCase) else ""
         raise ValueError(f"scenario must be a scenario name, one of {sorted(SCENARIOS)}; got a "
                          f"{type(name).__name__}{hint}")
     try:
         return SCENARIOS[name]
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; valid: {sorted(SCENARIOS)}") from None
+
+
+def check_case_for_scenario(case: PlanningCase, scenario: str | Scenario) -> None:
+    """Raise ``ValueError`` unless ``case`` (e.g. an imported one) has the scenario's structures,
+    in its order (target first): what its TPPs, actions and observations are made of."""
+    sc = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    if not isinstance(case, PlanningCase):
+        raise TypeError(f"expected a PlanningCase, got {type(case).__name__}")
+    if tuple(case.structure_names) != tuple(sc.structures):
+        raise ValueError(
+            f"case {case.name!r} has structures {tuple(case.structure_names)}; scenario {sc.name} works on "
+            f"{tuple(sc.structures)}: import the case with these names, its OARs mapped in this order "
+            "(rtenv.importers: structures={SOURCE: (ROLE, NAME)}; rtenv cases import --structures "
+            "SOURCE=ROLE:NAME,...)")
+
+
+def scenario_for_case(case: PlanningCase) -> str:
+    """The name of the built-in scenario whose structures ``case`` has (in its order)."""
+    names = tuple(case.structure_names)
+    found = [sc.name for sc in SCENARIOS.values() if tuple(sc.structures) == names]
+    if len(found) != 1:
+        known = "; ".join(f"{sc.name}: {', '.join(sc.structures)}" for sc in SCENARIOS.values())
+        raise ValueError(f"case {case.name!r} has structures {names}, which no scenario tunes; name a scenario or "
+                         f"import the case with one scenario's structure names, in its order ({known})")
+    return found[0]
 
 
 def cohort_size(scenario: str | Scenario, cohort: str) -> int | None:

@@ -1,12 +1,15 @@
 """The rtenv command line, run in-process."""
 
+import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from rtenv.cli import _install_hint, main
+from rtenv.scenarios import load_case
 
 
 def test_cases_list(capsys):
@@ -56,6 +59,26 @@ def test_plan_writes_json_and_figures(capsys, tmp_path):
     assert record["tpp"]["t_PTV"] == 1.05 and len(record["fluence"]) > 100
     assert 0 <= record["score"]["total"] <= 9
     assert (out / "dvh.png").stat().st_size > 10_000 and (out / "dose_slice.png").stat().st_size > 10_000
+
+
+def test_commands_take_a_saved_case(capsys, tmp_path):
+    case = load_case("S1", "test", 3)
+    path = str(dataclasses.replace(case, name="my-patient").save(tmp_path / "mine.rtcase"))
+    assert main(["plan", "--case-file", path, "--out", str(tmp_path / "plan")]) == 0
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert record["case"] == "my-patient" and record["case_file"] == str(Path(path).resolve())
+    assert "my-patient: TPPs SPEC default" in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--policy", "acer:default", "--scenario", "S1", "--case-file", path, "--case-file", path,
+                 "--max-steps", "2", "--json", str(report)]) == 0
+    res = json.loads(report.read_text())
+    assert res["cohort"] == "own" and [c["case"] for c in res["cases"]] == ["my-patient"] * 2
+    for args, message in ((["plan", "S2", "--case-file", path], "scenario S2 works on ('PTV', 'Bladder', 'Rectum', "),
+                          (["plan"], "name a scenario (S1, S2, S3, TG119) or a saved case (--case-file FILE)"),
+                          (["evaluate", "--policy", "acer:default", "--case-file", path, "--cases", "2"],
+                           "give --cases (of a built-in cohort) or --case-file, not both")):
+        assert main([*args, "--out", str(tmp_path / "x")] if args[0] == "plan" else args) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_plan_takes_solver_settings(capsys, tmp_path):

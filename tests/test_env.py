@@ -1,5 +1,6 @@
 """Gymnasium environments: API conformance, dynamics, vector env, SB3 adapter and training."""
 
+import dataclasses
 import math
 import re
 
@@ -11,6 +12,7 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import rtenv  # registers the ids
+from rtenv.case import PlanningCase
 from rtenv.env import ACTION_FACTORS, TPPTuningEnv, TPPTuningVectorEnv, fine_score
 from rtenv.evaluation import Protocol, cumulative_dvh
 from rtenv.sb3 import make_sb3_vec_env
@@ -400,6 +402,33 @@ def test_reset_into_another_cohort_draws_from_that_cohort():
     assert all(c.startswith("S1-test-") and int(c.rsplit("-", 1)[1]) < 10 for c in cases)
     with pytest.raises(ValueError, match="unknown cohort 'validation'"):
         env.reset(options={"cohort": "validation"})
+
+
+def test_own_cases_tune_as_the_built_in_ones(tmp_path):
+    built = [load_case("S1", "test", i) for i in (3, 4)]
+    saved = PlanningCase.load(built[1].save(tmp_path / "mine.rtcase"))  # as `rtenv cases import` leaves it
+    own = [built[0], dataclasses.replace(saved, name="my-patient")]
+    env, ref = TPPTuningEnv("S1", cases=own), TPPTuningEnv("S1", cohort="test", cases=[4])
+    (obs, info), (ref_obs, ref_info) = env.reset(seed=0, options={"index": 1}), ref.reset(seed=0)
+    assert (info["case"], ref_info["case"]) == ("my-patient", "S1-test-4")
+    np.testing.assert_array_equal(obs, ref_obs)
+    for action in (0, 3, 5):
+        step, ref_step = env.step(action), ref.step(action)
+        np.testing.assert_array_equal(step[0], ref_step[0])
+        assert step[1:4] == ref_step[1:4] and step[4]["tpp"] == ref_step[4]["tpp"]
+    # resets draw from the own cases; a built-in cohort is still a reset option away
+    assert {env.reset(seed=seed)[1]["case"] for seed in range(8)} == {"S1-test-3", "my-patient"}
+    assert env.reset(options={"cohort": "test", "index": 2})[1]["case"] == "S1-test-2"
+    vec = TPPTuningVectorEnv(4, "S1", cases=own)
+    assert set(vec.reset(seed=1)[1]["case"]) == {"S1-test-3", "my-patient"}
+    # an own case is scored with its own protocol: the S1 anatomy at DOLA's 60 Gy / 20 fx
+    dola = dataclasses.replace(built[0], name="dola", protocol="profit60", prescription_gy=60.0, fractions=20)
+    _, info = TPPTuningEnv("S1", cases=[dola]).reset(seed=0)
+    assert info["max_score"] == 160 and "PTV V58.5Gy" in info["criteria"]
+    with pytest.raises(ValueError, match=r"scenario S3 works on \('PTV', 'Liver', 'Heart'\)"):
+        TPPTuningEnv("S3", cases=own)
+    with pytest.raises(ValueError, match=r"case index 2 is outside the range \[0, 1\] of the 2 own cases"):
+        env.reset(options={"index": 2})
 
 
 def test_fine_score_is_smooth_beyond_the_ramp():

@@ -2,6 +2,7 @@
 transformers, the OpenAI-compatible backend against llama-cpp-python's own server on loopback, and
 endpoint failures (down, timeout, HTTP 500) from real sockets."""
 
+import dataclasses
 import http.server
 import json
 import socket
@@ -28,6 +29,7 @@ from llm_policy.prompt import PromptOptions
 from llm_policy.proposal import parse_proposal, proposal_bounds, proposal_schema
 from rtenv.cli import main
 from rtenv.env import TPPTuningEnv
+from rtenv.scenarios import load_case
 from tests.test_llm_prompt import S1, s1_knowledge
 
 pytestmark = pytest.mark.slow
@@ -199,6 +201,12 @@ def test_llm_plan_cli_end_to_end_offline(kb_file, tmp_path, capsys):
     assert (tmp_path / "transcript.jsonl").read_text().count("\n") >= 1
     assert main(["llm", "plan", "S1", "--out", str(tmp_path)]) == 2  # guided without a knowledge base
     assert "needs --knowledge" in capsys.readouterr().err
+    # a saved case: the scenario is the one with its structures
+    case_file = dataclasses.replace(load_case("S1", "test", 1), name="my-patient").save(tmp_path / "mine.rtcase")
+    assert main(["llm", "plan", "--case-file", str(case_file), "--no-guidance", "--max-steps", "1",
+                 "--out", str(tmp_path / "own")]) == 0
+    assert "S1 case my-patient: llama_cpp" in capsys.readouterr().out
+    assert json.loads((tmp_path / "own" / "summary.json").read_text())["case"] == "my-patient"
 
 
 def test_local_only_refuses_remote_endpoints():
