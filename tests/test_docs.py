@@ -33,8 +33,8 @@ def _examples() -> list:
 
 def test_every_page_with_examples_is_collected():
     ids = {p.id for p in _examples()}
-    assert {"cases.md-0", "data_sources.md-0", "data_sources.md-2", "tps_and_envs.md-0", "tps_and_envs.md-1", "explain.md-0",
-            "llm_policy.md-0"} <= ids
+    assert {"cases.md-0", "data_sources.md-0", "data_sources.md-2", "tps_and_envs.md-0", "tps_and_envs.md-1",
+            "explain.md-0", "llm_policy.md-0"} <= ids
     assert {f"{page}-{i}" for page, i in NEEDS_DATA} <= ids  # a skipped example that still exists
 
 
