@@ -47,8 +47,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from llm_policy.backends import DEFAULT_TEMPERATURE  # standard library only: the parser stays cheap
 from rtenv.runlog import exclusive, file_sha256, read_jsonl, write_atomic
-from rtenv.validation import check_integer
+from rtenv.validation import check_integer, is_real
 
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
 SEARCH_POPSIZE = 8
@@ -71,7 +72,11 @@ class LLMOptions:
     memory_k: int = 0
     action_scope: str = "all"
     base_url: str | None = None
-    temperature: float = 0.4
+    temperature: float = DEFAULT_TEMPERATURE
+
+    def __post_init__(self) -> None:
+        if not (is_real(self.temperature) and 0.0 <= self.temperature <= 2.0):
+            raise ValueError(f"temperature (--temperature) = {self.temperature!r} must be a number in [0, 2]")
 
 
 @dataclass(frozen=True)
@@ -528,6 +533,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--memory-k", type=int, default=0, help="LLM policies: prior attempts shown")
     p.add_argument("--action-scope", default="all", choices=["all", "weights_only"])
     p.add_argument("--base-url", default=None, help="LLM policies with the openai backend")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"LLM policies: sampling temperature (default {DEFAULT_TEMPERATURE}, DOLA's best; DOLA swept "
+                        "0.1-1.0: one --out folder per temperature)")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -542,7 +550,7 @@ def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = No
         except ValueError as e:  # unknown scenario or policy, bad counts, a resume with other settings
             parser.error(str(e))
     llm = LLMOptions(chain_of_thought=args.cot, memory_k=args.memory_k, action_scope=args.action_scope,
-                     base_url=args.base_url)
+                     base_url=args.base_url, temperature=args.temperature)
     summary = run_table3(args.scenarios.split(","), args.policies.split(","), args.out, cases=args.cases,
                          max_steps=args.max_steps, seed=args.seed, knowledge=args.knowledge, llm=llm,
                          workers=args.workers, ray_address=False if args.ray is None else args.ray,

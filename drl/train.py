@@ -119,7 +119,8 @@ def make_train_env(scenario: str, num_envs: int, train_cases: int = 1, start: st
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"acer": ACER, "ppo": PPO, "a2c": A2C, "dqn": DQN}
 
-# the ACER planner's settings (SPEC section 3) where they differ from the generic defaults
+# the ACER planner's settings (SPEC section 3) where they differ from the generic defaults; n_steps
+# stays at the generic 20 (SPEC's trajectory length is 100; docs/drl.md lists the differences)
 PLANNER_SETTINGS: dict[str, Any] = {
     "n_steps": 20, "buffer_size": 100_000, "replay_ratio": 4.0, "replay_start": 20_000, "gamma": 0.99,
     "truncation": 10.0, "trust_region": False, "ent_coef": 1e-4, "max_grad_norm": 40.0, "learning_rate": 7e-4,

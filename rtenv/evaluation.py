@@ -56,8 +56,9 @@ Score modes, for value v, goal g, limit l and points p (upper sense; lower mirro
 
 * ``linear``: p * clip((l - v) / (l - g), 0, 1), a step at g when l == g.
 * ``binary``: p if the goal is met, else 0.
-* ``relative`` (DOLA Eq. 2): p if v <= g, else p * max(0, 1 - (v - g) / g);
-  lower sense: p if v >= g, else p * max(0, v / g).
+* ``relative`` (DOLA Eq. 2, floored at 0 here: DOLA's formula goes negative for a value above
+  twice its goal): p if v <= g, else p * max(0, 1 - (v - g) / g); lower sense: p if v >= g,
+  else p * max(0, v / g).
 """
 
 from __future__ import annotations

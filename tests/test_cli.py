@@ -184,6 +184,8 @@ def test_bad_numbers_and_model_files_are_clean_errors(capsys, tmp_path):
     assert "is not a loadable ppo model" in capsys.readouterr().err
     for module, args, message in ((table3, ["--scenarios", "S9", "--out", str(tmp_path / "t3")], "S9"),
                                   (table3, ["--workers", "0", "--out", str(tmp_path / "t3")], "workers = 0"),
+                                  (table3, ["--temperature", "3", "--out", str(tmp_path / "t3")],
+                                   "temperature (--temperature) = 3.0 must be a number in [0, 2]"),
                                   (env_speed, ["--envs", "0"], r"env counts (--envs) [0]"),
                                   (env_speed, ["--envs", "x"], "comma-separated integers"),
                                   (env_speed, ["--steps", "0"], "calls (--steps) = 0"),
