@@ -411,15 +411,28 @@ def _ms(values: Iterable[float]) -> tuple[float, float]:
     return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
+def _criteria(scenario: str) -> list[tuple[str, str, float, str]]:
+    """Per criterion of the scenario's protocol: name, unit, goal (in that unit) and sense."""
+    from rtenv.evaluation import Protocol
+    from rtenv.scenarios import get_scenario
+
+    sc = get_scenario(scenario)
+    return [(c.name, c.unit, c.thresholds(sc.prescription_gy)[0], c.sense)
+            for c in Protocol.load(sc.protocol).criteria]
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per scenario and policy: episodes, initial/final score and steps (mean, sd), max score,
-    full-score rate, wall time and LLM tokens."""
+    full-score rate, wall time and LLM tokens; and per protocol criterion the final value's mean
+    and sd (in the criterion's unit) and the number of plans that meet its goal (the seed's
+    Fig. 4 figures)."""
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         groups.setdefault(r["scenario"], {}).setdefault(r["policy"], []).append(r)
     out: dict[str, Any] = {"scenarios": {}}
     for sc, by_policy in groups.items():
         rows = {}
+        criteria = _criteria(sc)
         for pol, rs in by_policy.items():
             row = {"episodes": len(rs), "max_score": rs[0]["max_score"],
                    "full_score_rate": sum(r["full_score"] for r in rs) / len(rs),
@@ -427,6 +440,13 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for name in ("initial_score", "final_score", "steps"):
                 row[f"{name}_mean"], row[f"{name}_sd"] = _ms(float(r[name]) for r in rs)
             row["best_final_score"] = max(r["final_score"] for r in rs)
+            row["dv_metrics"] = {}
+            for name, unit, goal, sense in criteria:
+                values = [float(r["final_dv_metrics"][name]) for r in rs]
+                mean, sd = _ms(values)
+                met = sum((v <= goal) if sense == "upper" else (v >= goal) for v in values)
+                row["dv_metrics"][name] = {"mean": mean, "sd": sd, "unit": unit, "goal": goal, "sense": sense,
+                                           "goal_met": met}
             if "llm_prompt_tokens" in rs[0]:
                 row["llm_tokens_per_step"] = (sum(r["llm_prompt_tokens"] + r["llm_completion_tokens"] for r in rs)
                                               / max(1, sum(r["steps"] for r in rs)))
@@ -456,6 +476,19 @@ def table_markdown(summary: dict[str, Any]) -> str:
                 lines.append(f"| {label} | 10 | {paper['initial'][0]:.1f} +- {paper['initial'][1]:.1f} | "
                              f"{paper[key][0]:.1f} +- {paper[key][1]:.1f} | | | "
                              f"{paper[steps][0]:.1f} +- {paper[steps][1]:.1f} |")
+        lines.append("")
+    lines += ["# Final dose-volume metrics by policy (mean +- sd; plans meeting the goal)", ""]
+    for sc, rows in summary["scenarios"].items():
+        metrics = next(iter(rows.values())).get("dv_metrics")
+        if not metrics:  # a summary written before these were recorded
+            continue
+        lines += [f"## {sc}", "", "| criterion | goal | " + " | ".join(rows) + " |",
+                  "|---|---|" + "---|" * len(rows)]
+        for name, m in metrics.items():
+            cells = [f"{r['dv_metrics'][name]['mean']:.1f} +- {r['dv_metrics'][name]['sd']:.1f} "
+                     f"({r['dv_metrics'][name]['goal_met']}/{r['episodes']})" for r in rows.values()]
+            goal = f"{'<=' if m['sense'] == 'upper' else '>='} {m['goal']:.4g} {m['unit']}"
+            lines.append(f"| {name} | {goal} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

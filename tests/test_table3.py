@@ -40,6 +40,14 @@ def test_tiny_table3_end_to_end(reference):
     assert "| random | 2 |" in table and "GPT-4o with knowledge (paper) | 10 | 6.0 +- 1.8 | 9.0 +- 0.0" in table
     for name in ("trajectories_S1.png", "final_tpps_S1.png", "dv_metrics_S1.png"):
         assert (out / name).stat().st_size > 10_000
+    # per criterion: the final values' mean and how many plans meet the goal, by the records' own metrics
+    hot = rows["random"]["dv_metrics"]["PTV hot spot"]
+    values = [r["final_dv_metrics"]["PTV hot spot"] for r in records if r["policy"] == "random"]
+    assert hot["mean"] == pytest.approx(sum(values) / 2) and hot["goal"] == pytest.approx(1.07 * 79.2)
+    assert hot["goal_met"] == sum(v <= 1.07 * 79.2 for v in values)
+    cells = [f"{m['mean']:.1f} +- {m['sd']:.1f} ({m['goal_met']}/2)" for m in
+             (rows[p]["dv_metrics"]["Rectum V75Gy"] for p in ("default", "random"))]
+    assert f"| Rectum V75Gy | <= 15 % | {cells[0]} | {cells[1]} |" in table
 
 
 def test_resume_after_kill_gives_the_same_table(reference, tmp_path):
