@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from rtenv.case import PlanningCase
 from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort, logged_episodes
 from rtenv.runlog import RunLog
 from rtenv.tpp import RANGES
@@ -185,19 +186,24 @@ def knowledge_table(kb: dict[str, Any]) -> str:
 
 
 def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", generations: int = 20,
-                            popsize: int = 8, seed: int = 0, cases: int | None = None, log: RunLog | None = None,
-                            ) -> tuple[dict[str, Any], list[EpisodeRecord]]:
+                            popsize: int = 8, seed: int = 0, cases: int | Sequence[PlanningCase] | None = None,
+                            log: RunLog | None = None) -> tuple[dict[str, Any], list[EpisodeRecord]]:
     """The knowledge base of CMA-ES (:func:`rtenv.search.search_episode`) from the SPEC default
-    TPPs on every case of ``cohort`` (or its first ``cases``); returns it and the episode records.
-    A ``log`` keeps each finished case's record and skips those already there (as in
-    :func:`rtenv.rollout.evaluate_cohort`)."""
+    TPPs on every case of ``cohort`` (or its first ``cases``, or your own ``cases``: a sequence of
+    :class:`~rtenv.case.PlanningCase` with the scenario's structures, recorded as cohort
+    ``"own"``); returns it and the episode records. A ``log`` keeps each finished case's record
+    and skips those already there (as in :func:`rtenv.rollout.evaluate_cohort`)."""
     from rtenv.env import TuningCore
     from rtenv.scenarios import cohort_size
     from rtenv.search import search_episode
     from rtenv.tpp import TPP
 
-    n = cases or cohort_size(scenario, cohort) or 1
-    core = TuningCore(scenario, action_mode="continuous", cohort=cohort, cases=n)
+    if isinstance(cases, Sequence):
+        core = TuningCore(scenario, action_mode="continuous", cases=cases)
+    else:
+        core = TuningCore(scenario, action_mode="continuous", cohort=cohort,
+                          cases=cases or cohort_size(scenario, cohort))
+    cohort, n = core.cohort, len(core.case_indices)
     start = TPP.default(core.structures).values
     records = logged_episodes(
         n, lambda i: search_episode(core, (cohort, i), start, generations, popsize, seed=seed + i), log)
@@ -209,11 +215,16 @@ def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", gen
 
 def export_knowledge(policy: Policy, policy_name: str, scenario: str = "S1", cohort: str = "knowledge",
                      start: str = "default", max_steps: int = 20, seed: int = 0,
-                     log: RunLog | None = None) -> tuple[dict[str, Any], dict]:
-    """Run ``policy`` on every case of ``cohort`` and build the knowledge base of its full-score
-    plans; returns the knowledge base and the evaluation summary. A ``log`` makes the run
-    resumable (:func:`rtenv.rollout.evaluate_cohort`)."""
-    summary = evaluate_cohort(policy, scenario, cohort=cohort, start=start, max_steps=max_steps, seed=seed, log=log)
+                     log: RunLog | None = None, cases: Sequence[PlanningCase] | None = None,
+                     ) -> tuple[dict[str, Any], dict]:
+    """Run ``policy`` on every case of ``cohort`` (or on your own ``cases``, a sequence of
+    :class:`~rtenv.case.PlanningCase` with the scenario's structures, recorded as cohort
+    ``"own"``; the base keeps no case name) and build the knowledge base of its full-score plans;
+    returns the knowledge base and the evaluation summary. A ``log`` makes the run resumable
+    (:func:`rtenv.rollout.evaluate_cohort`)."""
+    summary = evaluate_cohort(policy, scenario, cohort=cohort, cases=cases, start=start, max_steps=max_steps,
+                              seed=seed, log=log)
+    cohort = summary["cohort"]
     records = [EpisodeRecord(**c) for c in summary["cases"]]
     kb = build_knowledge(records, {"policy": policy_name, "scenario": scenario, "cohort": cohort, "start": start,
                                    "max_steps": max_steps, "seeds": [seed + i for i in range(len(records))]})

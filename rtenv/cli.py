@@ -47,6 +47,22 @@ def _add_case_args(p: argparse.ArgumentParser) -> None:
                         "scenario, its structures must be that scenario's")
 
 
+def _add_case_files_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--case-file", action="append", default=None,
+                   help="a saved case (.rtcase, e.g. from `rtenv cases import`) with the scenario's structures; "
+                        "repeat for more: they replace the cohort")
+
+
+def _load_case_files(args: argparse.Namespace) -> list[PlanningCase] | None:
+    """The cases of ``--case-file`` (checked against ``--scenario``), or ``None`` if none is given."""
+    if not args.case_file:
+        return None
+    cases = [PlanningCase.load(f) for f in args.case_file]
+    for case in cases:
+        check_case_for_scenario(case, args.scenario)
+    return cases
+
+
 def _load_case(args: argparse.Namespace) -> PlanningCase:
     """The case the arguments name: ``--case-file``, or the scenario's cohort and index."""
     if args.case_file is None:
@@ -203,13 +219,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from drl.transfer import policy_for_scenario
     from rtenv.rollout import evaluate_cohort
 
-    cases = args.cases
-    if args.case_file:
-        if args.cases is not None:
-            raise ValueError("give --cases (of a built-in cohort) or --case-file, not both")
-        cases = [PlanningCase.load(f) for f in args.case_file]
-        for case in cases:
-            check_case_for_scenario(case, args.scenario)
+    if args.case_file and args.cases is not None:
+        raise ValueError("give --cases (of a built-in cohort) or --case-file, not both")
+    cases = _load_case_files(args) or args.cases
     model = load_policy(args.policy, device=args.device)
     log = (_run_log(args.json, args, ("policy", "scenario", "cohort", "cases", "start", "max_steps", "seed", "device"))
            if args.json else None)
@@ -258,12 +270,13 @@ def _knowledge(args: argparse.Namespace) -> int:
     from knowledge_extraction.knowledge import export_knowledge, knowledge_table, load_knowledge, save_knowledge
 
     if args.knowledge_command == "export":
+        own = _load_case_files(args)
         log = _run_log(args.out, args, ("policy", "scenario", "cohort", "max_steps", "seed"))
         if args.policy == "search":
             from knowledge_extraction.knowledge import export_search_knowledge
 
             kb, records = export_search_knowledge(args.scenario, args.cohort, generations=args.max_steps,
-                                                  seed=args.seed, log=log)
+                                                  seed=args.seed, log=log, cases=own)
             rate = sum(r.full_score for r in records) / len(records)
         else:
             from drl.train import load_policy
@@ -271,12 +284,12 @@ def _knowledge(args: argparse.Namespace) -> int:
 
             policy = policy_for_scenario(load_policy(args.policy), args.scenario)
             kb, summary = export_knowledge(policy, args.policy, args.scenario, args.cohort,
-                                           max_steps=args.max_steps, seed=args.seed, log=log)
+                                           max_steps=args.max_steps, seed=args.seed, log=log, cases=own)
             rate = summary["full_score_rate"]
         save_knowledge(kb, args.out)
         log.remove()
         print(knowledge_table(kb))
-        print(f"wrote {args.out} ({rate * 100:.0f} % of {args.cohort} plans at full score)")
+        print(f"wrote {args.out} ({rate * 100:.0f} % of {kb['source']['cohort']} plans at full score)")
         return 0
     kb = load_knowledge(args.path)
     if args.knowledge_command == "show":
@@ -427,9 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cohort", default="test", choices=sorted(COHORTS))
     ev.add_argument("--cases", type=int, default=None,
                     help="first N cases (default: the whole cohort; for the unbounded train cohort, its first case)")
-    ev.add_argument("--case-file", action="append", default=None,
-                    help="a saved case (.rtcase, e.g. from `rtenv cases import`) with the scenario's structures; "
-                         "repeat for more: they replace the cohort")
+    _add_case_files_arg(ev)
     ev.add_argument("--start", default="default", choices=["default", "random"])
     ev.add_argument("--max-steps", type=int, default=20, help="steps per episode (default 20)")
     ev.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
@@ -460,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn), or 'search' (CMA-ES)")
     ex.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
     ex.add_argument("--cohort", default="knowledge", choices=sorted(COHORTS))
+    _add_case_files_arg(ex)
     ex.add_argument("--max-steps", type=int, default=20,
                     help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
     ex.add_argument("--seed", type=int, default=0)

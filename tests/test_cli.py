@@ -73,6 +73,10 @@ def test_commands_take_a_saved_case(capsys, tmp_path):
                  "--max-steps", "2", "--json", str(report)]) == 0
     res = json.loads(report.read_text())
     assert res["cohort"] == "own" and [c["case"] for c in res["cases"]] == ["my-patient"] * 2
+    kb_path = tmp_path / "kb.json"  # a site's knowledge from its own patients: no case name goes into it
+    assert main(["knowledge", "export", "--policy", "search", "--max-steps", "2", "--case-file", path,
+                 "--out", str(kb_path)]) == 0
+    assert json.loads(kb_path.read_text())["source"]["cohort"] == "own" and "my-patient" not in kb_path.read_text()
     for args, message in ((["plan", "S2", "--case-file", path], "scenario S2 works on ('PTV', 'Bladder', 'Rectum', "),
                           (["plan"], "name a scenario (S1, S2, S3, TG119) or a saved case (--case-file FILE)"),
                           (["evaluate", "--policy", "acer:default", "--case-file", path, "--cases", "2"],
