@@ -60,6 +60,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from torch import nn
 
 from drl.acer import ACERLstmPolicy, ACERPolicy, usable_masks
+from rtenv.case import PlanningCase
 from rtenv.env import DVH_POINTS, OAR_DVH_RANGE, TARGET_DVH_RANGE, TPPTuningEnv, TuningCore
 from rtenv.evaluation import Protocol, ProtocolResult, score_plan
 from rtenv.plots import new_figure, save_figure
@@ -330,7 +331,7 @@ def _resolve_model(model: BaseAlgorithm | BasePolicy | str, device: str) -> Base
 
 
 def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1", cohort: str = "test",
-                    case: int = 0, out_dir: str | Path = "explain", *, n_steps: int = 50,
+                    case: int | PlanningCase = 0, out_dir: str | Path = "explain", *, n_steps: int = 50,
                     baselines: Sequence[str] = BASELINES, max_steps: int = 20, seed: int = 0, device: str = "cpu",
                     start: str = "default", reference: np.ndarray | None = None,
                     reference_cohort: str = "knowledge", reference_cases: int | Sequence[int] | None = None,
@@ -357,7 +358,9 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
             spec ``"ALGO:PATH"`` for :func:`drl.train.load_policy`.
         scenario: ``"S1"``, ``"S2"``, ``"S3"``.
         cohort: Cohort of the explained case.
-        case: Case index within the cohort.
+        case: Case index within the cohort, or your own case (a
+            :class:`~rtenv.case.PlanningCase` with the scenario's structures; ``cohort`` is then
+            ``"own"`` and ``case`` 0 in the result).
         out_dir: Output folder (created).
         n_steps: Gauss-Legendre nodes of the IG path integral.
         baselines: Any of ``"zero"`` and ``"mean"`` (see the module docstring).
@@ -400,7 +403,11 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     check_integer("n_steps (IG quadrature nodes)", n_steps, 2)
     model = _resolve_model(model, device)
     logits_net = ActionLogits(model)
-    env = TPPTuningEnv(scenario, cohort=cohort, cases=[case], start=start, max_steps=max_steps, device=device)
+    if isinstance(case, PlanningCase):
+        env = TPPTuningEnv(scenario, cases=[case], start=start, max_steps=max_steps, device=device)
+        cohort, case = env.core.cohort, 0
+    else:
+        env = TPPTuningEnv(scenario, cohort=cohort, cases=[case], start=start, max_steps=max_steps, device=device)
     core = env.core
     structures = list(core.structures)
     obs_dim = DVH_POINTS * len(structures)

@@ -251,7 +251,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from drl.explain import explain_episode
 
-    res = explain_episode(args.policy, args.scenario, args.cohort, args.case, args.out, n_steps=args.ig_steps,
+    if args.case_file is not None:
+        case = PlanningCase.load(args.case_file)
+        check_case_for_scenario(case, args.scenario)
+    res = explain_episode(args.policy, args.scenario, args.cohort, args.case if args.case_file is None else case,
+                          args.out, n_steps=args.ig_steps,
                           baselines=tuple(args.baselines), max_steps=args.max_steps, seed=args.seed,
                           device=args.device, start=args.start, reference_cases=args.reference_cases)
     print(f"{res['case_name']}: score {res['initial_score']:.2f} -> {res['final_score']:.2f} "
@@ -454,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
     xp.add_argument("--cohort", default="test", choices=sorted(COHORTS))
     xp.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
+    xp.add_argument("--case-file", default=None,
+                    help="a saved case (.rtcase, e.g. from `rtenv cases import`) with the scenario's structures, "
+                         "instead of a built-in one")
     xp.add_argument("--out", required=True, help="output directory for attributions.json and PNGs")
     xp.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients quadrature nodes (default 50)")
     xp.add_argument("--baselines", nargs="+", default=["zero", "mean"], choices=["zero", "mean"])

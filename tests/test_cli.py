@@ -77,6 +77,10 @@ def test_commands_take_a_saved_case(capsys, tmp_path):
     assert main(["knowledge", "export", "--policy", "search", "--max-steps", "2", "--case-file", path,
                  "--out", str(kb_path)]) == 0
     assert json.loads(kb_path.read_text())["source"]["cohort"] == "own" and "my-patient" not in kb_path.read_text()
+    assert main(["explain", "--policy", "acer:default", "--scenario", "S1", "--case-file", path, "--ig-steps", "16",
+                 "--max-steps", "2", "--baselines", "zero", "--out", str(tmp_path / "xp")]) == 0
+    explained = json.loads((tmp_path / "xp" / "attributions.json").read_text())
+    assert (explained["cohort"], explained["case"], explained["case_name"]) == ("own", 0, "my-patient")
     for args, message in ((["plan", "S2", "--case-file", path], "scenario S2 works on ('PTV', 'Bladder', 'Rectum', "),
                           (["plan"], "name a scenario (S1, S2, S3, TG119) or a saved case (--case-file FILE)"),
                           (["evaluate", "--policy", "acer:default", "--case-file", path, "--cases", "2"],
