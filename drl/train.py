@@ -17,6 +17,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from drl.acer import ACER
+from rtenv.case import PlanningCase
+from rtenv.env import OWN_COHORT
 from rtenv.runlog import write_atomic
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.validation import check_integer
@@ -102,11 +105,12 @@ class ConcatVecEnv(VecEnv):
         return [v for p, local in self._split(indices) for v in p.env_is_wrapped(wrapper_class, local)]
 
 
-def make_train_env(scenario: str, num_envs: int, train_cases: int = 1, start: str = "mixed", device: str = "cpu",
-                   **env_kwargs: Any) -> VecEnv:
-    """The SB3 training env on the ``train`` cohort: ``start`` ``"default"``, ``"random"`` or
-    ``"mixed"`` (half the envs, rounded up, start episodes from the SPEC default TPPs, the rest
-    from SPEC random TPPs)."""
+def make_train_env(scenario: str, num_envs: int, train_cases: int | Sequence[PlanningCase] = 1,
+                   start: str = "mixed", device: str = "cpu", **env_kwargs: Any) -> VecEnv:
+    """The SB3 training env on the first ``train_cases`` cases of the ``train`` cohort (or on your
+    own cases: a sequence of :class:`~rtenv.case.PlanningCase` with the scenario's structures):
+    ``start`` ``"default"``, ``"random"`` or ``"mixed"`` (half the envs, rounded up, start
+    episodes from the SPEC default TPPs, the rest from SPEC random TPPs)."""
     kw = {"cohort": "train", "cases": train_cases, "device": device, **env_kwargs}
     if start != "mixed":
         return make_sb3_vec_env(scenario, num_envs=num_envs, start=start, **kw)
@@ -198,11 +202,14 @@ def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     return found[0] if found else None
 
 
-def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int = 1, num_envs: int = 16,
+def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int | Sequence[PlanningCase] = 1,
+               num_envs: int = 16,
                seed: int = 0, checkpoint_every: int = 25_000, resume: bool = True, start: str = "mixed",
                device: str = "cpu", progress: bool = True, num_threads: int | None = None,
                policy: str = "MlpPolicy", **acer_kwargs: Any) -> Path:
-    """Train ACER on the first ``train_cases`` cases of the ``train`` cohort; returns ``out/model.zip``.
+    """Train ACER on the first ``train_cases`` cases of the ``train`` cohort, or on your own cases
+    (a sequence of :class:`~rtenv.case.PlanningCase` with the scenario's structures, e.g.
+    imported ones); returns ``out/model.zip``.
 
     ``start`` (see :func:`make_train_env`): episodes start from the SPEC default TPPs
     (``"default"``, the start the cohorts are evaluated from), SPEC random TPPs (``"random"``,
@@ -233,8 +240,9 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     is passed over with a warning for the one before it. A resumed run can end a few steps past
     an uninterrupted one: checkpoints fall inside a rollout segment, whose partial data is lost.
     """
-    for name, value in (("timesteps", timesteps), ("train_cases", train_cases), ("num_envs", num_envs),
-                        ("checkpoint_every", checkpoint_every)):
+    own = isinstance(train_cases, Sequence)
+    for name, value in (("timesteps", timesteps), ("train_cases", len(train_cases) if own else train_cases),
+                        ("num_envs", num_envs), ("checkpoint_every", checkpoint_every)):
         check_integer(name, value, 1)
     if policy not in ACER.policy_aliases:
         raise ValueError(f"policy = {policy!r} is not an ACER policy; choose from {sorted(ACER.policy_aliases)}")
@@ -284,7 +292,8 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     else:
         model = ACER(policy, venv, seed=seed, device=device, **settings)
     assert model is not None
-    config = {"algorithm": "acer", "scenario": scenario, "train_cohort": "train", "train_cases": train_cases,
+    config = {"algorithm": "acer", "scenario": scenario, "train_cohort": OWN_COHORT if own else "train",
+              "train_cases": [c.name for c in train_cases] if own else train_cases,
               "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "policy": policy,
               "settings": settings, "resumed_from_steps": done}
     config_path = out / "train_config.json"

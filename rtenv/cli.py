@@ -189,7 +189,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from drl.train import POLICY_NETS, train_acer  # the DRL stage sits above rtenv; import it only when asked
 
-    path = train_acer(args.scenario, args.out, args.timesteps, train_cases=args.train_cases, num_envs=args.num_envs,
+    path = train_acer(args.scenario, args.out, args.timesteps, train_cases=_load_case_files(args) or args.train_cases,
+                      num_envs=args.num_envs,
                       seed=args.seed, checkpoint_every=args.checkpoint_every, resume=not args.fresh,
                       start=args.start, device=args.device, progress=True,
                       policy=POLICY_NETS[args.policy_net])
@@ -424,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("algorithm", choices=["acer"])
     train.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
     train.add_argument("--train-cases", type=int, default=1, help="first N cases of the train cohort (default 1)")
+    _add_case_files_arg(train)
     train.add_argument("--timesteps", type=int, required=True)
     train.add_argument("--num-envs", type=int, default=16)
     train.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rtenv.case import PlanningCase
 from rtenv.cli import _install_hint, main
 from rtenv.scenarios import load_case
 
@@ -87,6 +88,22 @@ def test_commands_take_a_saved_case(capsys, tmp_path):
                            "give --cases (of a built-in cohort) or --case-file, not both")):
         assert main([*args, "--out", str(tmp_path / "x")] if args[0] == "plan" else args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_training_on_saved_cases(tmp_path):
+    paths = [str(dataclasses.replace(load_case("S1", "test", i), name=f"pt{i}").save(tmp_path / f"pt{i}.rtcase"))
+             for i in (1, 2)]
+    out = tmp_path / "run"
+    assert main(["train", "acer", "--case-file", paths[0], "--case-file", paths[1], "--timesteps", "40",
+                 "--num-envs", "2", "--checkpoint-every", "40", "--out", str(out)]) == 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["train_cohort"] == "own" and config["train_cases"] == ["pt1", "pt2"]
+    assert (out / "model.zip").is_file()
+    from drl.train import make_train_env  # the envs it trains on are those cases' (mixed starts: two vector envs)
+    venv = make_train_env("S1", 4, train_cases=[PlanningCase.load(p) for p in paths])
+    venv.seed(0)
+    venv.reset()
+    assert {info["case"] for info in venv.reset_infos} == {"pt1", "pt2"}
 
 
 def test_plan_takes_solver_settings(capsys, tmp_path):
