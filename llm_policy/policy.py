@@ -9,7 +9,7 @@ an episode; a backend that cannot answer at all (endpoint down) raises :class:`B
 
 :func:`plan_episode` runs one episode until full score or the step budget, recording every step
 (prompt, raw responses, parsed TPPs, score, timing, tokens) and, given an output folder, writing
-``transcript.jsonl`` as it goes, ``summary.json`` and DVH PNGs.
+``transcript.jsonl`` as it goes, ``summary.json``, DVH PNGs and the TPP trajectory.
 """
 
 from __future__ import annotations
@@ -217,11 +217,12 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
         policy: The LLM policy (reset here).
         seed, options: Passed to ``env.reset``.
         out_dir: Where to write ``transcript.jsonl`` (one record per step, appended as each step
-            finishes), ``summary.json`` and DVH PNGs (``dvh/step_NN.png``, ``dvh_initial_final.png``).
+            finishes), ``summary.json``, DVH PNGs (``dvh/step_NN.png``, ``dvh_initial_final.png``) and
+            ``tpp_trajectory.png`` (each TPP and the score per step, when a step was taken).
         on_step: Called with each step record (e.g. to print a table row).
-        dvh_figures: Write the DVH PNGs when ``out_dir`` is given.
+        dvh_figures: Write the PNGs when ``out_dir`` is given.
     """
-    from rtenv.plots import plot_dvh
+    from rtenv.plots import plot_dvh, plot_tpp_trajectory
 
     t_start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
@@ -291,4 +292,8 @@ def plan_episode(env: Any, policy: LLMPolicy, seed: int | None = None, options: 
             plot_dvh(case, {"initial": initial_dose, "final": env.unwrapped.dose}, out / "dvh_initial_final.png",
                      subtitle=f"LLM planner: score {initial_score:.2f} (initial) -> {info['score']:.2f} (final) "
                               f"of {info['max_score']:g}")
+            if records:  # the seed's Fig. 3: how the planner moved each TPP
+                plot_tpp_trajectory([records[0]["tpp_before"], *(r["tpp_after"] for r in records)],
+                                    out / "tpp_trajectory.png", scores=trajectory, max_score=info["max_score"],
+                                    title=f"{info['case']}: TPPs and score per LLM step")
     return result

@@ -350,7 +350,7 @@ def _llm_plan(args: argparse.Namespace) -> int:
           f"{'n/a' if res.valid_first_rate is None else f'{100 * res.valid_first_rate:.0f} %'}; "
           f"{res.prompt_tokens + res.completion_tokens} tokens; "
           f"{res.seconds:.1f} s")
-    print(f"wrote {Path(args.out) / 'transcript.jsonl'}, summary.json and DVH PNGs under {args.out}")
+    print(f"wrote {Path(args.out) / 'transcript.jsonl'}, summary.json, DVH and TPP-trajectory PNGs under {args.out}")
     return 0
 
 

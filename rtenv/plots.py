@@ -6,7 +6,7 @@ module leaves the caller's matplotlib backend alone and a figure is freed with i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +170,64 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
         fig.tight_layout()
     fig.savefig(path, format="png")
     return path
+
+
+_TPP_PANELS = (("t", "threshold t (fraction of Rx)", "linear"), ("lambda", "weight lambda", "log"),
+               ("V", "volume fraction V", "linear"))
+
+
+def plot_tpp_trajectory(tpps: Sequence[Mapping[str, float]], path: str | Path,
+                        scores: Sequence[float] | None = None, max_score: float | None = None,
+                        title: str = "TPPs per step") -> Path:
+    """Each TPP's value per step of an episode (step 0: the start), one panel per kind: ``t``
+    (fraction of Rx), ``lambda`` (log scale) and ``V`` (fraction of the structure's volume), a
+    line per structure in its DVH colour; with ``scores`` (one per step), the plan score in a
+    panel above, with ``max_score`` marked. ``tpps``: TPP dicts keyed by :mod:`rtenv.tpp` names
+    (``t_PTV``, ``lambda_bladder``, ...), all with the same names."""
+    if not tpps:
+        raise ValueError("tpps is empty: give one TPP dict per step, the start first")
+    names = list(tpps[0])
+    for step, tpp in enumerate(tpps):
+        if list(tpp) != names:
+            raise ValueError(f"step {step} has TPPs {list(tpp)}; step 0 has {names}")
+    values = np.array([[float(tpp[n]) for n in names] for tpp in tpps])
+    if not np.all(np.isfinite(values)):
+        raise ValueError("a TPP value is NaN or inf")
+    kinds = [n.split("_", 1)[0] for n in names]
+    unknown = sorted({k for k in kinds if k not in ("t", "lambda", "V")})
+    if unknown:
+        raise ValueError(f"TPP names must start with t_, lambda_ or V_; got kinds {unknown}")
+    if scores is not None and len(scores) != len(tpps):
+        raise ValueError(f"{len(scores)} scores for {len(tpps)} steps: give one score per step")
+    panels = [p for p in _TPP_PANELS if p[0] in kinds]
+    rows = len(panels) + (scores is not None)
+    fig, axes = new_figure(rows, 1, figsize=(7.5, 1.9 * rows + 0.6), sharex=True, squeeze=False)
+    axes = list(axes[:, 0])
+    steps = np.arange(len(tpps))
+    if scores is not None:
+        ax = axes.pop(0)
+        ax.plot(steps, scores, marker=".", color="k")
+        if max_score is not None:
+            ax.axhline(max_score, color="0.4", lw=0.9, ls=":", label=f"full score ({max_score:g})")
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+    structures = list(dict.fromkeys(n.split("_", 1)[1] for n in names))
+    colours = {s: next((c for k, c in STRUCTURE_COLORS.items() if k.lower() == s.lower()), f"C{i % 10}")
+               for i, s in enumerate(structures)}
+    for ax, (kind, label, scale) in zip(axes, panels, strict=True):
+        for j, name in enumerate(names):
+            if kinds[j] == kind:
+                structure = name.split("_", 1)[1]
+                i = structures.index(structure)  # equal values overlap: hollow markers shrinking per structure
+                ax.plot(steps, values[:, j], color=colours[structure], label=structure,
+                        ls=_LINE_STYLES[i % len(_LINE_STYLES)], marker="osD^v"[i % 5], ms=max(8 - 1.5 * i, 3),
+                        mfc="none")
+        ax.set_yscale(scale)
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    axes[-1].set_xlabel("step")
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -199,6 +199,7 @@ def test_llm_plan_cli_end_to_end_offline(kb_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "llama_cpp (SmolLM2-135M-Instruct.Q4_1.gguf), guided" in out and "transcript.jsonl" in out
     assert (tmp_path / "transcript.jsonl").read_text().count("\n") >= 1
+    assert (tmp_path / "tpp_trajectory.png").stat().st_size > 10_000
     assert main(["llm", "plan", "S1", "--out", str(tmp_path)]) == 2  # guided without a knowledge base
     assert "needs --knowledge" in capsys.readouterr().err
     # a saved case: the scenario is the one with its structures

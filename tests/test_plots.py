@@ -1,5 +1,6 @@
 """Figures are PNG files written without pyplot: the caller's backend is left alone, nothing leaks."""
 
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from rtenv.plots import plot_dose_slice, plot_dvh
+from rtenv.plots import plot_dose_slice, plot_dvh, plot_tpp_trajectory
 from rtenv.scenarios import load_case
 
 
@@ -76,3 +77,18 @@ def test_dose_slice_shows_voxels_above_its_colour_scale(case, tmp_path):
     assert magenta_pixels(dose) == 0
     dose[case.structure("PTV").rows] = 1.3 * rx  # drawn as 1.1 Rx before: the hot spot did not show
     assert magenta_pixels(dose) > 500
+
+
+def test_tpp_trajectory_draws_each_tpp_per_step(tmp_path):
+    start = {"t_PTV": 1.0, "t_bladder": 1.0, "lambda_PTV": 1.0, "lambda_bladder": 1.0, "V_PTV": 0.1, "V_bladder": 1.0}
+    later = {**start, "t_bladder": 0.6, "lambda_PTV": 30.0}
+    path = plot_tpp_trajectory([start, later, later], tmp_path / "tpp.png", scores=[5, 7, 9], max_score=9)
+    image = imread(path)
+    assert image.shape[0] > image.shape[1] > 500  # score panel over three TPP panels
+    for tpps, scores, message in (([], None, "tpps is empty"),
+                                  ([start, {**start, "t_rectum": 1.0}], None, "step 1 has TPPs"),
+                                  ([start, {**start, "t_PTV": float("nan")}], None, "NaN or inf"),
+                                  ([{"w_PTV": 1.0}], None, "start with t_, lambda_ or V_"),
+                                  ([start, later], [5], "1 scores for 2 steps")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            plot_tpp_trajectory(tpps, tmp_path / "bad.png", scores=scores)
