@@ -381,14 +381,18 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
         ``policy``, ``structures``, ``tpp_names``, ``dose_points_gy`` (structure -> 100 doses in Gy),
         ``baselines`` (name -> description and the baseline DVH per structure), ``ig`` (method,
         n_steps), ``initial_score``, ``final_score``, ``max_score``, ``terminated``, ``truncated``,
-        ``steps``, ``convergence`` (baseline -> max |delta|, max and mean relative delta,
+        ``steps``, ``entropy_mean`` (over the steps; the seed reads a low one as a confident,
+        stable policy), ``convergence`` (baseline -> max |delta|, max and mean relative delta,
         tolerance, within_tolerance), ``agreement`` (see :func:`agreement_summary`) and ``files``
         (paths written). Each of ``steps`` holds ``step``, ``observation`` (structure -> 100
         volume fractions the agent saw), ``score`` (of that plan, points), ``score_after``,
         ``violated`` (criterion names), ``violated_structures``, ``violated_criteria`` (name,
         structure, dose_gy, point: the nearest DVH point index or None), ``action``,
         ``tpp_changed``, ``tpp_structure``, ``direction``, ``tpp_before``, ``tpp_after``,
-        ``logits`` (all actions), ``logit`` (the chosen action's), and per baseline:
+        ``logits`` (all actions), ``logit`` (the chosen action's), ``allowed`` (per action: whether
+        the policy could choose it, False for no-ops a masked ACER planner never takes), ``entropy``
+        (nats, of the softmax policy over the allowed actions; ``None`` for DQN, whose outputs are Q values) and
+        ``probability`` (the chosen action's), and per baseline:
         ``attributions`` (structure -> 100 values, logit units), ``baseline_logit``, ``delta``,
         ``relative_delta``, ``structure_share``, ``top_structure``, ``agreement`` (bool, None
         when nothing is violated).
@@ -460,6 +464,7 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
             allowed = usable_masks(np.array(info["action_mask"], dtype=bool).reshape(1, -1))[0]
             choice = np.where(allowed, logit_vec, -np.inf)
         action = int(np.argmax(choice))
+        entropy = None if logits_net.kind.startswith("dqn") else policy_entropy(choice)
         ig = integrated_gradients(logits_net, obs, action, base_vectors, n_steps=n_steps, device=device)
         j, down = divmod(action, 2)
         tpp_before = float(info["tpp"][core.names[j]])
@@ -484,6 +489,8 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
             "action": action, "tpp_changed": core.names[j], "tpp_structure": structures[j % len(structures)],
             "direction": "down" if down else "up", "tpp_before": tpp_before,
             "tpp_after": float(info["tpp"][core.names[j]]), "logits": [float(v) for v in logit_vec],
+            "allowed": [bool(v) for v in np.isfinite(choice)],
+            "entropy": entropy, "probability": None if entropy is None else float(_softmax(choice)[action]),
             "attributions": {}, "logit": None, "baseline_logit": {}, "delta": {}, "relative_delta": {},
             "structure_share": {}, "top_structure": {}, "agreement": {},
         }
@@ -529,6 +536,8 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
         "initial_score": initial_score, "final_score": float(info["score"]), "max_score": float(info["max_score"]),
         "terminated": bool(info["full_score"]), "truncated": bool(truncated),
         "steps": steps, "convergence": convergence,
+        "entropy_mean": (float(np.mean([r["entropy"] for r in steps]))
+                         if steps and steps[0]["entropy"] is not None else None),
         "agreement": agreement_summary(steps, structures, baselines),
     }
     out_dir = Path(out_dir)
@@ -545,6 +554,21 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     out["files"] = files
     json_path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(logits)
+    z = np.where(finite, logits - logits[finite].max(), -np.inf)
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def policy_entropy(logits: np.ndarray) -> float:
+    """Entropy (nats) of the softmax policy of ``logits`` over its finite entries (masked actions
+    are ``-inf``): 0 for a certain choice, ``log n`` for a uniform one over ``n`` actions."""
+    p = _softmax(np.asarray(logits, dtype=np.float64))
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum())
 
 
 def _cases_label(indices: Sequence[int]) -> str:

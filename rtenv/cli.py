@@ -259,8 +259,9 @@ def _explain(args: argparse.Namespace) -> int:
                           args.out, n_steps=args.ig_steps,
                           baselines=tuple(args.baselines), max_steps=args.max_steps, seed=args.seed,
                           device=args.device, start=args.start, reference_cases=args.reference_cases)
+    entropy = "" if res["entropy_mean"] is None else f"; policy entropy {res['entropy_mean']:.3f} nats per step"
     print(f"{res['case_name']}: score {res['initial_score']:.2f} -> {res['final_score']:.2f} "
-          f"in {len(res['steps'])} steps")
+          f"in {len(res['steps'])} steps{entropy}")
     for base in args.baselines:
         conv, agr = res["convergence"][base], res["agreement"][base]
         rate = "n/a" if agr["rate"] is None else f"{agr['rate']:.2f} (chance {agr['chance_rate']:.2f})"

@@ -12,7 +12,13 @@ from matplotlib.image import imread  # noqa: E402
 from stable_baselines3 import PPO  # noqa: E402
 
 from drl.acer import ACER  # noqa: E402
-from drl.explain import ActionLogits, explain_episode, integrated_gradients, reference_dvh  # noqa: E402
+from drl.explain import (  # noqa: E402
+    ActionLogits,
+    explain_episode,
+    integrated_gradients,
+    policy_entropy,
+    reference_dvh,
+)
 from rtenv.env import DVH_POINTS, TPPTuningEnv  # noqa: E402
 from rtenv.sb3 import make_sb3_vec_env  # noqa: E402
 
@@ -108,6 +114,11 @@ def test_explain_episode_json_shape_and_completeness(explained, model):
         assert step["direction"] == ("down" if step["action"] % 2 else "up")
         assert 0 <= step["score"] <= data["max_score"] and 0 <= step["score_after"] <= data["max_score"]
         assert step["logit"] == pytest.approx(step["logits"][step["action"]], abs=1e-5)
+        # the softmax policy over the actions the mask allows: its entropy and the chosen action's probability
+        allowed = np.array(step["logits"])[step["allowed"]]
+        p = np.exp(allowed - allowed.max()) / np.exp(allowed - allowed.max()).sum()
+        assert step["entropy"] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-4)
+        assert 0.0 <= step["entropy"] <= np.log(18) and step["probability"] == pytest.approx(p.max(), abs=1e-6)
         for base in ("zero", "mean"):
             attr = step["attributions"][base]
             assert list(attr) == STRUCTURES and all(len(attr[s]) == DVH_POINTS for s in STRUCTURES)
@@ -121,6 +132,9 @@ def test_explain_episode_json_shape_and_completeness(explained, model):
             assert step["agreement"][base] == (step["top_structure"][base] in step["violated_structures"])
         assert set(step["violated_structures"]) == {c["structure"] for c in step["violated_criteria"]}
         assert [c["name"] for c in step["violated_criteria"]] == step["violated"]
+    assert data["entropy_mean"] == pytest.approx(np.mean([s["entropy"] for s in data["steps"]]))
+    assert policy_entropy(np.array([0.0, 0.0, -np.inf])) == pytest.approx(np.log(2))  # masked actions left out
+    assert policy_entropy(np.array([50.0, 0.0])) == pytest.approx(0.0, abs=1e-15)
     for base in ("zero", "mean"):
         conv = data["convergence"][base]
         assert conv["max_abs_delta"] == pytest.approx(max(abs(s["delta"][base]) for s in data["steps"]))
