@@ -31,6 +31,7 @@ The JSON is rewritten after each stage, so an interrupted run keeps what it meas
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -350,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     try:
         import_cvxpy()
+        for solver in ("clarabel", "osqp"):  # CVXPY's solvers of part (c), each its own package
+            if importlib.util.find_spec(solver) is None:
+                raise ImportError(f"the {solver} reference solver is not installed: pip install 'rtenv[bench]'")
     except ImportError as e:  # the reference solvers' extra is not installed
         p.error(str(e))
     res = run(args.scenario, args.device, args.repeats, args.json, batches)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from drl.acer import ACER
 from rtenv.case import PlanningCase
-from rtenv.env import OWN_COHORT
+from rtenv.env import OWN_COHORT, own_cases
 from rtenv.runlog import write_atomic
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.validation import check_integer
@@ -240,8 +240,8 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     is passed over with a warning for the one before it. A resumed run can end a few steps past
     an uninterrupted one: checkpoints fall inside a rollout segment, whose partial data is lost.
     """
-    own = isinstance(train_cases, Sequence)
-    for name, value in (("timesteps", timesteps), ("train_cases", len(train_cases) if own else train_cases),
+    own = own_cases(train_cases)
+    for name, value in (("timesteps", timesteps), ("train_cases", len(own) if own else train_cases),
                         ("num_envs", num_envs), ("checkpoint_every", checkpoint_every)):
         check_integer(name, value, 1)
     if policy not in ACER.policy_aliases:
@@ -293,14 +293,16 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
         model = ACER(policy, venv, seed=seed, device=device, **settings)
     assert model is not None
     config = {"algorithm": "acer", "scenario": scenario, "train_cohort": OWN_COHORT if own else "train",
-              "train_cases": [c.name for c in train_cases] if own else train_cases,
+              "train_cases": [c.name for c in own] if own else train_cases,
+              **({"train_case_sha256": [c.digest() for c in own]} if own else {}),
               "start": start, "num_envs": num_envs, "seed": seed, "timesteps": timesteps, "policy": policy,
               "settings": settings, "resumed_from_steps": done}
     config_path = out / "train_config.json"
     if previous is not None and config_path.is_file():  # the run's own set-up, not its ACER settings
         before = json.loads(config_path.read_text())
-        changed = {k: (before.get(k), config[k]) for k in ("scenario", "train_cases", "start", "num_envs", "seed")
-                   if before.get(k) != config[k]}
+        changed = {k: (before.get(k), config.get(k))
+                   for k in ("scenario", "train_cases", "train_case_sha256", "start", "num_envs", "seed")
+                   if before.get(k) != config.get(k)}
         if changed:
             warnings.warn(f"resuming {previous[0]} with another set-up {changed} (was, now): its replay holds the "
                           "earlier set-up's episodes", RuntimeWarning, stacklevel=2)

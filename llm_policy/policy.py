@@ -77,7 +77,8 @@ class LLMPolicy:
     Args:
         backend: Any :class:`~llm_policy.backends.LLMBackend`.
         structures: The scenario's structures (target first).
-        prescription_gy: Prescribed dose (Gy).
+        prescription_gy: Prescribed dose (Gy), used where a step's ``info`` has no
+            ``prescription_gy`` (the rtenv environments give the episode case's).
         to_action: Maps a TPP vector to the environment's action (``None``: return the vector).
         knowledge: A knowledge base (:mod:`knowledge_extraction.knowledge`); needed when
             ``options.guidance`` is on.
@@ -131,7 +132,8 @@ class LLMPolicy:
 
     def propose(self, obs: np.ndarray, info: Mapping[str, Any]) -> tuple[dict[str, float], StepLog]:
         """The next TPP values (all of them, by name) and the log of how they were obtained."""
-        state = PlanState.from_step(obs, info, self.structures, self.prescription_gy)
+        # the episode's case may have its own prescription (own cases): the env's info says which
+        state = PlanState.from_step(obs, info, self.structures, info.get("prescription_gy", self.prescription_gy))
         step = len(self.history)
         messages = build_messages(state, self.options, self.knowledge, self.history)
         self.history.append(Attempt(step, dict(state.tpp), state.score, state.violated))

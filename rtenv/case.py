@@ -22,6 +22,7 @@ a JSON header carrying a format name and version).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -312,6 +313,20 @@ class PlanningCase:
                 check_real(f"voxel_cc of structure {st.name!r}", st.voxel_cc, 0.0, low_inclusive=False)
         except ValueError as exc:
             raise CaseFormatError(str(exc)) from None
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of what a plan of this case depends on: its dose rows, matrix,
+        structures (names, roles, rows), prescription, fractions and protocol; two cases with the
+        same name but other content differ here."""
+        h = hashlib.sha256()
+        m = self.dose_influence
+        for arr in (self.dose_rows, m.indptr, m.indices, m.data, *(s.rows for s in self.structures)):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        h.update(json.dumps([[s.name, s.role] for s in self.structures] + [m.shape, self.prescription_gy,
+                                                                           self.fractions, self.protocol]).encode())
+        return h.hexdigest()
 
     # -------------------------------------------------------------------- I/O
     def save(self, path: str | Path) -> Path:

@@ -26,10 +26,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rtenv.case import PlanningCase
+from rtenv.env import OWN_COHORT
 from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
 from rtenv.runlog import RunLog, file_sha256
@@ -38,41 +40,68 @@ from rtenv.tpp import TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device
 
 
-def _add_case_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS), help="scenario preset (optional with --case-file)")
-    p.add_argument("--cohort", default="test", choices=sorted(COHORTS), help="patient cohort (default: test)")
-    p.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
+def _add_case_args(p: argparse.ArgumentParser, cohort: str = "test", positional: bool = True) -> None:
+    """A built-in case (scenario, ``--cohort``, ``--case``) or ``--case-file``."""
+    if positional:
+        p.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS),
+                       help="scenario preset (optional with --case-file)")
+    p.add_argument("--cohort", default=None, choices=sorted(COHORTS), help=f"patient cohort (default: {cohort})")
+    p.add_argument("--case", type=int, default=None, help="case index within the cohort (default: 0)")
     p.add_argument("--case-file", default=None,
                    help="a saved case (.rtcase, e.g. from `rtenv cases import`) instead of a built-in one; with a "
                         "scenario, its structures must be that scenario's")
+    p.set_defaults(case_defaults={"cohort": cohort, "case": 0}, scenario_default=None if positional else "S1")
 
 
-def _add_case_files_arg(p: argparse.ArgumentParser) -> None:
+def _add_case_files_arg(p: argparse.ArgumentParser, replaces: dict[str, Any]) -> None:
+    """``--case-file``, repeatable, replacing the options ``replaces`` names (their defaults)."""
+    flags = ", ".join("--" + k.replace("_", "-") for k in replaces)
     p.add_argument("--case-file", action="append", default=None,
-                   help="a saved case (.rtcase, e.g. from `rtenv cases import`) with the scenario's structures; "
-                        "repeat for more: they replace the cohort")
+                   help=f"a saved case (.rtcase, e.g. from `rtenv cases import`); repeat for more: they replace "
+                        f"{flags}, and name the scenario unless --scenario does")
+    p.set_defaults(case_defaults=replaces, scenario_default="S1")
 
 
-def _load_case_files(args: argparse.Namespace) -> list[PlanningCase] | None:
-    """The cases of ``--case-file`` (checked against ``--scenario``), or ``None`` if none is given."""
-    if not args.case_file:
+def _case_files(args: argparse.Namespace, infer_scenario: bool = True) -> list[PlanningCase] | None:
+    """Resolve the case options: with ``--case-file``, load the cases, refuse the options they
+    replace (``args.case_defaults``), set ``args.cohort`` to ``own`` and, unless given, the
+    scenario whose structures they have (``infer_scenario``), checking them against it; without,
+    fill the replaced options' defaults and the scenario's (``args.scenario_default``: ``S1``
+    for a ``--scenario`` option, none for the positional) and return ``None``."""
+    files = args.case_file if isinstance(args.case_file, list) else [args.case_file] if args.case_file else []
+    defaults = args.case_defaults
+    if not files:
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.scenario is None:
+            args.scenario = args.scenario_default
         return None
-    cases = [PlanningCase.load(f) for f in args.case_file]
-    for case in cases:
-        check_case_for_scenario(case, args.scenario)
+    given = ["--" + k.replace("_", "-") for k in defaults if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"--case-file replaces {', '.join(given)}: give one or the other")
+    cases = [PlanningCase.load(f) for f in files]
+    if args.scenario is None and infer_scenario:
+        found = sorted({scenario_for_case(c) for c in cases})
+        if len(found) > 1:
+            raise ValueError(f"the case files are cases of different scenarios {found}; give them one at a time")
+        args.scenario = found[0]
+    if args.scenario is not None:
+        for case in cases:
+            check_case_for_scenario(case, args.scenario)
+    if "cohort" in defaults:
+        args.cohort = OWN_COHORT
     return cases
 
 
-def _load_case(args: argparse.Namespace) -> PlanningCase:
+def _load_case(args: argparse.Namespace, infer_scenario: bool = False) -> PlanningCase:
     """The case the arguments name: ``--case-file``, or the scenario's cohort and index."""
-    if args.case_file is None:
-        if args.scenario is None:
-            raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
-        return load_case(args.scenario, args.cohort, args.case, progress=True)
-    case = PlanningCase.load(args.case_file)
-    if args.scenario is not None:
-        check_case_for_scenario(case, args.scenario)
-    return case
+    own = _case_files(args, infer_scenario)
+    if own is not None:
+        return own[0]
+    if args.scenario is None:
+        raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
+    return load_case(args.scenario, args.cohort, args.case, progress=True)
 
 
 def _add_mode_arg(p: argparse.ArgumentParser) -> None:
@@ -189,7 +218,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from drl.train import POLICY_NETS, train_acer  # the DRL stage sits above rtenv; import it only when asked
 
-    path = train_acer(args.scenario, args.out, args.timesteps, train_cases=_load_case_files(args) or args.train_cases,
+    own = _case_files(args)
+    path = train_acer(args.scenario, args.out, args.timesteps, train_cases=own or args.train_cases,
                       num_envs=args.num_envs,
                       seed=args.seed, checkpoint_every=args.checkpoint_every, resume=not args.fresh,
                       start=args.start, device=args.device, progress=True,
@@ -220,9 +250,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from drl.transfer import policy_for_scenario
     from rtenv.rollout import evaluate_cohort
 
-    if args.case_file and args.cases is not None:
-        raise ValueError("give --cases (of a built-in cohort) or --case-file, not both")
-    cases = _load_case_files(args) or args.cases
+    cases = _case_files(args) or args.cases
     model = load_policy(args.policy, device=args.device)
     log = (_run_log(args.json, args, ("policy", "scenario", "cohort", "cases", "start", "max_steps", "seed", "device"))
            if args.json else None)
@@ -230,6 +258,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                           cases=cases, start=args.start,
                           max_steps=args.max_steps, seed=args.seed, log=log, device=args.device)
     res["policy"] = args.policy
+    if args.case_file:
+        res["case_files"] = [str(Path(f).resolve()) for f in args.case_file]
     print(f"{'case':<16}{'initial':>9}{'final':>8}{'binary':>13}{'steps':>7}  full   "
           "(scores: the protocol's own mode; binary: criteria met)")
     for c in res["cases"]:
@@ -252,10 +282,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from drl.explain import explain_episode
 
-    if args.case_file is not None:
-        case = PlanningCase.load(args.case_file)
-        check_case_for_scenario(case, args.scenario)
-    res = explain_episode(args.policy, args.scenario, args.cohort, args.case if args.case_file is None else case,
+    own = _case_files(args)
+    res = explain_episode(args.policy, args.scenario, args.cohort, args.case if own is None else own[0],
                           args.out, n_steps=args.ig_steps,
                           baselines=tuple(args.baselines), max_steps=args.max_steps, seed=args.seed,
                           device=args.device, start=args.start, reference_cases=args.reference_cases)
@@ -276,7 +304,7 @@ def _knowledge(args: argparse.Namespace) -> int:
     from knowledge_extraction.knowledge import export_knowledge, knowledge_table, load_knowledge, save_knowledge
 
     if args.knowledge_command == "export":
-        own = _load_case_files(args)
+        own = _case_files(args)
         log = _run_log(args.out, args, ("policy", "scenario", "cohort", "max_steps", "seed"))
         if args.policy == "search":
             from knowledge_extraction.knowledge import export_search_knowledge
@@ -322,17 +350,19 @@ def _llm_plan(args: argparse.Namespace) -> int:
     kb = load_knowledge(args.knowledge) if guided else None
     options = PromptOptions(guidance=guided, chain_of_thought=args.cot, memory_k=args.memory_k,
                             action_scope=args.action_scope)
-    backend = make_backend(args.backend, model=args.model, base_url=args.base_url, device=args.device,
-                           local_only=args.local_only, timeout_s=args.timeout)
-    if args.case_file is None:
+    own = _case_files(args)  # the case first: a bad one fails before the model loads
+    if own is None:
+        if args.scenario is None:
+            raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
         scenario, index = args.scenario, args.case
         env = TPPTuningEnv(scenario, action_mode="continuous", cohort=args.cohort, cases=[index],
                            start=args.start, max_steps=args.max_steps, device=args.device)
     else:  # the own case is case 0 of the env's cohort "own"
-        case = _load_case(args)
-        scenario, index = args.scenario or scenario_for_case(case), 0
-        env = TPPTuningEnv(scenario, action_mode="continuous", cases=[case], start=args.start,
+        scenario, index = args.scenario, 0
+        env = TPPTuningEnv(scenario, action_mode="continuous", cases=own, start=args.start,
                            max_steps=args.max_steps, device=args.device)
+    backend = make_backend(args.backend, model=args.model, base_url=args.base_url, device=args.device,
+                           local_only=args.local_only, timeout_s=args.timeout)
     policy = LLMPolicy.for_env(env, backend, knowledge=kb, options=options, temperature=args.temperature,
                                seed=args.seed)
     print(f"{scenario} case {env.core.case_name((env.core.cohort, index))}: {args.backend} "
@@ -424,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a DRL planner")
     train.add_argument("algorithm", choices=["acer"])
-    train.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
-    train.add_argument("--train-cases", type=int, default=1, help="first N cases of the train cohort (default 1)")
-    _add_case_files_arg(train)
+    train.add_argument("--scenario", default=None, choices=sorted(SCENARIOS),
+                       help="default: S1, or the one whose structures --case-file has")
+    train.add_argument("--train-cases", type=int, default=None, help="first N cases of the train cohort (default 1)")
+    _add_case_files_arg(train, {"train_cases": 1})
     train.add_argument("--timesteps", type=int, required=True)
     train.add_argument("--num-envs", type=int, default=16)
     train.add_argument("--seed", type=int, default=0)
@@ -443,11 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="run a policy on every case of a cohort and summarise")
     ev.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn), or acer:default (shipped)")
-    ev.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
-    ev.add_argument("--cohort", default="test", choices=sorted(COHORTS))
+    ev.add_argument("--scenario", default=None, choices=sorted(SCENARIOS),
+                    help="default: S1, or the one whose structures --case-file has")
+    ev.add_argument("--cohort", default=None, choices=sorted(COHORTS), help="default: test")
     ev.add_argument("--cases", type=int, default=None,
                     help="first N cases (default: the whole cohort; for the unbounded train cohort, its first case)")
-    _add_case_files_arg(ev)
+    _add_case_files_arg(ev, {"cohort": "test", "cases": None})
     ev.add_argument("--start", default="default", choices=["default", "random"])
     ev.add_argument("--max-steps", type=int, default=20, help="steps per episode (default 20)")
     ev.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
@@ -458,12 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     xp = sub.add_parser("explain", help="Integrated Gradients explanations of a DRL planner's episode (PNGs + JSON)")
     xp.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn)")
-    xp.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
-    xp.add_argument("--cohort", default="test", choices=sorted(COHORTS))
-    xp.add_argument("--case", type=int, default=0, help="case index within the cohort (default: 0)")
-    xp.add_argument("--case-file", default=None,
-                    help="a saved case (.rtcase, e.g. from `rtenv cases import`) with the scenario's structures, "
-                         "instead of a built-in one")
+    xp.add_argument("--scenario", default=None, choices=sorted(SCENARIOS),
+                    help="default: S1, or the one whose structures --case-file has")
+    _add_case_args(xp, positional=False)
     xp.add_argument("--out", required=True, help="output directory for attributions.json and PNGs")
     xp.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients quadrature nodes (default 50)")
     xp.add_argument("--baselines", nargs="+", default=["zero", "mean"], choices=["zero", "mean"])
@@ -479,9 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     kn_sub = kn.add_subparsers(dest="knowledge_command", required=True)
     ex = kn_sub.add_parser("export", help="run a policy on a cohort; keep the final TPPs of full-score plans")
     ex.add_argument("--policy", required=True, help="ALGO:PATH (acer, ppo, a2c, dqn), or 'search' (CMA-ES)")
-    ex.add_argument("--scenario", default="S1", choices=sorted(SCENARIOS))
-    ex.add_argument("--cohort", default="knowledge", choices=sorted(COHORTS))
-    _add_case_files_arg(ex)
+    ex.add_argument("--scenario", default=None, choices=sorted(SCENARIOS),
+                    help="default: S1, or the one whose structures --case-file has")
+    ex.add_argument("--cohort", default=None, choices=sorted(COHORTS), help="default: knowledge")
+    _add_case_files_arg(ex, {"cohort": "knowledge"})
     ex.add_argument("--max-steps", type=int, default=20,
                     help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
     ex.add_argument("--seed", type=int, default=0)

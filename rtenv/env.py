@@ -50,6 +50,16 @@ _FLOOR = 1e-3  # discrete steps down keep t_OAR, lambda and V at least this far 
 OWN_COHORT = "own"
 """The cohort name of the cases given to an env as :class:`~rtenv.case.PlanningCase` objects."""
 
+
+def own_cases(cases: Any) -> list[PlanningCase] | None:
+    """``cases`` as a list of own cases when it is one :class:`~rtenv.case.PlanningCase` or a
+    non-empty sequence of them; ``None`` for anything else (a count, case indices)."""
+    if isinstance(cases, PlanningCase):
+        return [cases]
+    if isinstance(cases, Sequence) and cases and all(isinstance(c, PlanningCase) for c in cases):
+        return list(cases)
+    return None
+
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
 
 
@@ -109,7 +119,7 @@ class TuningCore:
         cohort: Cohort episodes draw their case from (``"train"``, ``"knowledge"``, ``"test"``).
         cases: Number of cases of the cohort (its first ``n``) or explicit indices; ``None``: the
             whole cohort (``train``: 1 case, as the ACER planner was trained on one). Or your own
-            cases: a sequence of :class:`~rtenv.case.PlanningCase` (e.g. from
+            cases: a :class:`~rtenv.case.PlanningCase` or a sequence of them (e.g. from
             :mod:`rtenv.importers`) whose structures are the scenario's, in its order; they form
             the cohort :data:`OWN_COHORT` (``"own"``), which then replaces ``cohort``. Each is
             scored with its own protocol.
@@ -148,11 +158,12 @@ class TuningCore:
         self.scoring_mode = scoring_mode
         self.structures = self.scenario.structures
         self._own: tuple[PlanningCase, ...] = ()
-        if isinstance(cases, Sequence) and cases and all(isinstance(c, PlanningCase) for c in cases):
-            for c in cases:
+        own = own_cases(cases)
+        if own is not None:
+            for c in own:
                 check_case_for_scenario(c, self.scenario)
-            self._own = tuple(cases)
-            self.cohort, cases = OWN_COHORT, len(cases)
+            self._own = tuple(own)
+            self.cohort, cases = OWN_COHORT, len(own)
         size = self.cohort_size(self.cohort)
         if cases is None:
             cases = 1 if size is None else size
@@ -161,8 +172,9 @@ class TuningCore:
         elif isinstance(cases, Sequence | np.ndarray) and all(is_integer(i) for i in cases):
             self.case_indices = [int(i) for i in cases]
         else:
-            raise ValueError(f"cases = {cases!r} must be a number of cases, a sequence of case indices or a "
-                             "sequence of PlanningCase objects")
+            shown = repr(cases) if len(repr(cases)) < 200 else f"a {type(cases).__name__}"
+            raise ValueError(f"cases = {shown} must be a number of cases, a sequence of case indices or "
+                             "PlanningCase objects (one, or a sequence of them)")
         if not self.case_indices:
             raise ValueError("cases must name at least one case")
         outside = [i for i in self.case_indices if i < 0 or (size is not None and i >= size)]
@@ -209,7 +221,7 @@ class TuningCore:
         ``SyncVectorEnv`` hold each case once (about 170 MB per S2 case). A TPS stays loaded
         while an episode of its case runs, and the core keeps the :attr:`recent_cases` most
         recently used (running or not): a pass over a large cohort does not hold every case it
-        visited. An own case's TPS belongs to this core alone.
+        visited. Own cases are shared the same way among the envs given the same case object.
         """
         keep = check_integer("recent_cases", self.recent_cases, 1)
         tps = self._recent.pop(key, None)
@@ -217,7 +229,13 @@ class TuningCore:
             if not 0 <= key[1] < len(self._own):
                 raise ValueError(f"case index {key[1]} is outside the range [0, {len(self._own) - 1}] of the "
                                  f"{len(self._own)} own cases")
-            tps = TPS(self._own[key[1]], device=self.device, settings=self.tps_settings)
+            case = self._own[key[1]]
+            # keyed by the object: while the entry lives its TPS holds the case, so the id is the case's
+            shared = (OWN_COHORT, id(case), str(self.device), self.tps_settings or ADMMSettings())
+            tps = _SHARED_TPS.get(shared)
+            if tps is None or tps.case is not case:
+                tps = TPS(case, device=self.device, settings=self.tps_settings)
+                _SHARED_TPS[shared] = tps
         elif tps is None:
             shared = (self.scenario, *key, str(self.device), self.tps_settings or ADMMSettings())
             tps = _SHARED_TPS.get(shared)
@@ -366,8 +384,8 @@ class TuningCore:
         return np.concatenate(parts).astype(np.float32)
 
     def info(self, ep: EpisodeState) -> dict[str, Any]:
-        """Score, criteria, TPPs, case and step count of an episode; discrete actions also get
-        ``action_mask`` (list of bool, see :meth:`action_mask`)."""
+        """Score, criteria, TPPs, case (name and prescription in Gy) and step count of an episode;
+        discrete actions also get ``action_mask`` (list of bool, see :meth:`action_mask`)."""
         r = ep.result
         assert r is not None
         out = {
@@ -379,6 +397,7 @@ class TuningCore:
             "dv_metrics": {c.name: c.value for c in r.criteria},
             "tpp": dict(zip(self.names, (float(v) for v in ep.tpp), strict=True)),
             "case": self.case_name(ep.case_key),
+            "prescription_gy": (ep.tps or self.tps(ep.case_key)).case.prescription_gy,
             "steps": ep.steps, "tps_converged": ep.tps_converged, "tps_iterations": ep.tps_iterations,
         }
         if self.action_mode == "discrete":

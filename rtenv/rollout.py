@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 from rtenv.case import PlanningCase
-from rtenv.env import OWN_COHORT, TPPTuningEnv
+from rtenv.env import OWN_COHORT, TPPTuningEnv, own_cases
 from rtenv.evaluation import score_plan
 from rtenv.runlog import RunLog
 from rtenv.scenarios import COHORTS, cohort_size
@@ -72,7 +72,8 @@ def run_episode(env: gym.Env, policy: Policy, seed: int | None = None,
 
 
 def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test",
-                    cases: int | Sequence[PlanningCase] | None = None, start: str = "default", max_steps: int = 20,
+                    cases: int | PlanningCase | Sequence[PlanningCase] | None = None, start: str = "default",
+                    max_steps: int = 20,
                     seed: int = 0, log: RunLog | None = None, **env_kwargs: Any) -> dict[str, Any]:
     """Run ``policy`` once on every case of a cohort and summarise.
 
@@ -89,9 +90,10 @@ def evaluate_cohort(policy: Policy, scenario: str, cohort: str = "test",
     ``steps_sd``, ``full_score_rate`` (scores in the env's scoring mode; ``*_binary_*`` too).
     """
     check_integer("seed", seed, 0)  # episode i is reset with seed + i
-    if isinstance(cases, Sequence) and not isinstance(cases, str):
-        n, cohort = len(cases), OWN_COHORT
-        env = TPPTuningEnv(scenario, cases=cases, start=start, max_steps=max_steps, **env_kwargs)
+    own = own_cases(cases)
+    if own is not None:
+        n, cohort = len(own), OWN_COHORT
+        env = TPPTuningEnv(scenario, cases=own, start=start, max_steps=max_steps, **env_kwargs)
     else:
         size = cohort_size(scenario, cohort) if cohort in COHORTS else None
         n = check_integer("cases", cases, 1, size) if cases is not None else (size or 1)

@@ -82,12 +82,22 @@ def test_commands_take_a_saved_case(capsys, tmp_path):
                  "--max-steps", "2", "--baselines", "zero", "--out", str(tmp_path / "xp")]) == 0
     explained = json.loads((tmp_path / "xp" / "attributions.json").read_text())
     assert (explained["cohort"], explained["case"], explained["case_name"]) == ("own", 0, "my-patient")
-    for args, message in ((["plan", "S2", "--case-file", path], "scenario S2 works on ('PTV', 'Bladder', 'Rectum', "),
-                          (["plan"], "name a scenario (S1, S2, S3, TG119) or a saved case (--case-file FILE)"),
+    out = ["--out", str(tmp_path / "x")]
+    for args, message in ((["plan", "S2", "--case-file", path, *out], "scenario S2 works on ('PTV', 'Bladder', "),
+                          (["plan", *out], "name a scenario (S1, S2, S3, TG119) or a saved case (--case-file FILE)"),
+                          (["llm", "plan", "--no-guidance", *out], "name a scenario (S1, S2, S3, TG119) or a saved"),
+                          (["plan", "--case-file", path, "--case", "2", *out], "--case-file replaces --case: give one"),
                           (["evaluate", "--policy", "acer:default", "--case-file", path, "--cases", "2"],
-                           "give --cases (of a built-in cohort) or --case-file, not both")):
-        assert main([*args, "--out", str(tmp_path / "x")] if args[0] == "plan" else args) == 2
+                           "--case-file replaces --cases: give one or the other"),
+                          (["knowledge", "export", "--policy", "search", "--case-file", path, "--cohort", "test", *out],
+                           "--case-file replaces --cohort"),
+                          (["train", "acer", "--case-file", path, "--train-cases", "3", "--timesteps", "8", *out],
+                           "--case-file replaces --train-cases"),
+                          (["evaluate", "--policy", "acer:default", "--scenario", "S3", "--case-file", path],
+                           "scenario S3 works on ('PTV', 'Liver', 'Heart')")):
+        assert main(args) == 2, args
         assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_training_on_saved_cases(tmp_path):
@@ -234,6 +244,10 @@ def test_a_missing_optional_package_names_its_extra():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 2 and run.stdout == "", run.stderr
     assert "error: the CVXPY reference solvers need cvxpy: pip install 'rtenv[bench]'" in run.stderr
+    code = code.replace("sys.modules['cvxpy'] = None", "import importlib.util as u; f = u.find_spec; "
+                        "u.find_spec = lambda n, *a: None if n == 'osqp' else f(n, *a)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2 and "the osqp reference solver is not installed" in run.stderr, run.stderr
     # an import error that is not a missing optional package is a bug: it keeps its traceback
     assert _install_hint(ModuleNotFoundError("No module named 'rtenv.installer'", name="rtenv.installer")) is None
     assert _install_hint(ModuleNotFoundError("No module named 'stable_baselines3.common.x'",

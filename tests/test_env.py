@@ -15,6 +15,7 @@ import rtenv  # registers the ids
 from rtenv.case import PlanningCase
 from rtenv.env import ACTION_FACTORS, TPPTuningEnv, TPPTuningVectorEnv, fine_score
 from rtenv.evaluation import Protocol, cumulative_dvh
+from rtenv.rollout import evaluate_cohort
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.scenarios import load_case
 from rtenv.tpp import TPP
@@ -421,10 +422,12 @@ def test_own_cases_tune_as_the_built_in_ones(tmp_path):
     assert env.reset(options={"cohort": "test", "index": 2})[1]["case"] == "S1-test-2"
     vec = TPPTuningVectorEnv(4, "S1", cases=own)
     assert set(vec.reset(seed=1)[1]["case"]) == {"S1-test-3", "my-patient"}
+    assert vec.core.tps(("own", 1)) is env.core.tps(("own", 1))  # envs given one case object share its TPS
+    assert info["prescription_gy"] == 79.2
     # an own case is scored with its own protocol: the S1 anatomy at DOLA's 60 Gy / 20 fx
     dola = dataclasses.replace(built[0], name="dola", protocol="profit60", prescription_gy=60.0, fractions=20)
     _, info = TPPTuningEnv("S1", cases=[dola]).reset(seed=0)
-    assert info["max_score"] == 160 and "PTV V58.5Gy" in info["criteria"]
+    assert info["max_score"] == 160 and "PTV V58.5Gy" in info["criteria"] and info["prescription_gy"] == 60.0
     with pytest.raises(ValueError, match=r"scenario S3 works on \('PTV', 'Liver', 'Heart'\)"):
         TPPTuningEnv("S3", cases=own)
     with pytest.raises(ValueError, match=r"case index 2 is outside the range \[0, 1\] of the 2 own cases"):
@@ -493,8 +496,13 @@ def test_bad_arguments():
         TPPTuningEnv("S1", action_mode="box")
     with pytest.raises(ValueError, match="unknown scenario 'S9'"):
         TPPTuningEnv("S9")
-    with pytest.raises(ValueError, match="got a PlanningCase .the environments run on the built-in scenarios only"):
+    with pytest.raises(ValueError, match=r"got a PlanningCase \(an imported case goes to the environments as cases="):
         TPPTuningEnv(load_case("S1", "test", 0))  # was an unhashable-type TypeError
+    with pytest.raises(ValueError, match=r"cases = a dict must be a number of cases, a sequence of case indices or "):
+        TPPTuningEnv("S1", cases={i: i for i in range(100)})  # a long value is named by its type
+    # and a list of case indices is not a list of own cases: evaluate_cohort takes a count or cases
+    with pytest.raises(ValueError, match=r"cases = \[0, 1\] must be an integer"):
+        evaluate_cohort(lambda obs, info: 0, "S1", cohort="test", cases=[0, 1])
     with pytest.raises(ValueError, match="unknown reset options"):
         TPPTuningEnv("S1").reset(options={"case": 1})
     with pytest.raises(ValueError, match="t_PTV"):
@@ -513,7 +521,7 @@ def test_bad_arguments():
         TPPTuningVectorEnv(2, max_steps=5, max_episode_steps=7)
     with pytest.raises(ValueError, match=r"reset option tpp is for structures \('PTV', 'Liver', 'Heart'\)"):
         TPPTuningEnv("S1").reset(options={"tpp": TPP.default(("PTV", "Liver", "Heart"))})
-    with pytest.raises(ValueError, match="cases = 5.0 must be a number of cases or a sequence of case indices"):
+    with pytest.raises(ValueError, match="cases = 5.0 must be a number of cases, a sequence of case indices or"):
         TPPTuningEnv("S1", cohort="test", cases=5.0)
     with pytest.raises(ValueError, match=r"case indices \[12\] are outside the range \[0, 9\] of cohort 'test'"):
         TPPTuningEnv("S1", cohort="test", cases=[0, 12])

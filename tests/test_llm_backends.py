@@ -202,12 +202,18 @@ def test_llm_plan_cli_end_to_end_offline(kb_file, tmp_path, capsys):
     assert (tmp_path / "tpp_trajectory.png").stat().st_size > 10_000
     assert main(["llm", "plan", "S1", "--out", str(tmp_path)]) == 2  # guided without a knowledge base
     assert "needs --knowledge" in capsys.readouterr().err
-    # a saved case: the scenario is the one with its structures
-    case_file = dataclasses.replace(load_case("S1", "test", 1), name="my-patient").save(tmp_path / "mine.rtcase")
+    # a saved case: the scenario is the one with its structures; the prompt gives the case's own Rx
+    # (here the S1 anatomy planned to DOLA's 60 Gy / 20 fx and scored with its protocol)
+    case = dataclasses.replace(load_case("S1", "test", 1), name="my-patient", protocol="profit60",
+                               prescription_gy=60.0, fractions=20)
+    case_file = case.save(tmp_path / "mine.rtcase")
     assert main(["llm", "plan", "--case-file", str(case_file), "--no-guidance", "--max-steps", "1",
                  "--out", str(tmp_path / "own")]) == 0
     assert "S1 case my-patient: llama_cpp" in capsys.readouterr().out
-    assert json.loads((tmp_path / "own" / "summary.json").read_text())["case"] == "my-patient"
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert summary["case"] == "my-patient" and summary["max_score"] == 160
+    prompt = json.loads((tmp_path / "own" / "transcript.jsonl").read_text().splitlines()[0])["prompt"][-1]["content"]
+    assert "Rx = 60 Gy" in prompt and "79.2" not in prompt
 
 
 def test_local_only_refuses_remote_endpoints():
