@@ -101,6 +101,8 @@ def test_commands_take_a_saved_case(capsys, tmp_path):
 
 
 def test_training_on_saved_cases(tmp_path):
+    from drl.train import make_train_env, train_acer
+
     paths = [str(dataclasses.replace(load_case("S1", "test", i), name=f"pt{i}").save(tmp_path / f"pt{i}.rtcase"))
              for i in (1, 2)]
     out = tmp_path / "run"
@@ -109,7 +111,12 @@ def test_training_on_saved_cases(tmp_path):
     config = json.loads((out / "train_config.json").read_text())
     assert config["train_cohort"] == "own" and config["train_cases"] == ["pt1", "pt2"]
     assert (out / "model.zip").is_file()
-    from drl.train import make_train_env  # the envs it trains on are those cases' (mixed starts: two vector envs)
+    # resuming on another patient under the same name is noticed by the cases' content
+    other = dataclasses.replace(load_case("S1", "test", 5), name="pt1")
+    with pytest.warns(RuntimeWarning, match="another set-up {'train_case_sha256'"):
+        train_acer("S1", out, 60, train_cases=[other, PlanningCase.load(paths[1])], num_envs=2, checkpoint_every=40,
+                   progress=False)
+    # the envs it trains on are those cases' (mixed starts: two vector envs)
     venv = make_train_env("S1", 4, train_cases=[PlanningCase.load(p) for p in paths])
     venv.seed(0)
     venv.reset()
