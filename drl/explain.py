@@ -407,11 +407,9 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     check_integer("n_steps (IG quadrature nodes)", n_steps, 2)
     model = _resolve_model(model, device)
     logits_net = ActionLogits(model)
-    if isinstance(case, PlanningCase):
-        env = TPPTuningEnv(scenario, cases=[case], start=start, max_steps=max_steps, device=device)
+    env = TPPTuningEnv(scenario, cohort=cohort, cases=[case], start=start, max_steps=max_steps, device=device)
+    if isinstance(case, PlanningCase):  # an own case: case 0 of the env's cohort "own"
         cohort, case = env.core.cohort, 0
-    else:
-        env = TPPTuningEnv(scenario, cohort=cohort, cases=[case], start=start, max_steps=max_steps, device=device)
     core = env.core
     structures = list(core.structures)
     obs_dim = DVH_POINTS * len(structures)

@@ -193,16 +193,13 @@ def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", gen
     :class:`~rtenv.case.PlanningCase` with the scenario's structures, recorded as cohort
     ``"own"``); returns it and the episode records. A ``log`` keeps each finished case's record
     and skips those already there (as in :func:`rtenv.rollout.evaluate_cohort`)."""
-    from rtenv.env import TuningCore, own_cases
+    from rtenv.env import TuningCore
     from rtenv.scenarios import cohort_size
     from rtenv.search import search_episode
     from rtenv.tpp import TPP
 
-    if own_cases(cases) is not None:
-        core = TuningCore(scenario, action_mode="continuous", cases=cases)
-    else:
-        core = TuningCore(scenario, action_mode="continuous", cohort=cohort,
-                          cases=cases or cohort_size(scenario, cohort))
+    # own cases replace the cohort (the core's cohort is then "own")
+    core = TuningCore(scenario, action_mode="continuous", cohort=cohort, cases=cases or cohort_size(scenario, cohort))
     cohort, n = core.cohort, len(core.case_indices)
     start = TPP.default(core.structures).values
     records = logged_episodes(

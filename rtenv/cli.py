@@ -67,7 +67,7 @@ def _case_files(args: argparse.Namespace, infer_scenario: bool = True) -> list[P
     replace (``args.case_defaults``), set ``args.cohort`` to ``own`` and, unless given, the
     scenario whose structures they have (``infer_scenario``), checking them against it; without,
     fill the replaced options' defaults and the scenario's (``args.scenario_default``: ``S1``
-    for a ``--scenario`` option, none for the positional) and return ``None``."""
+    for a ``--scenario`` option; the positional has none, so it must be given) and return ``None``."""
     files = args.case_file if isinstance(args.case_file, list) else [args.case_file] if args.case_file else []
     defaults = args.case_defaults
     if not files:
@@ -76,6 +76,8 @@ def _case_files(args: argparse.Namespace, infer_scenario: bool = True) -> list[P
                 setattr(args, key, value)
         if args.scenario is None:
             args.scenario = args.scenario_default
+        if args.scenario is None:
+            raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
         return None
     given = ["--" + k.replace("_", "-") for k in defaults if getattr(args, k) is not None]
     if given:
@@ -94,14 +96,11 @@ def _case_files(args: argparse.Namespace, infer_scenario: bool = True) -> list[P
     return cases
 
 
-def _load_case(args: argparse.Namespace, infer_scenario: bool = False) -> PlanningCase:
-    """The case the arguments name: ``--case-file``, or the scenario's cohort and index."""
-    own = _case_files(args, infer_scenario)
-    if own is not None:
-        return own[0]
-    if args.scenario is None:
-        raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
-    return load_case(args.scenario, args.cohort, args.case, progress=True)
+def _load_case(args: argparse.Namespace) -> PlanningCase:
+    """The case the arguments name: ``--case-file`` (any structures, unless a scenario is named),
+    or the scenario's cohort and index."""
+    own = _case_files(args, infer_scenario=False)
+    return own[0] if own is not None else load_case(args.scenario, args.cohort, args.case, progress=True)
 
 
 def _add_mode_arg(p: argparse.ArgumentParser) -> None:
@@ -351,21 +350,14 @@ def _llm_plan(args: argparse.Namespace) -> int:
     options = PromptOptions(guidance=guided, chain_of_thought=args.cot, memory_k=args.memory_k,
                             action_scope=args.action_scope)
     own = _case_files(args)  # the case first: a bad one fails before the model loads
-    if own is None:
-        if args.scenario is None:
-            raise ValueError(f"name a scenario ({', '.join(sorted(SCENARIOS))}) or a saved case (--case-file FILE)")
-        scenario, index = args.scenario, args.case
-        env = TPPTuningEnv(scenario, action_mode="continuous", cohort=args.cohort, cases=[index],
-                           start=args.start, max_steps=args.max_steps, device=args.device)
-    else:  # the own case is case 0 of the env's cohort "own"
-        scenario, index = args.scenario, 0
-        env = TPPTuningEnv(scenario, action_mode="continuous", cases=own, start=args.start,
-                           max_steps=args.max_steps, device=args.device)
+    index = args.case if own is None else 0  # an own case is case 0 of the env's cohort "own"
+    env = TPPTuningEnv(args.scenario, action_mode="continuous", cohort=args.cohort, cases=own or [index],
+                       start=args.start, max_steps=args.max_steps, device=args.device)
     backend = make_backend(args.backend, model=args.model, base_url=args.base_url, device=args.device,
                            local_only=args.local_only, timeout_s=args.timeout)
     policy = LLMPolicy.for_env(env, backend, knowledge=kb, options=options, temperature=args.temperature,
                                seed=args.seed)
-    print(f"{scenario} case {env.core.case_name((env.core.cohort, index))}: {args.backend} "
+    print(f"{args.scenario} case {env.core.case_name((env.core.cohort, index))}: {args.backend} "
           f"({getattr(backend, 'model', '?')}), {'guided' if guided else 'unguided'}, budget {args.max_steps} steps")
     print(f"{'step':>4}{'score':>8}{'valid':>7}{'tokens':>8}{'llm s':>7}  violated | TPP changes")
 
