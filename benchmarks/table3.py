@@ -411,14 +411,13 @@ def _ms(values: Iterable[float]) -> tuple[float, float]:
     return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
-def _criteria(scenario: str) -> list[tuple[str, str, float, str]]:
-    """Per criterion of the scenario's protocol: name, unit, goal (in that unit) and sense."""
+def _criteria(scenario: str) -> list[tuple[str, str, float, float, str]]:
+    """Per criterion of the scenario's protocol: name, unit, goal and limit (in that unit), sense."""
     from rtenv.evaluation import Protocol
     from rtenv.scenarios import get_scenario
 
     sc = get_scenario(scenario)
-    return [(c.name, c.unit, c.thresholds(sc.prescription_gy)[0], c.sense)
-            for c in Protocol.load(sc.protocol).criteria]
+    return [(c.name, c.unit, *c.thresholds(sc.prescription_gy), c.sense) for c in Protocol.load(sc.protocol).criteria]
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -426,6 +425,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     full-score rate, wall time and LLM tokens; and per protocol criterion the final value's mean
     and sd (in the criterion's unit) and the number of plans that meet its goal (the seed's
     Fig. 4 figures)."""
+    from rtenv.evaluation import criterion_score
+
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         groups.setdefault(r["scenario"], {}).setdefault(r["policy"], []).append(r)
@@ -441,10 +442,10 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 row[f"{name}_mean"], row[f"{name}_sd"] = _ms(float(r[name]) for r in rs)
             row["best_final_score"] = max(r["final_score"] for r in rs)
             row["dv_metrics"] = {}
-            for name, unit, goal, sense in criteria:
+            for name, unit, goal, limit, sense in criteria:
                 values = [float(r["final_dv_metrics"][name]) for r in rs]
                 mean, sd = _ms(values)
-                met = sum((v <= goal) if sense == "upper" else (v >= goal) for v in values)
+                met = sum(criterion_score(v, goal, limit, sense=sense, mode="binary") == 1.0 for v in values)
                 row["dv_metrics"][name] = {"mean": mean, "sd": sd, "unit": unit, "goal": goal, "sense": sense,
                                            "goal_met": met}
             if "llm_prompt_tokens" in rs[0]:
