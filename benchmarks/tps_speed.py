@@ -95,9 +95,18 @@ def check_settings(repeats: int, batches: tuple[int, ...]) -> None:
         raise ValueError(f"batch sizes (--batches) {list(batches)} must be integers >= 1")
 
 
+def check_reference_solvers() -> None:
+    """Raise an ImportError naming the ``bench`` extra unless part (c)'s solvers are installed:
+    CVXPY with Clarabel and OSQP (each its own package)."""
+    import_cvxpy()
+    for solver in ("clarabel", "osqp"):
+        if importlib.util.find_spec(solver) is None:
+            raise ImportError(f"the {solver} reference solver is not installed: pip install 'rtenv[bench]'")
+
+
 def run(scenario: str, device: str, repeats: int, json_path: Path | None, batches: tuple[int, ...]) -> dict:
     check_settings(repeats, batches)
-    import_cvxpy()  # part (c) needs it: found out before the timings, not after them
+    check_reference_solvers()  # part (c) needs them: found out before the timings, not after them
     case = load_case(scenario, "test", 0)
     tps = TPS(case, device=device)
     dev = tps.device
@@ -350,10 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # counts out of range, an unknown or absent device
         p.error(str(e))
     try:
-        import_cvxpy()
-        for solver in ("clarabel", "osqp"):  # CVXPY's solvers of part (c), each its own package
-            if importlib.util.find_spec(solver) is None:
-                raise ImportError(f"the {solver} reference solver is not installed: pip install 'rtenv[bench]'")
+        check_reference_solvers()
     except ImportError as e:  # the reference solvers' extra is not installed
         p.error(str(e))
     res = run(args.scenario, args.device, args.repeats, args.json, batches)

@@ -398,7 +398,6 @@ def saved_algorithm(file: str | Path) -> str | None:
     return best if fewest <= _SETTINGS_SLACK and fewest < runner_up else None
 
 
-
 class SB3Policy:
     """An SB3 model as a ``policy(obs, info) -> action`` callable (see :func:`as_policy`).
 

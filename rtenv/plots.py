@@ -23,8 +23,13 @@ STRUCTURE_COLORS = {
 }
 
 
+_COLORS_BY_KEY = {name.lower(): colour for name, colour in STRUCTURE_COLORS.items()}
+
+
 def _color(name: str, i: int) -> str:
-    return STRUCTURE_COLORS.get(name, f"C{i % 10}")
+    """A structure's colour by name, in any case (TPP names lower-case the organs'); else the
+    ``i``-th of the default cycle."""
+    return _COLORS_BY_KEY.get(name.lower(), f"C{i % 10}")
 
 
 _LINE_STYLES = ("-", "--", ":", "-.")
@@ -213,14 +218,12 @@ def plot_tpp_trajectory(tpps: Sequence[Mapping[str, float]], path: str | Path,
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
     structures = list(dict.fromkeys(n.split("_", 1)[1] for n in names))
-    colours = {s: next((c for k, c in STRUCTURE_COLORS.items() if k.lower() == s.lower()), f"C{i % 10}")
-               for i, s in enumerate(structures)}
     for ax, (kind, label, scale) in zip(axes, panels, strict=True):
         for j, name in enumerate(names):
             if kinds[j] == kind:
                 structure = name.split("_", 1)[1]
                 i = structures.index(structure)  # equal values overlap: hollow markers shrinking per structure
-                ax.plot(steps, values[:, j], color=colours[structure], label=structure,
+                ax.plot(steps, values[:, j], color=_color(structure, i), label=structure,
                         ls=_LINE_STYLES[i % len(_LINE_STYLES)], marker="osD^v"[i % 5], ms=max(8 - 1.5 * i, 3),
                         mfc="none")
         ax.set_yscale(scale)
