@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import calibration, env_speed, table3, tps_speed
-from rtenv.runlog import write_atomic
+from rtenv.runlog import check_output_path, read_json, write_atomic
 from rtenv.tps import resolve_device
 
 
 def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: bool = False) -> str:
     """Run (or resume) every benchmark; returns (and writes to ``out/summary.md``) the summary markdown."""
-    out = Path(out)
+    out = check_output_path(out, "--out", "dir")
     resolve_device(device)  # before anything is written to out
     settings = {"quick": quick, "device": device}
     settings_path, seconds_path = out / "settings.json", out / "seconds.json"
@@ -42,11 +42,12 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
                      "calibration_S1.json", "calibration_S3.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "table3", ignore_errors=True)
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"{out} holds a run with {json.loads(settings_path.read_text())}, not {settings}: "
-                         "pass --fresh to start over, or another --out")
+    before = read_json(settings_path, "benchmark settings file") if settings_path.is_file() else settings
+    if before != settings:
+        raise ValueError(f"{out} holds a run with {before}, not {settings}: pass --fresh to start over, "
+                         "or another --out")
     # finished benchmarks are reused only from a run whose settings are known to match
-    seconds: dict[str, float] = (json.loads(seconds_path.read_text())
+    seconds: dict[str, float] = (read_json(seconds_path, "benchmark timings file")
                                  if seconds_path.is_file() and settings_path.is_file() else {})
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(settings_path, json.dumps(settings))
@@ -100,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         text = run_all(args.out, args.quick, args.device, args.fresh)
-    except ValueError as e:  # a run with other settings in --out, an unknown or absent device
-        p.error(str(e))
+    except (ValueError, OSError) as e:  # a run with other settings in --out, an unknown or absent device,
+        p.error(str(e))  # an unusable --out
     print(text)
     return 0
 

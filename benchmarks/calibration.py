@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rtenv.env import EpisodeState, TuningCore
 from rtenv.evaluation import score_plan
-from rtenv.runlog import write_atomic
+from rtenv.runlog import check_output_path, read_json, write_atomic
 from rtenv.search import cma_search
 from rtenv.tpp import TPP
 
@@ -62,8 +62,13 @@ def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh:
     core = TuningCore(scenario, action_mode="continuous", cohort="test", scoring_mode="binary", device=device)
     res: dict = {"scenario": scenario, "max_score": None, "budget": budget, "popsize": popsize, "device": device,
                  "paper_initial_mean_sd": PAPER_INITIAL[scenario][:2], "cases": []}
+    if json_path is not None:
+        check_output_path(json_path, "--json", "file")
     if json_path is not None and json_path.is_file() and not fresh:
-        previous = json.loads(json_path.read_text())
+        previous = read_json(json_path, "calibration result (JSON)")
+        if not isinstance(previous, dict) or not isinstance(previous.get("cases"), list):
+            raise ValueError(f"{json_path} holds no calibration run (a JSON object with a 'cases' list): "
+                             "pass --fresh to overwrite it, or another --json")
         previous.setdefault("device", "cpu")  # runs before the device was recorded were CPU runs
         settings = {k: res[k] for k in ("scenario", "budget", "popsize", "device")}
         differ = {k: previous.get(k) for k in settings if previous.get(k) != settings[k]}
@@ -129,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         res = run(args.scenario, args.json, args.budget, args.popsize, args.fresh, args.device)
-    except ValueError as e:  # a JSON from other settings, a bad budget or popsize
-        p.error(str(e))
+    except (ValueError, OSError) as e:  # a JSON from other settings or none, a bad budget or popsize, an
+        p.error(str(e))  # unusable --json path
     print(table(res))
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rtenv.env import TPPTuningEnv, TPPTuningVectorEnv
+from rtenv.runlog import check_output_path
 from rtenv.scenarios import SCENARIOS
 from rtenv.validation import check_integer, is_integer
 
@@ -80,6 +81,8 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     check_integer("calls (--steps)", calls, 1)
     if not envs or not all(is_integer(n) and n >= 1 for n in envs):
         raise ValueError(f"env counts (--envs) {list(envs)} must be integers >= 1")
+    if json_path is not None:
+        check_output_path(json_path, "--json", "file")
     probe = TPPTuningEnv(scenario, device=device)
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--envs {args.envs!r} must be comma-separated integers >= 1")
     try:
         res = run(args.scenario, envs, args.steps, args.device, args.json, args.rounds)
-    except ValueError as e:  # counts out of range
+    except (ValueError, OSError) as e:  # counts out of range, an unusable --json path
         p.error(str(e))
     print(f"env speed {res['scenario']} on {res['device']}: single env {res['single_steps_per_s']:.1f} steps/s "
           f"({res['steps_per_env']} steps of each of {max(map(int, res['vector_steps_per_s']))} episode streams)")

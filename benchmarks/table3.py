@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llm_policy.backends import DEFAULT_TEMPERATURE  # standard library only: the parser stays cheap
-from rtenv.runlog import exclusive, file_sha256, read_jsonl, write_atomic
+from llm_policy.backends import DEFAULT_TEMPERATURE, BackendError  # standard library only: the parser stays cheap
+from rtenv.runlog import check_output_path, exclusive, file_sha256, read_json, read_jsonl, write_atomic
 from rtenv.validation import check_integer, is_real
 
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
@@ -77,6 +77,10 @@ class LLMOptions:
     def __post_init__(self) -> None:
         if not (is_real(self.temperature) and 0.0 <= self.temperature <= 2.0):
             raise ValueError(f"temperature (--temperature) = {self.temperature!r} must be a number in [0, 2]")
+        from llm_policy.prompt import PromptOptions
+
+        PromptOptions(chain_of_thought=self.chain_of_thought, memory_k=self.memory_k,
+                      action_scope=self.action_scope)  # --memory-k and --action-scope, before any episode
 
 
 @dataclass(frozen=True)
@@ -313,17 +317,18 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     and figures under ``out``; returns the summary."""
     if workers is not None:
         check_integer("workers", workers, 1)
-    out = Path(out)
+    out = check_output_path(out, "--out", "dir")
     llm = llm or LLMOptions()
     specs = episode_specs(scenarios, policies, cases, max_steps, seed)
     names = [policy_count(p, cases)[0] for p in policies]
     needs_kb = [p for p in names if p == "knowledge-sample" or (p.startswith("llm:") and parse_policy(p)["guided"])]
     if needs_kb and not knowledge:
         raise ValueError(f"policies {needs_kb} need --knowledge kb.json")
+    models = _model_files(names, llm)  # a missing model or an unknown backend stops the run before any episode
     with exclusive(out, "table3 run"):  # one run per folder: two would mix their settings and records
         path = out / "results.jsonl"
         done = {r["key"]: r for r in read_jsonl(path)}
-        _check_run_settings(out / "run_settings.json", knowledge, llm, names, resuming=bool(done))
+        _check_run_settings(out / "run_settings.json", knowledge, llm, models, resuming=bool(done))
         # starting state first: every policy's first episodes finish first (a cut run stays balanced)
         todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
         workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
@@ -352,7 +357,7 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
         return summary
 
 
-def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, policies: Sequence[str],
+def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, model_files: dict[str, Path],
                         resuming: bool = True) -> None:
     """Episode keys name the policy, case, start, seed and budget, not the settings every
     episode shares: the knowledge base (by content) and the LLM options, nor the model file behind
@@ -365,9 +370,9 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, poli
     kb = None if knowledge is None else hashlib.sha256(
         json.dumps(load_knowledge(knowledge), sort_keys=True).encode()).hexdigest()
     settings = {"knowledge_sha256": kb, "llm": asdict(llm)}
-    models = {name: file_sha256(file) for name, file in _model_files(policies).items()}
+    models = {name: file_sha256(file) for name, file in model_files.items()}
     if path.is_file() and resuming:
-        before = json.loads(path.read_text())
+        before = read_json(path, "Table 3 run settings file")
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise ValueError(f"{path.parent} holds episodes run with other {', '.join(changed)} "
@@ -381,27 +386,33 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, poli
     write_atomic(path, json.dumps({**settings, "model_sha256": models}, indent=2))
 
 
-def _model_files(policies: Sequence[str]) -> dict[str, Path]:
+def _model_files(policies: Sequence[str], llm: LLMOptions) -> dict[str, Path]:
     """The local model file behind each policy name that has one: the SB3 zip of ``ALGO:PATH``
-    (``acer:default``: the shipped one) and the file of a ``llama_cpp`` or ``transformers`` LLM
-    (``default``: the shipped GGUF). A file that is not there is left out: its episodes fail
-    with the loader's error."""
-    from llm_policy.backends import BackendError, default_model_path
+    (``acer:default``: the shipped one) and the file of a ``llama_cpp`` LLM (``default``: the shipped
+    GGUF) or the file or folder of a ``transformers`` one given by path. Checked before the first
+    episode: a missing file, an unknown backend or an ``openai`` one without ``--base-url`` raises
+    (``FileNotFoundError``, ``ValueError`` or :class:`~llm_policy.backends.BackendError`)."""
+    from llm_policy.backends import BACKENDS, default_model_path
 
     files = {}
     for name in policies:
         pol = parse_policy(name)
-        try:
-            if pol["kind"] == "sb3":
-                from drl.train import policy_file
+        if pol["kind"] == "sb3":
+            from drl.train import policy_file
 
-                files[name] = policy_file(pol["spec"])
-            elif pol["kind"] == "llm" and pol["backend"] in ("llama_cpp", "transformers"):
-                file = default_model_path() if pol["model"] is None else Path(pol["model"])
-                if file.is_file():
-                    files[name] = file
-        except (FileNotFoundError, BackendError):
-            continue
+            files[name] = policy_file(pol["spec"])
+        elif pol["kind"] == "llm":
+            if pol["backend"] not in BACKENDS:
+                raise ValueError(f"policy {name!r}: unknown backend {pol['backend']!r}; valid: {list(BACKENDS)}")
+            if pol["backend"] == "openai":
+                if not llm.base_url:
+                    raise ValueError(f"policy {name!r} needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+                continue
+            file = default_model_path() if pol["model"] is None else Path(pol["model"])
+            if not file.exists():
+                raise FileNotFoundError(f"policy {name!r}: no model file at {file}")
+            if file.is_file():  # a transformers model folder has no single file to fingerprint
+                files[name] = file
     return files
 
 
@@ -557,20 +568,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--policies", default="default,random,search", help="comma-separated policy specs")
     p.add_argument("--out", required=True, help="output directory (results.jsonl resumes a run)")
     p.add_argument("--cases", type=int, default=10, help="episodes per scenario and policy (1-10)")
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=20,
+                   help="steps per episode; CMA-ES generations for search (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="episode i is seeded with seed + i (default 0)")
     p.add_argument("--knowledge", default=None, help="knowledge base for knowledge-sample and guided LLMs")
     p.add_argument("--workers", type=int, default=None, help="local processes (default: one per core)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray (a cluster address, or a local Ray without one)")
     p.add_argument("--cot", action="store_true", help="LLM policies: chain of thought")
-    p.add_argument("--memory-k", type=int, default=0, help="LLM policies: prior attempts shown")
-    p.add_argument("--action-scope", default="all", choices=["all", "weights_only"])
+    p.add_argument("--memory-k", type=int, default=0, help="LLM policies: prior attempts shown, 0-20 (default 0)")
+    p.add_argument("--action-scope", default="all", choices=["all", "weights_only"],
+                   help="LLM policies: TPPs the model may change (default all)")
     p.add_argument("--base-url", default=None, help="LLM policies with the openai backend")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help=f"LLM policies: sampling temperature (default {DEFAULT_TEMPERATURE}, DOLA's best; DOLA swept "
-                        "0.1-1.0: one --out folder per temperature)")
-    p.add_argument("--device", default="cpu")
+                   help=f"LLM policies: sampling temperature in [0, 2] (default {DEFAULT_TEMPERATURE}, DOLA's best; "
+                        "DOLA swept 0.1-1.0: one --out folder per temperature)")
+    p.add_argument("--device", default="cpu", help="torch device of the TPS and the policies (default cpu)")
     return p
 
 
@@ -581,8 +594,8 @@ def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = No
         args = parser.parse_args(argv)
         try:
             return main(args=args)
-        except ValueError as e:  # unknown scenario or policy, bad counts, a resume with other settings
-            parser.error(str(e))
+        except (ValueError, OSError, BackendError) as e:  # unknown scenario or policy, bad counts, a missing
+            parser.error(str(e))  # model, an unusable --out, a resume with other settings
     llm = LLMOptions(chain_of_thought=args.cot, memory_k=args.memory_k, action_scope=args.action_scope,
                      base_url=args.base_url, temperature=args.temperature)
     summary = run_table3(args.scenarios.split(","), args.policies.split(","), args.out, cases=args.cases,

@@ -43,6 +43,7 @@ import torch
 
 from rtenv.env import ACTION_FACTORS
 from rtenv.reference import import_cvxpy, solve_reference
+from rtenv.runlog import check_output_path
 from rtenv.scenarios import SCENARIOS, load_case
 from rtenv.tpp import RANGES, TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device, spmm
@@ -107,6 +108,8 @@ def check_reference_solvers() -> None:
 def run(scenario: str, device: str, repeats: int, json_path: Path | None, batches: tuple[int, ...]) -> dict:
     check_settings(repeats, batches)
     check_reference_solvers()  # part (c) needs them: found out before the timings, not after them
+    if json_path is not None:
+        check_output_path(json_path, "--json", "file")
     case = load_case(scenario, "test", 0)
     tps = TPS(case, device=device)
     dev = tps.device
@@ -362,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         check_reference_solvers()
     except ImportError as e:  # the reference solvers' extra is not installed
         p.error(str(e))
-    res = run(args.scenario, args.device, args.repeats, args.json, batches)
+    try:
+        res = run(args.scenario, args.device, args.repeats, args.json, batches)
+    except (ValueError, OSError) as e:  # an unusable --json path
+        p.error(str(e))
     print(table(res))
     return 0
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from rtenv.case import PlanningCase
 from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort, logged_episodes
-from rtenv.runlog import RunLog
+from rtenv.runlog import RunLog, read_json
 from rtenv.tpp import RANGES
 
 FORMAT = "rtenv-knowledge"
@@ -164,9 +164,9 @@ def load_knowledge(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"no knowledge base at {file} (shipped ones: {', '.join(builtin_knowledge())})")
     try:
-        kb = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise KnowledgeFormatError(f"{file}: not valid JSON ({exc})") from exc
+        kb = read_json(file, "knowledge base (JSON)")
+    except ValueError as exc:  # not UTF-8 JSON (e.g. an image given by mistake)
+        raise KnowledgeFormatError(str(exc)) from None
     validate_knowledge(kb, str(file))
     return kb
 

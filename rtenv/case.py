@@ -262,6 +262,10 @@ class PlanningCase:
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         """Check internal consistency; raises :class:`CaseFormatError` naming the problem."""
+        for attr in ("name", "site", "protocol"):
+            value = getattr(self, attr)
+            if not isinstance(value, str) or not value.strip():
+                raise CaseFormatError(f"{attr} = {value!r} must be a non-empty string")
         n_grid = int(np.prod(self.grid_shape))
         rows = self.dose_rows
         if rows.ndim != 1 or rows.size == 0:
@@ -388,6 +392,10 @@ class PlanningCase:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no case file at {path}")
+        with path.open("rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # np.load would read other files as pickles or .npy arrays
+                raise CaseFormatError(f"{path} is not an rtenv case file: a case file (.rtcase, as written by "
+                                      "PlanningCase.save or `rtenv cases import`) is a NumPy .npz zip archive")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -399,6 +407,8 @@ class PlanningCase:
             header = json.loads(arrays["header"].tobytes().decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CaseFormatError(f"{path}: header is not valid JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise CaseFormatError(f"{path}: header is a JSON {type(header).__name__}, not an object")
         if header.get("format") != FORMAT_NAME:
             raise CaseFormatError(f"{path}: format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
         if header.get("version") != FORMAT_VERSION:
@@ -409,7 +419,7 @@ class PlanningCase:
 
         def need(key: str) -> np.ndarray:
             if key not in arrays:
-                raise CaseFormatError(f"{path}: missing array {key!r}")
+                raise CaseFormatError(f"missing array {key!r}")  # the path is added below
             return arrays[key]
 
         try:

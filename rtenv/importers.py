@@ -95,9 +95,10 @@ def parse_structure_map(text: str) -> dict[str, tuple[str, str]]:
 def parse_beams(text: str) -> list[BeamSpec]:
     """Parse ``"0,72,144"`` (gantry angles, deg) or ``"58:0,216:32"`` (gantry:couch, deg)."""
     out: list[BeamSpec] = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
+    items = [s.strip() for s in text.split(",")]
+    if any(items) and not all(items):
+        raise ValueError(f"beam list {text!r} has an empty entry: expected GANTRY[,GANTRY...] or GANTRY:COUCH[,...]")
+    for item in filter(None, items):
         try:
             angles = tuple(float(a) for a in item.split(":"))
             if len(angles) > 2 or not all(math.isfinite(a) for a in angles):
@@ -122,7 +123,8 @@ def _normalise_structures(structures: Mapping[str, StructureSpec] | None,
     """``[(source name, role, rtenv name)]``, target first; checks names, roles, one target."""
     if not structures:
         raise ValueError(f"no structure mapping given; {source} has structures {list(available)}. "
-                         "Pass structures={NAME: 'target' | 'oar' | (ROLE, NEW_NAME)} with exactly one target")
+                         "Pass structures={NAME: 'target' | 'oar' | (ROLE, NEW_NAME)} (command line: "
+                         "--structures NAME=ROLE[:NEW_NAME],...) with exactly one target")
     out = []
     for src, spec in structures.items():
         if isinstance(spec, str):
@@ -378,13 +380,13 @@ def _cort_grid(folder: Path, grid_shape: Sequence[int] | None, voxel_mm: float |
             raise CaseFormatError(f"{info[0]}: expected voxel counts along x, y, z on its first three lines")
         if voxel_mm is None:
             raise ValueError(f"{info[0].name} gives the grid's voxel counts but not the voxel size: pass "
-                             "voxel_mm (mm, e.g. 3.0 or (dz, dy, dx))")
+                             "voxel_mm (mm, e.g. 3.0 or (dz, dy, dx); command line: --voxel-mm)")
         nx, ny, nz = counts
         return (ny, nx, nz), as_voxel(voxel_mm), None, info[0].name
     raise CaseFormatError(
         f"{folder} has no grid information: expected a matRad-format {folder.name}.mat (variable 'ct' with "
         "cube or cubeDim and resolution), a CTVOXEL_INFO*.txt (voxel counts x, y, z) plus voxel_mm, "
-        "or the options grid_shape=(nz, ny, nx) and voxel_mm"
+        "or the options grid_shape=(nz, ny, nx) and voxel_mm of rtenv.importers.load_cort"
         + (f"; {v73} are MATLAB v7.3 files, which scipy cannot read: re-save a CT file among them in MATLAB "
            "with save(..., '-v7')" if v73 else ""))
 
@@ -986,12 +988,25 @@ def import_case(fmt: str, path: str | Path, **options: Any) -> PlanningCase:
         raise ValueError(f"unknown import format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if "protocol" not in options or not options["protocol"]:
         raise ValueError("import_case needs protocol= (a shipped protocol name or a JSON file path)")
-    loader = _LOADERS[key]
-    valid = [p for p in inspect.signature(loader).parameters if p != "path"]
+    valid = import_options(key)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"option(s) {unknown} do not apply to the {key} format; valid: {valid}")
-    return loader(path, **options)
+    return _LOADERS[key](path, **options)
+
+
+def import_options(fmt: str) -> list[str]:
+    """The options :func:`import_case` takes for format ``fmt`` (the loader's keyword arguments)."""
+    key = fmt.lower().strip()
+    if key not in _LOADERS:
+        raise ValueError(f"unknown import format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    return [p for p in inspect.signature(_LOADERS[key]).parameters if p != "path"]
+
+
+#: The command-line option of each :func:`import_case_to_file` argument.
+IMPORT_FLAGS = {"beams": "--beams", "structures": "--structures", "beam_ids": "--beam-ids", "protocol": "--protocol",
+                "prescription_gy": "--rx", "fractions": "--fractions", "name": "--name", "voxel_mm": "--voxel-mm",
+                "downsample": "--downsample", "check_protocol": "--no-check-protocol"}
 
 
 def import_case_to_file(
@@ -1004,17 +1019,23 @@ def import_case_to_file(
     ``"NAME=ROLE[:NEW_NAME],..."``; ``beam_ids``: ``"0,1,2"`` (PortPy only). Options left as ``None``
     are dropped so the loader's defaults apply. Returns the case and the written path.
     """
+    given = {k: v for k, v in {"beams": beams, "structures": structures, "beam_ids": beam_ids, **options}.items()
+             if v is not None}
+    valid = import_options(fmt)
+    unknown = [IMPORT_FLAGS.get(k, k) for k in given if k not in valid]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to {fmt} imports; "
+                         "its options: "
+                         f"{', '.join(IMPORT_FLAGS[k] for k in valid if k in IMPORT_FLAGS)}")
     opts = {k: v for k, v in options.items() if v is not None}
-    if beams:
+    if beams is not None:
         opts["beams"] = parse_beams(beams)
-    if structures:
+    if structures is not None:
         opts["structures"] = parse_structure_map(structures)
-    if beam_ids:
-        if fmt.lower() != "portpy":
-            raise ValueError("beam IDs apply to the portpy format only; use beams for angles")
-        try:
-            opts["beam_ids"] = [int(b) for b in beam_ids.split(",") if b.strip()]
-        except ValueError:
-            raise ValueError(f"bad beam IDs {beam_ids!r}: expected integers separated by commas") from None
+    if beam_ids is not None:
+        ids = [b.strip() for b in beam_ids.split(",")]
+        if not all(b.lstrip("-").isdigit() for b in ids):
+            raise ValueError(f"bad beam IDs {beam_ids!r}: expected integers separated by commas")
+        opts["beam_ids"] = [int(b) for b in ids]
     case = import_case(fmt, path, **opts)
     return case, case.save(out)

@@ -52,6 +52,43 @@ def exclusive(folder: str | Path, what: str = "run") -> Iterator[None]:
         yield
 
 
+def check_output_path(value: str | Path, flag: str, kind: str = "dir") -> Path:
+    """``value`` as a path a run can write, checked before any work: not empty, a folder where
+    ``kind`` is ``"dir"`` and not a folder where it is ``"file"``, and under a writable folder (not
+    under a regular file). ``flag`` names the option in the ``ValueError`` (e.g. ``"--out"``)."""
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind = {kind!r} must be 'dir' or 'file'")
+    noun = "folder" if kind == "dir" else "file"
+    if not str(value).strip():
+        raise ValueError(f"{flag} is empty; give a {noun} path")
+    path = Path(value)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {value} is an existing file; expected a folder")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{flag} {value} is a folder; expected a file path")
+    base = path if path.is_dir() else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"{flag} {value} lies under {base}, which is a file, not a folder")
+    if not os.access(base, os.W_OK):
+        raise ValueError(f"{flag} {value}: the folder {base} is not writable")
+    return path
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The value of a JSON file; a file that is not UTF-8 JSON raises ``ValueError`` naming the
+    file and ``what`` it should be (a missing one raises ``FileNotFoundError``)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a {what}: it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not a {what}: invalid JSON at line {exc.lineno}, "
+                         f"column {exc.colno} ({exc.msg})") from None
+
+
 def read_jsonl(path: str | Path) -> list[Any]:
     """The values of a JSON-lines file (``[]`` if there is no file). A torn last line (a crash
     mid-write) is cut off the file; any other line that is not JSON raises ``ValueError``."""

@@ -104,6 +104,7 @@ def search_episode(core: TuningCore, case_key: tuple[str, int], start_tpp: np.nd
     start, if nothing beat it). ``seed`` (>= 0) seeds the search, as in :func:`cma_search`.
     """
     check_integer("seed", seed, 0)
+    check_integer("generations (--max-steps)", generations, 1)  # before its product with popsize is checked
     start = EpisodeState(case_key, np.asarray(start_tpp, dtype=np.float64))
     core.solve([start], warm=[False])
     first = core.info(start)

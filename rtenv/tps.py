@@ -240,7 +240,7 @@ def _check_fluence(x: np.ndarray, name: str) -> None:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (cpu); raises if CUDA is asked for but absent."""
     try:
-        dev = torch.device(device or "cpu")
+        dev = torch.device("cpu" if device is None else device)
     except RuntimeError:
         raise ValueError(f"device {device!r} is not a device; valid: 'cpu', 'cuda', 'cuda:N'") from None
     if dev.type not in ("cpu", "cuda"):

@@ -116,8 +116,8 @@ def test_corrupt_and_mismatched_files(s1, tmp_path):
     good = s1.save(tmp_path / "good.rtcase")
     junk = tmp_path / "junk.rtcase"
     junk.write_bytes(b"not a zip at all")
-    with pytest.raises(CaseFormatError, match="not a readable rtenv case"):
-        PlanningCase.load(junk)
+    with pytest.raises(CaseFormatError, match="junk.rtcase is not an rtenv case file: .* is a NumPy .npz zip archive"):
+        PlanningCase.load(junk)  # (np.load itself would talk of pickles)
     truncated = tmp_path / "trunc.rtcase"
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CaseFormatError):
@@ -133,7 +133,10 @@ def test_corrupt_and_mismatched_files(s1, tmp_path):
     cases = {
         "version": (lambda a: header(a, version=99), "format version 99"),
         "format": (lambda a: header(a, format="other"), "format is 'other'"),
-        "array": (lambda a: a.pop("structure_1_rows"), "missing array 'structure_1_rows'"),
+        "array": (lambda a: a.pop("structure_1_rows"), r"array.rtcase: missing array 'structure_1_rows'$"),
+        "protocol": (lambda a: header(a, protocol=None), "protocol = None must be a non-empty string"),
+        "list": (lambda a: a.__setitem__("header", np.frombuffer(b"[1, 2]", dtype=np.uint8)),
+                 "header is a JSON list, not an object"),
         "rows": (lambda a: a.__setitem__("structure_0_rows", a["structure_0_rows"] + 10**7), "structure 'PTV' rows"),
         "matrix": (lambda a: a.__setitem__("D_indptr", a["D_indptr"][:-5]), "matrix|dose_influence"),
     }

@@ -527,10 +527,21 @@ def test_import_case_to_file(tmp_path):
                                     structures="PTV_68=target:PTV,Rectum=oar,Bladder=oar", protocol="prostate9",
                                     prescription_gy=None)
     assert out.is_file() and PlanningCase.load(out).n_beamlets == case.n_beamlets == 3
-    with pytest.raises(ValueError, match="portpy format only"):
+    # the helper speaks the command line's options
+    cort_options = "its options: --structures, --beams, --protocol, --rx, --fractions, --name, --voxel-mm, "
+    with pytest.raises(ValueError, match=f"^--beam-ids does not apply to cort imports; {cort_options}"):
         import_case_to_file("cort", folder, tmp_path / "q.rtcase", beam_ids="1", protocol="prostate9")
-    with pytest.raises(ValueError, match="do not apply to the cort format"):
-        import_case_to_file("cort", folder, tmp_path / "q.rtcase", protocol="prostate9", downsample=2)
+    with pytest.raises(ValueError, match="^--beam-ids, --downsample do not apply to cort imports"):
+        import_case_to_file("cort", folder, tmp_path / "q.rtcase", protocol="prostate9", downsample=2, beam_ids="1")
+    with pytest.raises(ValueError, match=r"option\(s\) \['downsample'\] do not apply to the cort format"):
+        import_case("cort", folder, structures=CORT_MAP, protocol="prostate9", downsample=2)
+    for beams, message in (("", "empty beam list"), (" , ", "empty beam list"),
+                           ("0,,90", "beam list '0,,90' has an empty entry")):
+        with pytest.raises(ValueError, match=message):
+            import_case_to_file("cort", folder, tmp_path / "q.rtcase", beams=beams, protocol="prostate9")
+    with pytest.raises(ValueError, match=r"bad beam IDs '0,,1': expected integers"):  # checked before any reading
+        import_case_to_file("portpy", tmp_path / "nowhere", tmp_path / "q.rtcase", beam_ids="0,,1", protocol="prostate9")
+    assert not (tmp_path / "q.rtcase").exists()
     with pytest.raises(ValueError, match="needs protocol"):
         import_case("cort", folder, structures=CORT_MAP)
 

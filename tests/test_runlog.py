@@ -7,7 +7,7 @@ import pytest
 
 import rtenv.rollout
 from rtenv.cli import main
-from rtenv.runlog import RunLog, file_sha256, read_jsonl, write_atomic
+from rtenv.runlog import RunLog, check_output_path, file_sha256, read_json, read_jsonl, write_atomic
 
 
 def test_run_log_resumes_and_refuses_other_settings(tmp_path):
@@ -58,6 +58,36 @@ def test_a_torn_last_line_is_cut_and_other_files_are_refused(tmp_path):
     broken.write_text('{"settings": {}}\nnot json\n{"key": 0, "value": 1}\n')
     with pytest.raises(ValueError, match="line 2, is not JSON"):
         read_jsonl(broken)
+
+
+def test_output_paths_are_checked_before_a_run(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert check_output_path(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
+    assert check_output_path(str(tmp_path / "r.json"), "--json", "file") == tmp_path / "r.json"
+    for value, kind, message in (("", "dir", "--out is empty; give a folder path"),
+                                 ("  ", "file", "--out is empty; give a file path"),
+                                 (afile, "dir", f"--out {afile} is an existing file; expected a folder"),
+                                 (tmp_path, "file", f"--out {tmp_path} is a folder; expected a file path"),
+                                 (afile / "sub" / "x.json", "file", f"lies under {afile}, which is a file"),
+                                 (tmp_path / "x", "folder", "kind = 'folder' must be 'dir' or 'file'")):
+        with pytest.raises(ValueError, match=message):
+            check_output_path(value, "--out", kind)
+    assert not (tmp_path / "new").exists()  # a check creates nothing
+
+
+def test_read_json_names_the_file_and_what_it_should_be(tmp_path):
+    good, image, broken = tmp_path / "a.json", tmp_path / "b.png", tmp_path / "c.json"
+    good.write_text('{"a": [1, 2]}')
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    broken.write_text('{"a": 1,\n}')
+    assert read_json(good) == {"a": [1, 2]}
+    with pytest.raises(ValueError, match=f"^{image} is not a settings file: it is not UTF-8 text$"):
+        read_json(image, "settings file")
+    with pytest.raises(ValueError, match=f"^{broken} is not a JSON file: invalid JSON at line 2, column 1"):
+        read_json(broken)
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "missing.json")
 
 
 def test_file_sha256(tmp_path):

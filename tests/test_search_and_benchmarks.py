@@ -62,6 +62,28 @@ def test_calibration_writes_resumable_json(tmp_path, capsys):
     assert "{'popsize': 16}" in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
 
 
+def test_benchmark_outputs_are_checked_before_the_timings(tmp_path, capsys):
+    from benchmarks import all as all_benchmarks
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for main, argv in ((tps_speed.main, ["--repeats", "1", "--batches", "2"]),
+                       (env_speed.main, ["--envs", "2", "--steps", "1", "--rounds", "1"]),
+                       (calibration.main, ["--budget", "16", "--popsize", "8"])):
+        with pytest.raises(SystemExit):
+            main([*argv, "--json", str(tmp_path)])
+        assert f"--json {tmp_path} is a folder; expected a file path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        all_benchmarks.main(["--quick", "--out", str(afile / "all")])
+    assert f"--out {afile / 'all'} lies under {afile}, which is a file" in capsys.readouterr().err
+    listing = tmp_path / "list.json"
+    listing.write_text("[1]")
+    with pytest.raises(SystemExit):
+        calibration.main(["--json", str(listing)])
+    assert f"{listing} holds no calibration run (a JSON object with a 'cases' list)" in capsys.readouterr().err
+    assert listing.read_text() == "[1]" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.json"]
+
+
 @pytest.mark.slow
 def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     out = tmp_path / "env.json"

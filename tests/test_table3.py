@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from benchmarks.table3 import episode_specs, parse_policy, run_table3
+from benchmarks.table3 import LLMOptions, episode_specs, parse_policy, run_table3
 from rtenv.cli import main
 from rtenv.runlog import read_jsonl
 
@@ -129,10 +129,37 @@ def test_resume_with_another_model_file_is_refused(tmp_path):
 
 
 def test_a_failing_parallel_episode_keeps_the_others(tmp_path):
-    with pytest.raises(Exception, match="nonexistent"):
-        run_table3(["S1"], ["acer:/nonexistent/model.zip@1", "random@3"], tmp_path, max_steps=2, workers=2,
+    broken = tmp_path / "broken.zip"  # there, so the run starts; its episode fails when loading it
+    broken.write_bytes(b"not a zip archive")
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="broken.zip"):
+        run_table3(["S1"], [f"acer:{broken}@1", "random@3"], out, max_steps=2, workers=2,
                    progress=False, figures=False)
-    assert sorted(r["policy"] for r in read_jsonl(tmp_path / "results.jsonl")) == ["random"] * 3
+    assert sorted(r["policy"] for r in read_jsonl(out / "results.jsonl")) == ["random"] * 3
+
+
+def test_missing_models_and_bad_llm_settings_stop_the_run_before_any_episode(tmp_path):
+    out = tmp_path / "run"
+    kw = {"cases": 1, "max_steps": 1, "workers": 2, "progress": False, "figures": False}
+    with pytest.raises(FileNotFoundError, match="no model file at /nonexistent/model.zip"):
+        run_table3(["S1"], ["random", "acer:/nonexistent/model.zip"], out, **kw)
+    with pytest.raises(FileNotFoundError, match=r"policy 'llm:llama_cpp:/nonexistent.gguf:unguided': no model file"):
+        run_table3(["S1"], ["random", "llm:llama_cpp:/nonexistent.gguf:unguided"], out, **kw)
+    with pytest.raises(ValueError, match=r"unknown backend 'foo'; valid: \['llama_cpp', 'transformers', 'openai'\]"):
+        run_table3(["S1"], ["random", "llm:foo:bar:unguided"], out, **kw)
+    with pytest.raises(ValueError, match="'llm:openai:m:unguided' needs --base-url"):
+        run_table3(["S1"], ["llm:openai:m:unguided"], out, **kw)
+    with pytest.raises(ValueError, match=r"memory_k = -1 must be an integer in \[0, 20\]"):
+        LLMOptions(memory_k=-1)
+    with pytest.raises(ValueError, match=r"action_scope 'priorities' is invalid"):
+        LLMOptions(action_scope="priorities")
+    assert not out.exists()  # nothing was run or written
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for bad, message in (("", "--out is empty"), (str(afile), "is an existing file"),
+                         (str(afile / "sub"), "which is a file, not a folder")):
+        with pytest.raises(ValueError, match=message):
+            run_table3(["S1"], ["default"], bad, **kw)
 
 
 def test_specs_and_policy_names(tmp_path):

@@ -152,7 +152,7 @@ def test_tps_rejects_bad_batches(s1):
 def test_cuda_request_without_gpu_is_a_clear_error(s1):
     import torch
 
-    for device in ("gpu", "cuda:x"):
+    for device in ("gpu", "cuda:x", ""):  # an empty one is not taken for the CPU
         with pytest.raises(ValueError, match=f"device '{device}' is not a device; valid: 'cpu', 'cuda'"):
             TPS(s1, device=device)
     with pytest.raises(ValueError, match="'mps' is not supported"):
