@@ -55,7 +55,7 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
     def step(name: str, json_path: Path | None, run: Callable[[], Any]) -> Any:
         """``run()``'s result, or the finished one's JSON; the wall time is recorded when it ends."""
         if name in seconds and json_path is not None and json_path.is_file():
-            return json.loads(json_path.read_text())
+            return read_json(json_path, "benchmark result")
         t0 = time.perf_counter()
         result = run()
         seconds[name] = time.perf_counter() - t0
@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         text = run_all(args.out, args.quick, args.device, args.fresh)
-    except (ValueError, OSError) as e:  # a run with other settings in --out, an unknown or absent device,
-        p.error(str(e))  # an unusable --out
+    except ValueError as e:  # a run with other settings in --out, an unknown or absent device, an unusable --out
+        p.error(str(e))
     print(text)
     return 0
 

@@ -58,12 +58,12 @@ def summarise(res: dict) -> None:
     res["within_one_sd_of_paper"] = abs(res["initial_score_mean"] - mean) <= sd
 
 
-def run(scenario: str, json_path: Path | None, budget: int, popsize: int, fresh: bool, device: str = "cpu") -> dict:
+def run(scenario: str, json_path: str | Path | None, budget: int, popsize: int, fresh: bool,
+        device: str = "cpu") -> dict:
+    json_path = None if json_path is None else check_output_path(json_path, "--json", "file")
     core = TuningCore(scenario, action_mode="continuous", cohort="test", scoring_mode="binary", device=device)
     res: dict = {"scenario": scenario, "max_score": None, "budget": budget, "popsize": popsize, "device": device,
                  "paper_initial_mean_sd": PAPER_INITIAL[scenario][:2], "cases": []}
-    if json_path is not None:
-        check_output_path(json_path, "--json", "file")
     if json_path is not None and json_path.is_file() and not fresh:
         previous = read_json(json_path, "calibration result (JSON)")
         if not isinstance(previous, dict) or not isinstance(previous.get("cases"), list):
@@ -126,7 +126,7 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", default="S1", choices=sorted(PAPER_INITIAL))
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", default=None, help="results JSON, written after each case; a rerun resumes it")
     p.add_argument("--budget", type=int, default=400, help="plan evaluations per search")
     p.add_argument("--popsize", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="ignore a previous partial JSON")
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         res = run(args.scenario, args.json, args.budget, args.popsize, args.fresh, args.device)
-    except (ValueError, OSError) as e:  # a JSON from other settings or none, a bad budget or popsize, an
-        p.error(str(e))  # unusable --json path
+    except ValueError as e:  # a JSON from other settings or none, a bad budget or popsize, an unusable --json
+        p.error(str(e))
     print(table(res))
     return 0
 

@@ -388,11 +388,12 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, mode
 
 def _model_files(policies: Sequence[str], llm: LLMOptions) -> dict[str, Path]:
     """The local model file behind each policy name that has one: the SB3 zip of ``ALGO:PATH``
-    (``acer:default``: the shipped one) and the file of a ``llama_cpp`` LLM (``default``: the shipped
-    GGUF) or the file or folder of a ``transformers`` one given by path. Checked before the first
-    episode: a missing file, an unknown backend or an ``openai`` one without ``--base-url`` raises
-    (``FileNotFoundError``, ``ValueError`` or :class:`~llm_policy.backends.BackendError`)."""
-    from llm_policy.backends import BACKENDS, default_model_path
+    (``acer:default``: the shipped one) and the GGUF file of a local LLM (``default``: the shipped
+    one; a ``transformers`` model folder has no single file and is left out). Checked before the
+    first episode: a missing model, an unknown backend or an unusable ``--base-url`` raises
+    (``FileNotFoundError``, ``ValueError`` or :class:`~llm_policy.backends.BackendError`, naming
+    the policy)."""
+    from llm_policy.backends import BackendError, check_backend
 
     files = {}
     for name in policies:
@@ -402,16 +403,11 @@ def _model_files(policies: Sequence[str], llm: LLMOptions) -> dict[str, Path]:
 
             files[name] = policy_file(pol["spec"])
         elif pol["kind"] == "llm":
-            if pol["backend"] not in BACKENDS:
-                raise ValueError(f"policy {name!r}: unknown backend {pol['backend']!r}; valid: {list(BACKENDS)}")
-            if pol["backend"] == "openai":
-                if not llm.base_url:
-                    raise ValueError(f"policy {name!r} needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-                continue
-            file = default_model_path() if pol["model"] is None else Path(pol["model"])
-            if not file.exists():
-                raise FileNotFoundError(f"policy {name!r}: no model file at {file}")
-            if file.is_file():  # a transformers model folder has no single file to fingerprint
+            try:
+                file = check_backend(pol["backend"], pol["model"], llm.base_url)
+            except (ValueError, BackendError) as exc:
+                raise type(exc)(f"policy {name!r}: {exc}") from None
+            if file is not None and file.is_file():
                 files[name] = file
     return files
 

@@ -105,11 +105,10 @@ def check_reference_solvers() -> None:
             raise ImportError(f"the {solver} reference solver is not installed: pip install 'rtenv[bench]'")
 
 
-def run(scenario: str, device: str, repeats: int, json_path: Path | None, batches: tuple[int, ...]) -> dict:
+def run(scenario: str, device: str, repeats: int, json_path: str | Path | None, batches: tuple[int, ...]) -> dict:
     check_settings(repeats, batches)
     check_reference_solvers()  # part (c) needs them: found out before the timings, not after them
-    if json_path is not None:
-        check_output_path(json_path, "--json", "file")
+    json_path = None if json_path is None else check_output_path(json_path, "--json", "file")
     case = load_case(scenario, "test", 0)
     tps = TPS(case, device=device)
     dev = tps.device
@@ -350,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", default="8,32,64", help="comma-separated batch sizes")
-    p.add_argument("--json", type=Path, default=None, help="write the figures here (JSON)")
+    p.add_argument("--json", default=None, help="write the figures here (JSON)")
     args = p.parse_args(argv)
     try:
         batches = tuple(int(b) for b in args.batches.split(","))
@@ -359,16 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(args.repeats, batches)
         resolve_device(args.device)
-    except ValueError as e:  # counts out of range, an unknown or absent device
+        if args.json is not None:  # run() checks it too, but main leaves run()'s own errors unwrapped
+            check_output_path(args.json, "--json", "file")
+    except ValueError as e:  # counts out of range, an unknown or absent device, an unusable --json path
         p.error(str(e))
     try:
         check_reference_solvers()
     except ImportError as e:  # the reference solvers' extra is not installed
         p.error(str(e))
-    try:
-        res = run(args.scenario, args.device, args.repeats, args.json, batches)
-    except (ValueError, OSError) as e:  # an unusable --json path
-        p.error(str(e))
+    res = run(args.scenario, args.device, args.repeats, args.json, batches)
     print(table(res))
     return 0
 

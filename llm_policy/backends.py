@@ -142,9 +142,7 @@ class LlamaCppBackend:
             import llama_cpp
         except ImportError as exc:
             raise BackendError('llama_cpp backend needs llama-cpp-python: pip install "rtenv[llamacpp]"') from exc
-        self.model_path = Path(model_path) if model_path else default_model_path()
-        if not self.model_path.is_file():
-            raise BackendError(f"no GGUF model file at {self.model_path}")
+        self.model_path = local_model_path("llama_cpp", model_path)
         t0 = time.perf_counter()
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
@@ -217,9 +215,7 @@ class TransformersBackend:
             import transformers
         except ImportError as exc:
             raise BackendError('transformers backend needs transformers: pip install "rtenv[llm]"') from exc
-        path = Path(model) if model else default_model_path()
-        if not path.exists():
-            raise BackendError(f"no model at {path}")
+        path = local_model_path("transformers", model)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         t0 = time.perf_counter()
         if path.is_file():
@@ -331,11 +327,7 @@ class OpenAIBackend:
     name: str = field(default="openai", init=False)
 
     def __post_init__(self) -> None:
-        parts = urllib.parse.urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"base_url {self.base_url!r} must be an http(s) URL such as http://127.0.0.1:8000/v1")
-        if self.local_only and not is_loopback(self.base_url):
-            raise BackendError(f"--local-only: refusing non-loopback endpoint {parts.hostname!r}")
+        check_endpoint(self.base_url, self.local_only)
         if not (self.timeout_s > 0 and self.retries >= 0 and self.backoff_s >= 0):
             raise ValueError(f"timeout_s = {self.timeout_s!r} must be > 0, retries = {self.retries!r} and "
                              f"backoff_s = {self.backoff_s!r} >= 0")
@@ -430,15 +422,51 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
+def local_model_path(kind: str, model: str | Path | None = None) -> Path:
+    """The model a local backend loads: ``model`` or, if ``None``, :func:`default_model_path`. A
+    ``llama_cpp`` model is a GGUF file; a ``transformers`` one a GGUF file or a model folder.
+
+    Raises:
+        BackendError: nothing of that kind at the path (or no default model installed).
+    """
+    path = Path(model) if model else default_model_path()
+    if kind == "llama_cpp" and not path.is_file():
+        raise BackendError(f"no GGUF model file at {path}")
+    if not path.exists():
+        raise BackendError(f"no model at {path}")
+    return path
+
+
+def check_endpoint(base_url: str, local_only: bool = False) -> None:
+    """Refuse an endpoint that is not an http(s) URL (``ValueError``), or, with ``local_only``, one
+    that is not loopback (:class:`BackendError`)."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url {base_url!r} must be an http(s) URL such as http://127.0.0.1:8000/v1")
+    if local_only and not is_loopback(base_url):
+        raise BackendError(f"--local-only: refusing non-loopback endpoint {parts.hostname!r}")
+
+
+def check_backend(kind: str, model: str | None = None, base_url: str | None = None,
+                  local_only: bool = False) -> Path | None:
+    """What :func:`make_backend` checks before it builds (and loads) anything: a known backend, a
+    local model that is there (returned), or an openai endpoint that is a valid URL (``None``)."""
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; valid: {list(BACKENDS)}")
+    if kind != "openai":
+        return local_model_path(kind, model)
+    if not base_url:
+        raise ValueError("the openai backend needs a base URL (--base-url, e.g. http://127.0.0.1:8000/v1)")
+    check_endpoint(base_url, local_only)
+    return None
+
+
 def make_backend(kind: str, model: str | None = None, base_url: str | None = None, device: str = "cpu",
                  local_only: bool = False, timeout_s: float = 60.0, retries: int = 2) -> LLMBackend:
-    """A backend by name (``llama_cpp``, ``transformers``, ``openai``)."""
+    """A backend by name (``llama_cpp``, ``transformers``, ``openai``); checked first by :func:`check_backend`."""
+    check_backend(kind, model, base_url, local_only)
     if kind == "llama_cpp":
         return LlamaCppBackend(model)
     if kind == "transformers":
         return TransformersBackend(model, device=device)
-    if kind == "openai":
-        if not base_url:
-            raise ValueError("the openai backend needs a base URL (e.g. http://127.0.0.1:8000/v1)")
-        return OpenAIBackend(base_url, model or "default", timeout_s=timeout_s, retries=retries, local_only=local_only)
-    raise ValueError(f"unknown backend {kind!r}; valid: {list(BACKENDS)}")
+    return OpenAIBackend(base_url, model or "default", timeout_s=timeout_s, retries=retries, local_only=local_only)

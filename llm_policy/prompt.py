@@ -56,7 +56,7 @@ class PromptOptions:
     def __post_init__(self) -> None:
         scoped_names(["PTV"], self.action_scope)  # validates the scope
         if not (isinstance(self.memory_k, int) and 0 <= self.memory_k <= 20):
-            raise ValueError(f"memory_k = {self.memory_k!r} must be an integer in [0, 20]")
+            raise ValueError(f"memory_k (--memory-k) = {self.memory_k!r} must be an integer in [0, 20]")
         if not (isinstance(self.dvh_points, int) and 2 <= self.dvh_points <= DVH_POINTS):
             raise ValueError(f"dvh_points = {self.dvh_points!r} must be an integer in [2, {DVH_POINTS}]")
 

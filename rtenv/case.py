@@ -262,10 +262,12 @@ class PlanningCase:
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         """Check internal consistency; raises :class:`CaseFormatError` naming the problem."""
-        for attr in ("name", "site", "protocol"):
+        for attr in ("name", "protocol"):
             value = getattr(self, attr)
             if not isinstance(value, str) or not value.strip():
                 raise CaseFormatError(f"{attr} = {value!r} must be a non-empty string")
+        if not isinstance(self.site, str):  # may be empty: a protocol file need not name its disease site
+            raise CaseFormatError(f"site = {self.site!r} must be a string")
         n_grid = int(np.prod(self.grid_shape))
         rows = self.dose_rows
         if rows.ndim != 1 or rows.size == 0:

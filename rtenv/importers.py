@@ -36,7 +36,6 @@ the TPS, which normalises plans to the prescription.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import re
 import zlib
@@ -53,6 +52,7 @@ from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.dose_engine import BeamModel, Grid
 from rtenv.evaluation import Protocol, is_protocol_path
 from rtenv.phantom import Phantom
+from rtenv.runlog import read_json
 from rtenv.scenarios import Scenario, build_case
 from rtenv.validation import check_integer, check_real, is_integer, is_real
 
@@ -704,9 +704,9 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CaseFormatError(f"missing file {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CaseFormatError(f"{path} is not valid JSON ({exc})") from exc
+        return read_json(path, "PortPy JSON file")
+    except ValueError as exc:
+        raise CaseFormatError(str(exc)) from None
 
 
 def _need(meta: Mapping[str, Any], key: str, where: Path) -> Any:
@@ -983,12 +983,10 @@ def import_case(fmt: str, path: str | Path, **options: Any) -> PlanningCase:
         CaseFormatError: missing or malformed files, variables or fields (the message names them).
         ValueError: invalid options (unknown format or role, no single target, ...).
     """
-    key = fmt.lower().strip()
-    if key not in _LOADERS:
-        raise ValueError(f"unknown import format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    valid = import_options(fmt)
     if "protocol" not in options or not options["protocol"]:
         raise ValueError("import_case needs protocol= (a shipped protocol name or a JSON file path)")
-    valid = import_options(key)
+    key = fmt.lower().strip()
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"option(s) {unknown} do not apply to the {key} format; valid: {valid}")
@@ -1033,9 +1031,9 @@ def import_case_to_file(
     if structures is not None:
         opts["structures"] = parse_structure_map(structures)
     if beam_ids is not None:
-        ids = [b.strip() for b in beam_ids.split(",")]
-        if not all(b.lstrip("-").isdigit() for b in ids):
-            raise ValueError(f"bad beam IDs {beam_ids!r}: expected integers separated by commas")
-        opts["beam_ids"] = [int(b) for b in ids]
+        try:
+            opts["beam_ids"] = [int(b) for b in beam_ids.split(",")]  # int() takes surrounding blanks, not ''
+        except ValueError:
+            raise ValueError(f"bad beam IDs {beam_ids!r}: expected integers separated by commas") from None
     case = import_case(fmt, path, **opts)
     return case, case.save(out)

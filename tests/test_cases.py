@@ -146,6 +146,9 @@ def test_corrupt_and_mismatched_files(s1, tmp_path):
         with pytest.raises(CaseFormatError, match=message):
             PlanningCase.load(bad)
     assert zipfile.is_zipfile(good)
+    unnamed_site = tmp_path / "site.rtcase"  # a protocol file need not name its disease site
+    _rewrite(good, unnamed_site, lambda a: header(a, site=""))
+    assert PlanningCase.load(unnamed_site).site == ""
 
 
 def test_damaged_member_is_a_case_format_error(s1, tmp_path):

@@ -540,7 +540,8 @@ def test_import_case_to_file(tmp_path):
         with pytest.raises(ValueError, match=message):
             import_case_to_file("cort", folder, tmp_path / "q.rtcase", beams=beams, protocol="prostate9")
     with pytest.raises(ValueError, match=r"bad beam IDs '0,,1': expected integers"):  # checked before any reading
-        import_case_to_file("portpy", tmp_path / "nowhere", tmp_path / "q.rtcase", beam_ids="0,,1", protocol="prostate9")
+        import_case_to_file("portpy", tmp_path / "nowhere", tmp_path / "q.rtcase", beam_ids="0,,1",
+                            protocol="prostate9")
     assert not (tmp_path / "q.rtcase").exists()
     with pytest.raises(ValueError, match="needs protocol"):
         import_case("cort", folder, structures=CORT_MAP)

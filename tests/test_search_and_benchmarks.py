@@ -73,6 +73,10 @@ def test_benchmark_outputs_are_checked_before_the_timings(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*argv, "--json", str(tmp_path)])
         assert f"--json {tmp_path} is a folder; expected a file path" in capsys.readouterr().err
+    for main in (tps_speed.main, env_speed.main, calibration.main):
+        with pytest.raises(SystemExit):
+            main(["--json", ""])  # not the working folder
+        assert "--json is empty; give a file path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         all_benchmarks.main(["--quick", "--out", str(afile / "all")])
     assert f"--out {afile / 'all'} lies under {afile}, which is a file" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from benchmarks.table3 import LLMOptions, episode_specs, parse_policy, run_table3
+from llm_policy.backends import BackendError
 from rtenv.cli import main
 from rtenv.runlog import read_jsonl
 
@@ -143,13 +144,15 @@ def test_missing_models_and_bad_llm_settings_stop_the_run_before_any_episode(tmp
     kw = {"cases": 1, "max_steps": 1, "workers": 2, "progress": False, "figures": False}
     with pytest.raises(FileNotFoundError, match="no model file at /nonexistent/model.zip"):
         run_table3(["S1"], ["random", "acer:/nonexistent/model.zip"], out, **kw)
-    with pytest.raises(FileNotFoundError, match=r"policy 'llm:llama_cpp:/nonexistent.gguf:unguided': no model file"):
-        run_table3(["S1"], ["random", "llm:llama_cpp:/nonexistent.gguf:unguided"], out, **kw)
+    with pytest.raises(BackendError, match=r"policy 'llm:llama_cpp:/tmp:unguided': no GGUF model file at /tmp"):
+        run_table3(["S1"], ["random", "llm:llama_cpp:/tmp:unguided"], out, **kw)  # a folder is no GGUF file
     with pytest.raises(ValueError, match=r"unknown backend 'foo'; valid: \['llama_cpp', 'transformers', 'openai'\]"):
         run_table3(["S1"], ["random", "llm:foo:bar:unguided"], out, **kw)
-    with pytest.raises(ValueError, match="'llm:openai:m:unguided' needs --base-url"):
+    with pytest.raises(ValueError, match="'llm:openai:m:unguided': the openai backend needs a base URL"):
         run_table3(["S1"], ["llm:openai:m:unguided"], out, **kw)
-    with pytest.raises(ValueError, match=r"memory_k = -1 must be an integer in \[0, 20\]"):
+    with pytest.raises(ValueError, match="base_url 'localhost:8000' must be an http"):
+        run_table3(["S1"], ["llm:openai:m:unguided"], out, llm=LLMOptions(base_url="localhost:8000"), **kw)
+    with pytest.raises(ValueError, match=r"memory_k \(--memory-k\) = -1 must be an integer in \[0, 20\]"):
         LLMOptions(memory_k=-1)
     with pytest.raises(ValueError, match=r"action_scope 'priorities' is invalid"):
         LLMOptions(action_scope="priorities")
