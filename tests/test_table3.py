@@ -99,8 +99,10 @@ def test_resume_with_other_shared_settings_is_refused(tmp_path):
     assert len(read_jsonl(tmp_path / "results.jsonl")) == 1
     # a folder whose run finished no episode (it failed first) has nothing to mix: other settings go
     empty = tmp_path / "failed"
-    with pytest.raises(Exception, match="nonexistent"):
-        run_table3(["S1"], ["acer:/nonexistent/model.zip"], empty, knowledge="S1-acer", **kw)
+    broken = tmp_path / "broken.zip"  # there, so the run starts; its one episode fails loading it
+    broken.write_bytes(b"not a zip archive")
+    with pytest.raises(Exception, match="broken.zip"):
+        run_table3(["S1"], [f"acer:{broken}"], empty, knowledge="S1-acer", **kw)
     assert (empty / "run_settings.json").is_file() and not read_jsonl(empty / "results.jsonl")
     run_table3(["S1"], ["random"], empty, knowledge="S1-search", **kw)
     assert len(read_jsonl(empty / "results.jsonl")) == 1
