@@ -404,7 +404,7 @@ def explain_episode(model: BaseAlgorithm | BasePolicy | str, scenario: str = "S1
     if len(set(baselines)) != len(baselines):
         raise ValueError(f"baselines {list(baselines)} repeat a name")
     check_integer("seed", seed, 0)
-    check_integer("n_steps (IG quadrature nodes)", n_steps, 2)
+    check_integer("n_steps (--ig-steps, IG quadrature nodes)", n_steps, 2)
     model = _resolve_model(model, device)
     logits_net = ActionLogits(model)
     env = TPPTuningEnv(scenario, cohort=cohort, cases=[case], start=start, max_steps=max_steps, device=device)

@@ -328,9 +328,10 @@ class OpenAIBackend:
 
     def __post_init__(self) -> None:
         check_endpoint(self.base_url, self.local_only)
-        if not (self.timeout_s > 0 and self.retries >= 0 and self.backoff_s >= 0):
-            raise ValueError(f"timeout_s = {self.timeout_s!r} must be > 0, retries = {self.retries!r} and "
-                             f"backoff_s = {self.backoff_s!r} >= 0")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s (--timeout) = {self.timeout_s!r} must be > 0 seconds")
+        if not (self.retries >= 0 and self.backoff_s >= 0):
+            raise ValueError(f"retries = {self.retries!r} and backoff_s = {self.backoff_s!r} must be >= 0")
         self.url = self.base_url.rstrip("/") + "/chat/completions"
 
     def _format(self, mode: str, schema: dict[str, Any]) -> dict[str, Any] | None:

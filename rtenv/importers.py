@@ -182,7 +182,7 @@ def _resolve_protocol(protocol: str, prescription_gy: float | None, fractions: i
     """The protocol, Rx (Gy), fractions, and what the case stores: a shipped protocol's name, or a
     protocol file's absolute path (a relative one would break from any other working directory)."""
     proto = Protocol.load(protocol)
-    rx = check_real("prescription_gy", proto.prescription_gy if prescription_gy is None else prescription_gy,
+    rx = check_real("prescription_gy (--rx, Gy)", proto.prescription_gy if prescription_gy is None else prescription_gy,
                     0.0, low_inclusive=False)
     fx = check_integer("fractions", proto.fractions if fractions is None else fractions, 1)
     reference = str(Path(protocol).resolve()) if is_protocol_path(protocol) else str(protocol)

@@ -356,7 +356,7 @@ def test_matrad_malformed(tmp_path):
     for bad, message in (({"beams": [0, 360.0]}, r"beam 360.0 is requested twice"),
                          ({"beams": [float("nan")]}, "finite degrees"),
                          ({"beams": [0], "downsample": 2.7}, r"downsample = 2.7 must be an integer"),
-                         ({"beams": [0], "prescription_gy": float("inf")}, "prescription_gy = inf"),
+                         ({"beams": [0], "prescription_gy": float("inf")}, r"prescription_gy \(--rx, Gy\) = inf"),
                          ({"beams": [0], "fractions": 2.9}, r"fractions = 2.9 must be an integer")):
         with pytest.raises(ValueError, match=message):
             import_case("matrad", path, **good | bad)
