@@ -393,7 +393,7 @@ def _model_files(policies: Sequence[str], llm: LLMOptions) -> dict[str, Path]:
     first episode: a missing model, an unknown backend or an unusable ``--base-url`` raises
     (``FileNotFoundError``, ``ValueError`` or :class:`~llm_policy.backends.BackendError`, naming
     the policy)."""
-    from llm_policy.backends import BackendError, check_backend
+    from llm_policy.backends import check_backend
 
     files = {}
     for name in policies:
