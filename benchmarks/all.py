@@ -34,7 +34,7 @@ from rtenv.tps import resolve_device
 def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: bool = False) -> str:
     """Run (or resume) every benchmark; returns (and writes to ``out/summary.md``) the summary markdown."""
     out = check_output_path(out, "--out", "dir")
-    resolve_device(device)  # before anything is written to out
+    device = str(resolve_device(device))  # before anything is written to out; "cuda" is "cuda:0"
     settings = {"quick": quick, "device": device}
     settings_path, seconds_path = out / "settings.json", out / "seconds.json"
     if fresh and out.is_dir():

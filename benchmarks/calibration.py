@@ -62,7 +62,8 @@ def run(scenario: str, json_path: str | Path | None, budget: int, popsize: int, 
         device: str = "cpu") -> dict:
     json_path = None if json_path is None else check_output_path(json_path, "--json", "file")
     core = TuningCore(scenario, action_mode="continuous", cohort="test", scoring_mode="binary", device=device)
-    res: dict = {"scenario": scenario, "max_score": None, "budget": budget, "popsize": popsize, "device": device,
+    res: dict = {"scenario": scenario, "max_score": None, "budget": budget, "popsize": popsize,
+                 "device": str(core.device),
                  "paper_initial_mean_sd": PAPER_INITIAL[scenario][:2], "cases": []}
     if json_path is not None and json_path.is_file() and not fresh:
         previous = read_json(json_path, "calibration result (JSON)")

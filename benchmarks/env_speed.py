@@ -73,7 +73,8 @@ def vector_env_seconds(scenario: str, actions: np.ndarray, device: str) -> tuple
 
 def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path: str | Path | None,
         rounds: int = 3) -> dict:
-    """Both sides run identical episodes (vector sub-envs equal single envs step for step), in
+    """Both sides run identical episodes (vector sub-envs equal single envs step for step; on CUDA,
+    whose batched reductions need not round as the single ones do, float rounding may part them), in
     interleaved rounds (all single-env replays, then each vector env), so that a change in machine
     speed during the run hits both sides alike; figures are medians over rounds, each round's
     speedup comparing the vector env with the single-env replays of the same streams."""
@@ -85,7 +86,7 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     probe = TPPTuningEnv(scenario, device=device)
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
-    res: dict = {"scenario": scenario, "device": device, "torch_threads": torch.get_num_threads(),
+    res: dict = {"scenario": scenario, "device": str(probe.core.device), "torch_threads": torch.get_num_threads(),
                  "steps_per_env": calls, "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {},
                  "vector_tps": {}}
     single_rates, vector_rates = [], {n: [] for n in envs}

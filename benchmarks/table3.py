@@ -274,7 +274,9 @@ def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, wo
 
         ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True, **({} if ray_address else {"num_cpus": workers}))
-        remote = ray.remote(num_cpus=1)(run_episode_spec)
+        # a CUDA run asks Ray for a share of a GPU: a task without one may not see any
+        gpus = 1 / max(workers, 1) if device.startswith("cuda") else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus)(run_episode_spec)
         pending = [remote.remote(s, knowledge, llm, device) for s in todo]
 
         def arrivals() -> Iterator[Callable[[], dict[str, Any]]]:
@@ -317,6 +319,9 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     and figures under ``out``; returns the summary."""
     if workers is not None:
         check_integer("workers", workers, 1)
+    from rtenv.tps import resolve_device
+
+    device = str(resolve_device(device))  # an absent CUDA stops the run here, not in every episode
     out = check_output_path(out, "--out", "dir")
     llm = llm or LLMOptions()
     specs = episode_specs(scenarios, policies, cases, max_steps, seed)
@@ -328,7 +333,7 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
     with exclusive(out, "table3 run"):  # one run per folder: two would mix their settings and records
         path = out / "results.jsonl"
         done = {r["key"]: r for r in read_jsonl(path)}
-        _check_run_settings(out / "run_settings.json", knowledge, llm, models, resuming=bool(done))
+        _check_run_settings(out / "run_settings.json", knowledge, llm, models, device, resuming=bool(done))
         # starting state first: every policy's first episodes finish first (a cut run stays balanced)
         todo = sorted((s for s in specs if s.key not in done), key=lambda s: s.seed)
         workers = workers if workers is not None else min(os.cpu_count() or 1, max(len(todo), 1))
@@ -349,7 +354,8 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
         records = [done[s.key] for s in specs]
         summary = summarise(records)
         summary["command"] = {"scenarios": list(scenarios), "policies": list(policies), "cases": cases,
-                              "max_steps": max_steps, "seed": seed, "knowledge": knowledge, "llm": asdict(llm)}
+                              "max_steps": max_steps, "seed": seed, "knowledge": knowledge, "llm": asdict(llm),
+                              "device": device}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "table3.md").write_text(table_markdown(summary))
         if figures:
@@ -358,9 +364,10 @@ def run_table3(scenarios: Sequence[str], policies: Sequence[str], out: str | Pat
 
 
 def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, model_files: dict[str, Path],
-                        resuming: bool = True) -> None:
+                        device: str = "cpu", resuming: bool = True) -> None:
     """Episode keys name the policy, case, start, seed and budget, not the settings every
-    episode shares: the knowledge base (by content) and the LLM options, nor the model file behind
+    episode shares: the knowledge base (by content), the LLM options and the torch device (plans
+    on a GPU may part from CPU ones by float rounding), nor the model file behind
     a policy name (by content, see :func:`_model_files`). They are written beside the results, and
     a resume with other ones is refused rather than mixed in; a resume that adds policies adds
     their model files. Without finished episodes (``resuming`` False) the recorded settings are
@@ -369,7 +376,7 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, mode
 
     kb = None if knowledge is None else hashlib.sha256(
         json.dumps(load_knowledge(knowledge), sort_keys=True).encode()).hexdigest()
-    settings = {"knowledge_sha256": kb, "llm": asdict(llm)}
+    settings = {"knowledge_sha256": kb, "llm": asdict(llm), "device": device}
     models = {name: file_sha256(file) for name, file in model_files.items()}
     if path.is_file() and resuming:
         before = read_json(path, "Table 3 run settings file")

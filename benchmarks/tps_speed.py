@@ -13,7 +13,8 @@ Side by side in one run, on the scenario's default case (test cohort, case 0):
 (c) the frozen convex sub-problem (active sets and covered voxels fixed at our solution): our
     ADMM at the default settings and run to convergence, CVXPY + Clarabel, CVXPY + OSQP and scipy
     L-BFGS-B (coverage by an augmented Lagrangian; :mod:`rtenv.reference`), each timed once
-    (CVXPY imported beforehand), with objectives, statuses and the relative gap to Clarabel; and,
+    (CVXPY imported beforehand; on the CPU whatever ``--device``, as ``reference_device`` says),
+    with objectives, statuses and the relative gap to Clarabel; and,
     at matched accuracy, the time our ADMM needs to come within 1 % of Clarabel's objective
     (doubling the iteration count from 40 up to 5120; ``null`` if it does not get there), against
     the references that converged to within 1 % of it themselves;
@@ -21,7 +22,8 @@ Side by side in one run, on the scenario's default case (test cohort, case 0):
     D^T y product of the optimisation matrix), the same per CG step (each needs one product with
     D^T diag(a) D), and for every product the solver makes;
 (e) ``--scenario TG119`` only: pyRadPlan on the same phantom, beams and dose grid: its dose-influence
-    build and its own fluence optimisation (:data:`PYRADPLAN_OBJECTIVES`, its default solver),
+    build and its own fluence optimisation (:data:`PYRADPLAN_OBJECTIVES`, its default solver; both
+    on the CPU, ``pyradplan_device``),
     the plan scored with our protocol; and our ADMM on the case built from that same pyRadPlan
     matrix (rows restricted, truncated; :mod:`rtenv.tg119`).
 
@@ -66,7 +68,7 @@ def neighbour(tpp: TPP) -> TPP:
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the device timed, which need not be the current one
 
 
 def _once(fn, device: torch.device) -> tuple[float, object]:
@@ -175,6 +177,7 @@ def run(scenario: str, device: str, repeats: int, json_path: str | Path | None, 
             "reference_converged")
     for key in keys:
         res[key] = {}
+    res["reference_device"] = "cpu"  # CVXPY and scipy solve on the host, whatever device our ADMM uses
     for solver in ("clarabel", "osqp", "lbfgsb"):
         sol = solve_reference(sub, solver)
         for key, value in zip(keys, (1000 * sol.seconds, sol.objective, sol.coverage_violation, sol.status,
@@ -255,8 +258,8 @@ def pyradplan_stage(case, tpp: TPP, device: str, repeats: int) -> dict:
     sc = get_scenario("TG119")
     run_ = run_pyradplan(sc)
     M = run_.dij.physical_dose.flat[0]
-    out: dict = {"dij_ms": 1000 * run_.seconds, "voxels": int(M.shape[0]), "beamlets": int(M.shape[1]),
-                 "nnz": int(M.nnz), "objectives": [list(o) for o in PYRADPLAN_OBJECTIVES],
+    out: dict = {"pyradplan_device": "cpu", "dij_ms": 1000 * run_.seconds, "voxels": int(M.shape[0]),
+                 "beamlets": int(M.shape[1]), "nnz": int(M.nnz), "objectives": [list(o) for o in PYRADPLAN_OBJECTIVES],
                  "available_solvers": list(get_available_solvers())}
     by_name = {v.name: v for v in run_.cst.vois}
     for name, cls, priority, dose_gy in PYRADPLAN_OBJECTIVES:
@@ -307,7 +310,8 @@ def table(res: dict) -> str:
     for b, ms in res["batch_ms_per_plan"].items():
         lines.append(f"ADMM batched B={b:<3}         {ms:9.2f} ms/plan  ({res['batch_speedup'][b]:.1f}x)")
     lines.append("")
-    lines.append("frozen convex sub-problem      time (ms)   objective    gap vs Clarabel")
+    lines.append(f"frozen convex sub-problem      time (ms)   objective    gap vs Clarabel"
+                 f"  (references on {res['reference_device']})")
     lines.append(f"  ADMM, default settings     {res['admm_frozen_ms']:10.2f}   {res['admm_frozen_objective']:.4e}"
                  f"   {100 * res['objective_gap']:+.2f} %")
     lines.append(f"  ADMM, 1000 iterations      {res['admm_frozen_1000_ms']:10.2f}   "
@@ -333,7 +337,8 @@ def table(res: dict) -> str:
                  f"{res['sparse_products_per_iteration']:.2f} products/iteration)")
     if "pyradplan" in res:
         p = res["pyradplan"]
-        lines += ["", f"pyRadPlan on TG119 ({p['voxels']:,} voxels x {p['beamlets']} beamlets, nnz {p['nnz']:,})",
+        lines += ["", f"pyRadPlan on TG119 ({p['voxels']:,} voxels x {p['beamlets']} beamlets, nnz {p['nnz']:,}; "
+                      f"pyRadPlan on {p['pyradplan_device']})",
                   f"  pyRadPlan dose influence   {p['dij_ms']:10.1f} ms",
                   f"  pyRadPlan fluence opt.     {p['optimisation_ms']:10.1f} ms  (score {p['score']:.2f}; "
                   f"our ADMM on its matrix {p['optimisation_ms'] / p['admm_ms']:.0f}x faster, other objectives)",

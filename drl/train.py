@@ -35,6 +35,7 @@ from rtenv.case import PlanningCase
 from rtenv.env import OWN_COHORT, own_cases
 from rtenv.runlog import write_atomic
 from rtenv.sb3 import make_sb3_vec_env
+from rtenv.tps import resolve_device
 from rtenv.validation import check_integer
 
 
@@ -354,8 +355,11 @@ def policy_file(spec: str) -> Path:
     return file
 
 
-def load_policy(spec: str, device: str = "cpu") -> BaseAlgorithm:
-    """Load an SB3 model from ``ALGO:PATH``, or a shipped one from ``acer:NAME`` (``acer:default``)."""
+def load_policy(spec: str, device: str | torch.device = "cpu") -> BaseAlgorithm:
+    """Load an SB3 model from ``ALGO:PATH``, or a shipped one from ``acer:NAME`` (``acer:default``),
+    onto ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; an absent CUDA raises ``ValueError``
+    rather than SB3's silent fall-back to the CPU)."""
+    device = resolve_device(device)
     file = policy_file(spec)
     algo = spec.partition(":")[0]
     try:

@@ -187,19 +187,22 @@ def knowledge_table(kb: dict[str, Any]) -> str:
 
 def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", generations: int = 20,
                             popsize: int = 8, seed: int = 0, cases: int | Sequence[PlanningCase] | None = None,
-                            log: RunLog | None = None) -> tuple[dict[str, Any], list[EpisodeRecord]]:
+                            log: RunLog | None = None, device: str = "cpu",
+                            ) -> tuple[dict[str, Any], list[EpisodeRecord]]:
     """The knowledge base of CMA-ES (:func:`rtenv.search.search_episode`) from the SPEC default
     TPPs on every case of ``cohort`` (or its first ``cases``, or your own ``cases``: a sequence of
     :class:`~rtenv.case.PlanningCase` with the scenario's structures, recorded as cohort
     ``"own"``); returns it and the episode records. A ``log`` keeps each finished case's record
-    and skips those already there (as in :func:`rtenv.rollout.evaluate_cohort`)."""
+    and skips those already there (as in :func:`rtenv.rollout.evaluate_cohort`); ``device`` is the
+    TPS's torch device."""
     from rtenv.env import TuningCore
     from rtenv.scenarios import cohort_size
     from rtenv.search import search_episode
     from rtenv.tpp import TPP
 
     # own cases replace the cohort (the core's cohort is then "own")
-    core = TuningCore(scenario, action_mode="continuous", cohort=cohort, cases=cases or cohort_size(scenario, cohort))
+    core = TuningCore(scenario, action_mode="continuous", cohort=cohort, cases=cases or cohort_size(scenario, cohort),
+                      device=device)
     cohort, n = core.cohort, len(core.case_indices)
     start = TPP.default(core.structures).values
     records = logged_episodes(
@@ -213,14 +216,15 @@ def export_search_knowledge(scenario: str = "S1", cohort: str = "knowledge", gen
 def export_knowledge(policy: Policy, policy_name: str, scenario: str = "S1", cohort: str = "knowledge",
                      start: str = "default", max_steps: int = 20, seed: int = 0,
                      log: RunLog | None = None, cases: Sequence[PlanningCase] | None = None,
-                     ) -> tuple[dict[str, Any], dict]:
+                     device: str = "cpu") -> tuple[dict[str, Any], dict]:
     """Run ``policy`` on every case of ``cohort`` (or on your own ``cases``, a sequence of
     :class:`~rtenv.case.PlanningCase` with the scenario's structures, recorded as cohort
     ``"own"``; the base keeps no case name) and build the knowledge base of its full-score plans;
     returns the knowledge base and the evaluation summary. A ``log`` makes the run resumable
-    (:func:`rtenv.rollout.evaluate_cohort`)."""
+    (:func:`rtenv.rollout.evaluate_cohort`); ``device`` is the TPS's torch device (the policy's
+    is the caller's)."""
     summary = evaluate_cohort(policy, scenario, cohort=cohort, cases=cases, start=start, max_steps=max_steps,
-                              seed=seed, log=log)
+                              seed=seed, log=log, device=device)
     cohort = summary["cohort"]
     records = [EpisodeRecord(**c) for c in summary["cases"]]
     kb = build_knowledge(records, {"policy": policy_name, "scenario": scenario, "cohort": cohort, "start": start,

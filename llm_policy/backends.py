@@ -129,7 +129,8 @@ class LlamaCppBackend:
         model_path: GGUF file; ``None``: :func:`default_model_path`.
         n_ctx: Context length (tokens).
         n_threads: CPU threads (``None``: all cores).
-        n_gpu_layers: Layers offloaded to a GPU when llama.cpp was built with one (0: CPU only).
+        n_gpu_layers: Layers offloaded to a GPU when llama.cpp was built with one (0: CPU only;
+            -1: all). Asked for in a build without GPU offload, it warns and runs on the CPU.
         bounded: Compile schemas to the bound-enforcing grammar of :mod:`llm_policy.grammar`
             (``False``: llama.cpp's JSON-schema mode, which fixes keys and types only).
     """
@@ -143,6 +144,9 @@ class LlamaCppBackend:
         except ImportError as exc:
             raise BackendError('llama_cpp backend needs llama-cpp-python: pip install "rtenv[llamacpp]"') from exc
         self.model_path = local_model_path("llama_cpp", model_path)
+        if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+            warnings.warn(f"n_gpu_layers = {n_gpu_layers}, but this llama-cpp-python was built without GPU offload; "
+                          "the model runs on the CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on)", stacklevel=2)
         t0 = time.perf_counter()
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
@@ -203,7 +207,7 @@ class TransformersBackend:
     Args:
         model: A model directory, or a ``.gguf`` file (loaded with ``gguf_file=``; needs the
             ``gguf`` package); ``None``: :func:`default_model_path`.
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         constrained: Use an xgrammar JSON-schema logits processor (``None``: when xgrammar imports;
             ``True`` raises :class:`BackendError` when it does not).
     """
@@ -211,6 +215,9 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str | Path | None = None, device: str = "cpu", constrained: bool | None = None) -> None:
+        from rtenv.tps import resolve_device  # torch: imported where it is needed (the CLI parser stays cheap)
+
+        device = resolve_device(device)
         try:
             import transformers
         except ImportError as exc:
@@ -276,8 +283,13 @@ class TransformersBackend:
                                   "pad_token_id": self.tokenizer.eos_token_id}
         if sample:
             gen_kw.update(temperature=temperature, top_p=1.0, top_k=0)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
+        # sampling draws from the generator of the model's device: seed it alone, and hand the
+        # caller's random state back afterwards
+        on_gpu = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=on_gpu), torch.no_grad():
+            torch.random.default_generator.manual_seed(seed)
+            for dev in on_gpu:
+                torch.cuda.default_generators[dev.index].manual_seed(seed)
             out = self.model_obj.generate(ids, attention_mask=enc["attention_mask"].to(self.device),
                                           logits_processor=processors, **gen_kw)
         new = out[0, ids.shape[1]:]
@@ -464,10 +476,16 @@ def check_backend(kind: str, model: str | None = None, base_url: str | None = No
 
 def make_backend(kind: str, model: str | None = None, base_url: str | None = None, device: str = "cpu",
                  local_only: bool = False, timeout_s: float = 60.0, retries: int = 2) -> LLMBackend:
-    """A backend by name (``llama_cpp``, ``transformers``, ``openai``); checked first by :func:`check_backend`."""
+    """A backend by name (``llama_cpp``, ``transformers``, ``openai``); checked first by :func:`check_backend`.
+    ``device`` places a local model: transformers moves it there, llama.cpp offloads every layer
+    to the GPU when it is a CUDA device (and warns if its build cannot); an openai server places
+    its own."""
+    from rtenv.tps import resolve_device
+
     check_backend(kind, model, base_url, local_only)
+    gpu = resolve_device(device).type == "cuda"
     if kind == "llama_cpp":
-        return LlamaCppBackend(model)
+        return LlamaCppBackend(model, n_gpu_layers=-1 if gpu else 0)
     if kind == "transformers":
         return TransformersBackend(model, device=device)
     return OpenAIBackend(base_url, model or "default", timeout_s=timeout_s, retries=retries, local_only=local_only)

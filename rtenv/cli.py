@@ -307,20 +307,21 @@ def _knowledge(args: argparse.Namespace) -> int:
 
     if args.knowledge_command == "export":
         own = _case_files(args)
-        log = _run_log(args.out, args, ("policy", "scenario", "cohort", "max_steps", "seed"))
+        log = _run_log(args.out, args, ("policy", "scenario", "cohort", "max_steps", "seed", "device"))
         if args.policy == "search":
             from knowledge_extraction.knowledge import export_search_knowledge
 
             kb, records = export_search_knowledge(args.scenario, args.cohort, generations=args.max_steps,
-                                                  seed=args.seed, log=log, cases=own)
+                                                  seed=args.seed, log=log, cases=own, device=args.device)
             rate = sum(r.full_score for r in records) / len(records)
         else:
             from drl.train import load_policy
             from drl.transfer import policy_for_scenario  # as `rtenv evaluate`: S1 planners act on S2/S3
 
-            policy = policy_for_scenario(load_policy(args.policy), args.scenario)
+            policy = policy_for_scenario(load_policy(args.policy, device=args.device), args.scenario)
             kb, summary = export_knowledge(policy, args.policy, args.scenario, args.cohort,
-                                           max_steps=args.max_steps, seed=args.seed, log=log, cases=own)
+                                           max_steps=args.max_steps, seed=args.seed, log=log, cases=own,
+                                           device=args.device)
             rate = summary["full_score_rate"]
         save_knowledge(kb, args.out)
         log.remove()
@@ -517,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-steps", type=int, default=20,
                     help="env steps per episode; with --policy search, CMA-ES generations of 8 plans (default 20)")
     ex.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i (default 0)")
+    ex.add_argument("--device", default="cpu", help="torch device of the policy and the TPS (default cpu)")
     ex.add_argument("--out", required=True, help="knowledge-base JSON to write (each finished episode goes to "
                     "OUT.partial.jsonl first, so an interrupted run resumes)")
     ex.set_defaults(func=_knowledge, outputs=(("out", "file"),))
@@ -558,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--temperature", type=float, default=0.4,
                     help="sampling temperature in [0, 2] (default 0.4, DOLA's best)")
     lp.add_argument("--seed", type=int, default=0, help="seed of the episode and the sampler (default 0)")
-    lp.add_argument("--device", default="cpu", help="torch device of the TPS (and the transformers model)")
+    lp.add_argument("--device", default="cpu",
+                    help="torch device of the TPS and of a local LLM (llama.cpp on cuda offloads every layer; "
+                         "default cpu)")
     lp.add_argument("--out", required=True, help="output folder: transcript.jsonl, summary.json, PNGs")
     lp.set_defaults(func=_llm_plan, outputs=(("out", "dir"),))
     return parser
@@ -575,7 +579,7 @@ def _check_common(args: argparse.Namespace) -> None:
     if getattr(args, "seed", None) is not None and args.seed < 0:
         raise ValueError(f"--seed {args.seed} must be an integer >= 0")
     if getattr(args, "device", None) is not None:
-        resolve_device(args.device)
+        args.device = str(resolve_device(args.device))  # one name per device in run logs: "cuda" is "cuda:0"
     for attr, kind in getattr(args, "outputs", ()):
         value = getattr(args, attr)
         if value is None:

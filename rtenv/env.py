@@ -24,7 +24,7 @@ from rtenv.case import PlanningCase
 from rtenv.evaluation import SCORE_MODES, ProtocolResult, criterion_score, dvh_of_sorted, score_plan
 from rtenv.scenarios import check_case_for_scenario, cohort_size, get_scenario, load_case
 from rtenv.tpp import RANGES, TPP, tpp_kinds, tpp_names
-from rtenv.tps import TPS, ADMMSettings
+from rtenv.tps import TPS, ADMMSettings, resolve_device
 from rtenv.validation import check_integer, is_integer
 
 DVH_POINTS = 100
@@ -181,7 +181,7 @@ class TuningCore:
         if outside:
             hi = "inf" if size is None else size - 1
             raise ValueError(f"case indices {outside} are outside the range [0, {hi}] of cohort {self.cohort!r}")
-        self.device, self.tps_settings = device, tps_settings
+        self.device, self.tps_settings = resolve_device(device), tps_settings  # an absent CUDA raises here
         self.names = tpp_names(self.structures)
         self.n_tpp = len(self.names)
         self._recent: OrderedDict[tuple[str, int], TPS] = OrderedDict()  # least recently used first

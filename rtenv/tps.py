@@ -238,7 +238,9 @@ def _check_fluence(x: np.ndarray, name: str) -> None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (cpu); raises if CUDA is asked for but absent."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (cpu) as a ``torch.device``; raises
+    ``ValueError`` if CUDA is asked for but absent. ``"cuda"`` comes back with the current
+    device's index (``cuda:0``), so that one GPU has one name in caches and run settings."""
     try:
         dev = torch.device("cpu" if device is None else device)
     except RuntimeError:
@@ -249,6 +251,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {str(dev)!r} does not exist; valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -238,10 +238,32 @@ def test_bad_numbers_and_model_files_are_clean_errors(capsys, tmp_path):
                                   (env_speed, ["--envs", "0"], r"env counts (--envs) [0]"),
                                   (env_speed, ["--envs", "x"], "comma-separated integers"),
                                   (env_speed, ["--steps", "0"], "calls (--steps) = 0"),
-                                  (tps_speed, ["--device", "cuda:7"], "device 'cuda:7'")):
+                                  (tps_speed, ["--device", "cuda:7"], "device 'cuda:7'"),
+                                  (table3, ["--device", "cuda:7", "--out", str(tmp_path / "t3")], "device 'cuda:7'")):
         with pytest.raises(SystemExit) as exit_info:
             module.main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "t3").exists()
+
+
+def test_an_absent_gpu_is_refused_by_every_layer_before_any_work(tmp_path):
+    # SB3 alone would fall back to the CPU without a word; every rtenv entry point refuses instead
+    import torch
+
+    from benchmarks.table3 import run_table3
+    from drl.train import load_policy
+    from knowledge_extraction.knowledge import export_search_knowledge
+    from llm_policy.backends import make_backend
+    from rtenv.env import TPPTuningEnv
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for make in (lambda: TPPTuningEnv("S1", device="cuda"), lambda: load_policy("acer:default", device="cuda"),
+                 lambda: make_backend("llama_cpp", device="cuda"), lambda: make_backend("transformers", device="cuda"),
+                 lambda: export_search_knowledge("S1", cases=1, generations=1, device="cuda"),
+                 lambda: run_table3(["S1"], ["random"], tmp_path / "t3", device="cuda", progress=False)):
+        with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
+            make()
     assert not (tmp_path / "t3").exists()
 
 

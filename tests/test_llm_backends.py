@@ -140,6 +140,16 @@ def test_llama_cpp_schema_mode_enforces_keys_not_bounds():
     assert c.mode == "json_object_schema" and isinstance(c.parsed, dict) and set(c.parsed) == set(proposal_bounds(S1))
 
 
+def test_gpu_offload_asked_of_a_cpu_build_warns_and_runs_on_the_cpu():
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build offloads to a GPU")
+    with pytest.warns(UserWarning, match="built without GPU offload; the model runs on the CPU"):
+        backend = LlamaCppBackend(n_ctx=512, n_gpu_layers=-1)
+    assert backend.complete([{"role": "user", "content": "Say OK."}], seed=0, max_tokens=4).completion_tokens >= 1
+
+
 def test_unconstrained_answers_go_through_repair_and_never_crash(llama):
     env = s1_env(1)
     policy = LLMPolicy.for_env(env, llama, options=PromptOptions(guidance=False, chain_of_thought=True),
@@ -152,10 +162,14 @@ def test_unconstrained_answers_go_through_repair_and_never_crash(llama):
 
 
 def test_transformers_backend_with_xgrammar_respects_bounds():
+    import torch
+
     backend = TransformersBackend()
     env = s1_env(1)
     policy = LLMPolicy.for_env(env, backend, options=PromptOptions(guidance=False), repair_retries=0)
+    before = torch.get_rng_state()
     res = plan_episode(env, policy, seed=0, options={"index": 0})
+    assert torch.equal(torch.get_rng_state(), before)  # sampling is seeded per call; the caller's state is kept
     assert policy.log[0].responses[0]["mode"] == "grammar"
     assert res.valid_first_rate == 1.0  # xgrammar enforces numeric bounds, so the first answer is valid
 

@@ -113,6 +113,7 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     assert to1["iterations"] in [40 * 2 ** k for k in range(8)]
     assert (to1["objective_gap"] <= 0.01) == (at1 is not None) and (at1 is not None or to1["iterations"] == 5120)
     assert set(res["reference_status"]) == {"clarabel", "osqp", "lbfgsb"} and res["reference_converged"]["clarabel"]
+    assert res["device"] == "cpu" and res["reference_device"] == "cpu"
     for s in at1 or {}:  # matched accuracy only against references that are accurate themselves
         assert res["reference_converged"][s] and res["objective_gap_reference"][s] <= 0.01
     # warm start from the plan one step away (t_PTV up) needs fewer iterations than cold for the defaults

@@ -280,6 +280,27 @@ def test_reference_solvers_agree_and_report_status(small_case):
             solve_reference(sub, "lbfgsb", **bad)
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (skipped on CPU-only machines)")
+def test_cuda_plans_agree_with_cpu_and_keep_coverage(s1):
+    # run where a GPU is lent: the CUDA path (cuSPARSE products, GPU reductions and sort) makes
+    # the CPU's plans up to float rounding, and its Gy dose keeps D95 >= Rx when the fluence is
+    # dosed again on the host (the coverage headroom was measured on the CPU)
+    rng = np.random.default_rng(0)
+    tpps = [TPP.default(s1.structure_names), tuned(s1)] + [TPP.random(s1.structure_names, rng) for _ in range(2)]
+    cpu = TPS(s1).optimize(tpps)
+    gpu_tps = TPS(s1, device="cuda")
+    assert str(gpu_tps.device).startswith("cuda:")  # "cuda" names the current GPU by its index
+    gpu = gpu_tps.optimize(tpps)
+    assert gpu.device.startswith("cuda")
+    rx = s1.prescription_gy
+    for b in range(len(tpps)):
+        assert dose_at_volume_percent(s1.dose(gpu.fluence[b])[s1.target.rows], 95) >= rx
+        assert np.abs(gpu.dose[b] - cpu.dose[b]).mean() <= 0.01 * rx
+    # batched and single CUDA solves agree to float tolerance (bitwise equality is a CPU claim)
+    one = gpu_tps.optimize(tpps[0])
+    np.testing.assert_allclose(one.dose[0], gpu.dose[0], atol=1e-3 * rx)
+
+
 def test_plan_is_rescaled_to_exact_d95(s1):
     rng = np.random.default_rng(0)
     tpps = [TPP.default(s1.structure_names), tuned(s1)] + [TPP.random(s1.structure_names, rng) for _ in range(14)]
