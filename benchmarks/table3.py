@@ -243,7 +243,7 @@ def _step_policy(pol: dict[str, Any], env, kb, llm: LLMOptions, spec: EpisodeSpe
     from llm_policy.policy import LLMPolicy
     from llm_policy.prompt import PromptOptions
 
-    backend = _cached(("llm", pol["backend"], pol["model"], llm.base_url),
+    backend = _cached(("llm", pol["backend"], pol["model"], llm.base_url, device),
                       lambda: make_backend(pol["backend"], model=pol["model"], base_url=llm.base_url, device=device))
     return LLMPolicy.for_env(env, backend, knowledge=kb, temperature=llm.temperature, seed=spec.seed,
                              options=PromptOptions(guidance=pol["guided"], memory_k=llm.memory_k,
@@ -272,10 +272,20 @@ def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, wo
     if ray_address is not False:
         import ray
 
+        local: dict[str, Any] = {"num_cpus": workers}
+        if device.startswith("cuda"):  # torch's GPU count (Ray's own needs NVML)
+            import torch
+
+            local["num_gpus"] = torch.cuda.device_count()
         ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, **({} if ray_address else {"num_cpus": workers}))
-        # a CUDA run asks Ray for a share of a GPU: a task without one may not see any
-        gpus = 1 / max(workers, 1) if device.startswith("cuda") else 0
+                 ignore_reinit_error=True, **({} if ray_address else local))
+        gpus = 0
+        if device.startswith("cuda"):
+            # each task asks for a share of a GPU, so that Ray places it on a node with one and
+            # packs `workers` tasks per GPU; Ray shows a task only its GPU, as "cuda"
+            if not ray.cluster_resources().get("GPU", 0):
+                raise ValueError(f"--device {device}: the Ray cluster has no GPU (its tasks would wait for ever)")
+            gpus, device = 1 / max(workers, 1), "cuda"
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(run_episode_spec)
         pending = [remote.remote(s, knowledge, llm, device) for s in todo]
 
@@ -380,6 +390,7 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, mode
     models = {name: file_sha256(file) for name, file in model_files.items()}
     if path.is_file() and resuming:
         before = read_json(path, "Table 3 run settings file")
+        before.setdefault("device", "cpu")  # runs before the device was recorded were CPU runs
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise ValueError(f"{path.parent} holds episodes run with other {', '.join(changed)} "

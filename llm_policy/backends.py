@@ -131,6 +131,7 @@ class LlamaCppBackend:
         n_threads: CPU threads (``None``: all cores).
         n_gpu_layers: Layers offloaded to a GPU when llama.cpp was built with one (0: CPU only;
             -1: all). Asked for in a build without GPU offload, it warns and runs on the CPU.
+        main_gpu: The GPU (CUDA index) that holds the offloaded layers, all of them on it.
         bounded: Compile schemas to the bound-enforcing grammar of :mod:`llm_policy.grammar`
             (``False``: llama.cpp's JSON-schema mode, which fixes keys and types only).
     """
@@ -138,19 +139,22 @@ class LlamaCppBackend:
     name = "llama_cpp"
 
     def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, bounded: bool = True) -> None:
+                 n_gpu_layers: int = 0, main_gpu: int = 0, bounded: bool = True) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
             raise BackendError('llama_cpp backend needs llama-cpp-python: pip install "rtenv[llamacpp]"') from exc
         self.model_path = local_model_path("llama_cpp", model_path)
+        gpu: dict[str, Any] = {}
         if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
             warnings.warn(f"n_gpu_layers = {n_gpu_layers}, but this llama-cpp-python was built without GPU offload; "
                           "the model runs on the CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on)", stacklevel=2)
+        elif n_gpu_layers != 0:  # the whole model on one GPU (by default llama.cpp spreads layers over all)
+            gpu = {"n_gpu_layers": n_gpu_layers, "split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": main_gpu}
         t0 = time.perf_counter()
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
-                                        n_threads=n_threads or os.cpu_count(), n_gpu_layers=n_gpu_layers, verbose=False)
+                                        n_threads=n_threads or os.cpu_count(), verbose=False, **gpu)
         except ValueError as exc:  # llama.cpp could not load the file
             raise BackendError(f"llama.cpp could not load the GGUF model {self.model_path} ({exc})") from exc
         self.load_seconds = time.perf_counter() - t0
@@ -483,9 +487,9 @@ def make_backend(kind: str, model: str | None = None, base_url: str | None = Non
     from rtenv.tps import resolve_device
 
     check_backend(kind, model, base_url, local_only)
-    gpu = resolve_device(device).type == "cuda"
     if kind == "llama_cpp":
-        return LlamaCppBackend(model, n_gpu_layers=-1 if gpu else 0)
+        dev = resolve_device(device)
+        return LlamaCppBackend(model, n_gpu_layers=-1 if dev.type == "cuda" else 0, main_gpu=dev.index or 0)
     if kind == "transformers":
         return TransformersBackend(model, device=device)
     return OpenAIBackend(base_url, model or "default", timeout_s=timeout_s, retries=retries, local_only=local_only)

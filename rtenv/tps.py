@@ -239,20 +239,28 @@ def _check_fluence(x: np.ndarray, name: str) -> None:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (cpu) as a ``torch.device``; raises
-    ``ValueError`` if CUDA is asked for but absent. ``"cuda"`` comes back with the current
-    device's index (``cuda:0``), so that one GPU has one name in caches and run settings."""
+    ``ValueError`` if CUDA is asked for but absent. Each device comes back under one name, for
+    caches and run settings: ``"cpu:0"`` as ``cpu``, ``"cuda"`` with the current GPU's index
+    (``cuda:0`` unless the process chose another).
+
+    The check counts GPUs through NVML where it can, without initialising CUDA, so an env built
+    in a process that then forks its workers (gymnasium's ``AsyncVectorEnv``) leaves them able
+    to use CUDA."""
     try:
         dev = torch.device("cpu" if device is None else device)
     except RuntimeError:
         raise ValueError(f"device {device!r} is not a device; valid: 'cpu', 'cuda', 'cuda:N'") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(dev)!r} is not supported; valid: 'cpu', 'cuda', 'cuda:N'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()  # 0 on a CPU-only build of torch
+    if count == 0:
         raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(dev)!r} does not exist; valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {str(dev)!r} does not exist; valid: cuda:0 .. cuda:{count - 1}")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     return dev
 
 

@@ -157,6 +157,7 @@ def test_cuda_request_without_gpu_is_a_clear_error(s1):
             TPS(s1, device=device)
     with pytest.raises(ValueError, match="'mps' is not supported"):
         TPS(s1, device="mps")
+    assert str(TPS(s1, device="cpu:0").device) == "cpu"  # one name per device (caches, run settings)
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="CUDA is not available"):
@@ -280,7 +281,7 @@ def test_reference_solvers_agree_and_report_status(small_case):
             solve_reference(sub, "lbfgsb", **bad)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (skipped on CPU-only machines)")
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (skipped without one)")
 def test_cuda_plans_agree_with_cpu_and_keep_coverage(s1):
     # run where a GPU is lent: the CUDA path (cuSPARSE products, GPU reductions and sort) makes
     # the CPU's plans up to float rounding, and its Gy dose keeps D95 >= Rx when the fluence is
