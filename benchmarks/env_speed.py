@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.machine import device_name, speedup_spread
 from rtenv.env import TPPTuningEnv, TPPTuningVectorEnv
 from rtenv.runlog import check_output_path
 from rtenv.scenarios import SCENARIOS
@@ -86,9 +87,9 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     probe = TPPTuningEnv(scenario, device=device)
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
-    res: dict = {"scenario": scenario, "device": str(probe.core.device), "torch_threads": torch.get_num_threads(),
-                 "steps_per_env": calls, "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {},
-                 "vector_tps": {}}
+    res: dict = {"scenario": scenario, "device": str(probe.core.device), "device_name": device_name(probe.core.device),
+                 "torch_threads": torch.get_num_threads(), "steps_per_env": calls, "rounds": rounds,
+                 "vector_steps_per_s": {}, "vector_speedup": {}, "vector_speedup_rounds": {}, "vector_tps": {}}
     single_rates, vector_rates = [], {n: [] for n in envs}
     speedups: dict[int, list[float]] = {n: [] for n in envs}
     for _ in range(rounds):
@@ -104,6 +105,7 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
         for n in envs:
             res["vector_steps_per_s"][str(n)] = statistics.median(vector_rates[n])
             res["vector_speedup"][str(n)] = statistics.median(speedups[n])
+            res["vector_speedup_rounds"][str(n)] = speedups[n]
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(res, indent=2))
@@ -127,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         res = run(args.scenario, envs, args.steps, args.device, args.json, args.rounds)
     except ValueError as e:  # counts out of range (checked before the timings), an unusable --json path
         p.error(str(e))
-    print(f"env speed {res['scenario']} on {res['device']}: single env {res['single_steps_per_s']:.1f} steps/s "
+    print(f"env speed {res['scenario']} on {res['device']} ({res['device_name']}): "
+          f"single env {res['single_steps_per_s']:.1f} steps/s "
           f"({res['steps_per_env']} steps of each of {max(map(int, res['vector_steps_per_s']))} episode streams)")
     for n, sps in res["vector_steps_per_s"].items():
         tps = res["vector_tps"][n]
-        print(f"  vector env, {n:>3} envs: {sps:8.1f} steps/s  ({res['vector_speedup'][n]:.1f}x); its TPS solves: "
+        print(f"  vector env, {n:>3} envs: {sps:8.1f} steps/s  ({res['vector_speedup'][n]:.1f}x"
+              f"{speedup_spread(res['vector_speedup_rounds'][n])}); its TPS solves: "
               f"{tps['working_set']:.1f} plans per batched iteration, {tps['iterations_mean']:.1f} iterations "
               f"per plan, {100 * tps['converged_fraction']:.0f} % converged")
     return 0

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.machine import cpu_model, device_name, speedup_spread
 from rtenv.env import ACTION_FACTORS
 from rtenv.reference import import_cvxpy, solve_reference
 from rtenv.runlog import check_output_path
@@ -117,8 +118,8 @@ def run(scenario: str, device: str, repeats: int, json_path: str | Path | None, 
     tpp = benchmark_tpp(tuple(case.structure_names))
     res: dict = {
         "scenario": scenario, "case": case.name, "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(), "beamlets": case.n_beamlets, "opt_voxels": tps.n_opt,
+        "device_name": device_name(dev), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "beamlets": case.n_beamlets, "opt_voxels": tps.n_opt,
         "nnz_opt": int(tps._D.values().numel()), "tpp": tpp.to_dict(), "settings": vars(tps.settings).copy(),
     }
 
@@ -163,11 +164,12 @@ def run(scenario: str, device: str, repeats: int, json_path: str | Path | None, 
             batch_rounds[b].append(_once(lambda b=b: tps.optimize(pool[:b]), dev)[0])
     res["batch_rounds"] = rounds
     res["single_ms_per_plan"] = statistics.median(statistics.mean(s) for s in single_rounds)
-    res["batch_ms_per_plan"], res["batch_speedup"] = {}, {}
+    res["batch_ms_per_plan"], res["batch_speedup"], res["batch_speedup_rounds"] = {}, {}, {}
     for b in batches:
         res["batch_ms_per_plan"][str(b)] = statistics.median(batch_rounds[b]) / b
-        res["batch_speedup"][str(b)] = statistics.median(
-            sum(s[:b]) / ms for s, ms in zip(single_rounds, batch_rounds[b], strict=True))
+        ratios = [sum(s[:b]) / ms for s, ms in zip(single_rounds, batch_rounds[b], strict=True)]
+        res["batch_speedup_rounds"][str(b)] = ratios
+        res["batch_speedup"][str(b)] = statistics.median(ratios)
     save()
 
     # (c) the frozen convex sub-problem
@@ -308,7 +310,8 @@ def table(res: dict) -> str:
                  f"(objective {100 * res['admm_precond_every_10_objective_change']:+.1f} % vs default)")
     lines.append(f"ADMM one by one (random)    {res['single_ms_per_plan']:9.2f} ms/plan")
     for b, ms in res["batch_ms_per_plan"].items():
-        lines.append(f"ADMM batched B={b:<3}         {ms:9.2f} ms/plan  ({res['batch_speedup'][b]:.1f}x)")
+        lines.append(f"ADMM batched B={b:<3}         {ms:9.2f} ms/plan  ({res['batch_speedup'][b]:.1f}x"
+                     f"{speedup_spread(res.get('batch_speedup_rounds', {}).get(b, []))})")
     lines.append("")
     # (a JSON from before the stages' devices were recorded: its references ran on the CPU too)
     lines.append(f"frozen convex sub-problem      time (ms)   objective    gap vs Clarabel"

@@ -1,11 +1,14 @@
 """The CMA-ES search baseline, and the benchmark scripts run end to end on small settings."""
 
 import json
+import platform
+import statistics
 
 import numpy as np
 import pytest
 
 from benchmarks import calibration, env_speed, tps_speed
+from benchmarks.machine import cpu_model, speedup_spread
 from rtenv.env import EpisodeState, TuningCore
 from rtenv.search import cma_search
 from rtenv.tpp import TPP
@@ -88,6 +91,18 @@ def test_benchmark_outputs_are_checked_before_the_timings(tmp_path, capsys):
     assert listing.read_text() == "[1]" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.json"]
 
 
+def test_the_machine_is_named_by_its_cpu_model(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    assert cpu_model(info) == "AMD EPYC 7B13"
+    fallback = platform.processor() or platform.machine() or "unknown CPU"
+    assert cpu_model(tmp_path / "absent") == fallback  # not Linux
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # an empty name is no name
+    assert cpu_model(info) == fallback
+    assert speedup_spread([7.6, 6.2, 7.0]) == "; rounds 6.2-7.6x" and speedup_spread([7.0]) == ""
+
+
 @pytest.mark.slow
 def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     out = tmp_path / "env.json"
@@ -99,6 +114,11 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     tps = res["vector_tps"]["4"]  # the 4 plans of a step leave the batch as they converge
     assert 1.0 <= tps["working_set"] <= 4.0 and 1.0 <= tps["iterations_mean"] <= 40.0
     assert 0.0 <= tps["converged_fraction"] <= 1.0
+    # the machine and each round's speedup are kept beside the median (the spread is printed)
+    rounds = res["vector_speedup_rounds"]["4"]
+    assert res["device_name"] == cpu_model() and len(rounds) == 2 and min(rounds) > 0
+    assert res["vector_speedup"]["4"] == pytest.approx(statistics.median(rounds))
+    assert f"rounds {min(rounds):.1f}-{max(rounds):.1f}x" in capsys.readouterr().out
     out = tmp_path / "tps.json"
     assert tps_speed.main(["--scenario", "S1", "--repeats", "1", "--batches", "4", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -106,7 +126,8 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
                 "objective_gap", "spmv_bound_ms", "device"):
         assert key in res
     assert res["spmv_cg_bound_ms"] == pytest.approx(3 * res["spmv_bound_ms"])  # 3 CG steps per outer iteration
-    assert res["batch_rounds"] == 1 and res["batch_speedup"]["4"] > 0
+    assert res["batch_rounds"] == 1 and res["batch_speedup_rounds"]["4"] == [res["batch_speedup"]["4"]]
+    assert res["batch_speedup"]["4"] > 0 and res["device_name"] == res["cpu_model"] == cpu_model()
     assert res["objective_gap_reference"]["clarabel"] == 0.0 and res["admm_frozen_objective"] > 0
     # matched accuracy: the doubling stops at the first iteration count within 1 % (or at 5120)
     to1, at1 = res["admm_frozen_to_1pct"], res["speedup_vs_reference_at_1pct"]
