@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import calibration, env_speed, table3, tps_speed
-from rtenv.runlog import check_output_path, read_json, write_atomic
+from rtenv.runlog import check_output_path, read_json, settings_changes, write_atomic
 from rtenv.tps import resolve_device
 
 
@@ -44,8 +44,9 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
         shutil.rmtree(out / "table3", ignore_errors=True)
     before = read_json(settings_path, "benchmark settings file") if settings_path.is_file() else settings
     if before != settings:
-        raise ValueError(f"{out} holds a run with {before}, not {settings}: pass --fresh to start over, "
-                         "or another --out")
+        changed = settings_changes(before, settings) if isinstance(before, dict) else [f"{before!r} there"]
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}): pass --fresh to start "
+                         "over, or another --out")
     # finished benchmarks are reused only from a run whose settings are known to match
     seconds: dict[str, float] = (read_json(seconds_path, "benchmark timings file")
                                  if seconds_path.is_file() and settings_path.is_file() else {})

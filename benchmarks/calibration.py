@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rtenv.env import EpisodeState, TuningCore
 from rtenv.evaluation import score_plan
-from rtenv.runlog import check_output_path, read_json, write_atomic
+from rtenv.runlog import check_output_path, read_json, settings_changes, write_atomic
 from rtenv.search import cma_search
 from rtenv.tpp import TPP
 
@@ -71,10 +71,9 @@ def run(scenario: str, json_path: str | Path | None, budget: int, popsize: int, 
             raise ValueError(f"{json_path} holds no calibration run (a JSON object with a 'cases' list): "
                              "pass --fresh to overwrite it, or another --json")
         previous.setdefault("device", "cpu")  # runs before the device was recorded were CPU runs
-        settings = {k: res[k] for k in ("scenario", "budget", "popsize", "device")}
-        differ = {k: previous.get(k) for k in settings if previous.get(k) != settings[k]}
+        differ = settings_changes(previous, res, keys=("scenario", "budget", "popsize", "device"))
         if differ:
-            raise ValueError(f"{json_path} holds a calibration run with {differ}, not {settings}: "
+            raise ValueError(f"{json_path} holds a calibration run with other settings ({'; '.join(differ)}): "
                              "pass --fresh to start over, or another --json")
         res = previous
     todo = starts(scenario, core.structures)

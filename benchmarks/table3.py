@@ -48,7 +48,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llm_policy.backends import DEFAULT_TEMPERATURE, BackendError  # standard library only: the parser stays cheap
-from rtenv.runlog import check_output_path, exclusive, file_sha256, read_json, read_jsonl, write_atomic
+from rtenv.runlog import (
+    check_output_path,
+    exclusive,
+    file_sha256,
+    read_json,
+    read_jsonl,
+    settings_changes,
+    write_atomic,
+)
 from rtenv.validation import check_integer, is_real
 
 SCENARIO_CHOICES = ("S1", "S2", "S3", "TG119")
@@ -391,10 +399,10 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, mode
     if path.is_file() and resuming:
         before = read_json(path, "Table 3 run settings file")
         before.setdefault("device", "cpu")  # runs before the device was recorded were CPU runs
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        changed = settings_changes(before, settings, keys=settings)
         if changed:
-            raise ValueError(f"{path.parent} holds episodes run with other {', '.join(changed)} "
-                             f"(was {[before.get(k) for k in changed]}); use another --out")
+            raise ValueError(f"{path.parent} holds episodes run with other settings ({'; '.join(changed)}); "
+                             "use another --out")
         recorded = before.get("model_sha256", {})
         replaced = sorted(n for n in models if recorded.get(n, models[n]) != models[n])
         if replaced:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from drl.acer import ACER
 from rtenv.case import PlanningCase
 from rtenv.env import OWN_COHORT, own_cases
-from rtenv.runlog import write_atomic
+from rtenv.runlog import settings_changes, write_atomic
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.tps import resolve_device
 from rtenv.validation import check_integer
@@ -301,11 +301,10 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
     config_path = out / "train_config.json"
     if previous is not None and config_path.is_file():  # the run's own set-up, not its ACER settings
         before = json.loads(config_path.read_text())
-        changed = {k: (before.get(k), config.get(k))
-                   for k in ("scenario", "train_cases", "train_case_sha256", "start", "num_envs", "seed")
-                   if before.get(k) != config.get(k)}
+        changed = settings_changes(before, config, keys=("scenario", "train_cases", "train_case_sha256", "start",
+                                                          "num_envs", "seed"))
         if changed:
-            warnings.warn(f"resuming {previous[0]} with another set-up {changed} (was, now): its replay holds the "
+            warnings.warn(f"resuming {previous[0]} with another set-up ({'; '.join(changed)}): its replay holds the "
                           "earlier set-up's episodes", RuntimeWarning, stacklevel=2)
     write_atomic(config_path, json.dumps(config, indent=2, default=str))
     formats = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])

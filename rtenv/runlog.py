@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_ABSENT = object()
+
+
+def settings_changes(before: dict[str, Any], now: dict[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+    """What differs between a recorded run's settings and this run's, one ``"key: X there, Y now"``
+    per setting (``'(absent)'`` for a missing one), over ``keys`` (default: every key of either),
+    sorted by key: the text of every refusal to resume a run with other settings."""
+    names = sorted(before.keys() | now.keys() if keys is None else keys)
+    return [f"{k}: {before.get(k, '(absent)')!r} there, {now.get(k, '(absent)')!r} now"
+            for k in names if before.get(k, _ABSENT) != now.get(k, _ABSENT)]
+
+
 class RunLog:
     """A run's finished items, one JSON line each (``{"key": ..., "value": ...}``), behind a first
     line that holds the run's settings.
@@ -150,9 +162,7 @@ class RunLog:
             raise ValueError(f"{self.path} is not a run log (a settings line, then key/value lines); "
                              "move it away or choose another path")
         elif lines[0]["settings"] != self.settings:
-            before = lines[0]["settings"]
-            changed = [f"{k}: {before.get(k, '(absent)')!r} there, {self.settings.get(k, '(absent)')!r} now"
-                       for k in sorted(before.keys() | self.settings.keys()) if before.get(k) != self.settings.get(k)]
+            changed = settings_changes(lines[0]["settings"], self.settings)
             raise ValueError(f"{self.path} holds an unfinished run with other settings ({'; '.join(changed)}); "
                              "rerun with its settings to resume it, or delete the file to start over")
         self._items: dict[str, Any] = {json.dumps(item["key"]): item["value"] for item in lines[1:]}

@@ -113,7 +113,7 @@ def test_training_on_saved_cases(tmp_path):
     assert (out / "model.zip").is_file()
     # resuming on another patient under the same name is noticed by the cases' content
     other = dataclasses.replace(load_case("S1", "test", 5), name="pt1")
-    with pytest.warns(RuntimeWarning, match="another set-up {'train_case_sha256'"):
+    with pytest.warns(RuntimeWarning, match=r"another set-up \(train_case_sha256: \[.+\] there, \[.+\] now\)"):
         train_acer("S1", out, 60, train_cases=[other, PlanningCase.load(paths[1])], num_envs=2, checkpoint_every=40,
                    progress=False)
     # the envs it trains on are those cases' (mixed starts: two vector envs)

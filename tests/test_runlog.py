@@ -22,6 +22,8 @@ def test_run_log_resumes_and_refuses_other_settings(tmp_path):
         RunLog(path, {"seed": 1, "cases": [1, 2]})
     with pytest.raises(ValueError, match=r"extra: '\(absent\)' there, True now"):
         RunLog(path, {"seed": 0, "cases": [1, 2], "extra": True})
+    with pytest.raises(ValueError, match=r"extra: '\(absent\)' there, None now\)"):  # None is a setting too
+        RunLog(path, {"seed": 0, "cases": [1, 2], "extra": None})
     again.remove()
     assert not path.exists()
 

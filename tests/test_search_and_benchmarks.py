@@ -62,7 +62,8 @@ def test_calibration_writes_resumable_json(tmp_path, capsys):
     # a JSON made with other settings is not resumed into
     with pytest.raises(SystemExit):
         calibration.main(["--scenario", "S1", "--json", str(out), "--budget", "64", "--popsize", "8"])
-    assert "{'popsize': 16}" in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
+    assert "other settings (popsize: 16 there, 8 now): pass --fresh" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_benchmark_outputs_are_checked_before_the_timings(tmp_path, capsys):
@@ -83,12 +84,19 @@ def test_benchmark_outputs_are_checked_before_the_timings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         all_benchmarks.main(["--quick", "--out", str(afile / "all")])
     assert f"--out {afile / 'all'} lies under {afile}, which is a file" in capsys.readouterr().err
+    done = tmp_path / "full"  # a folder of a full-size run: a quick one is not mixed in
+    done.mkdir()
+    (done / "settings.json").write_text(json.dumps({"quick": False, "device": "cpu"}))
+    with pytest.raises(SystemExit):
+        all_benchmarks.main(["--quick", "--out", str(done)])
+    assert "other settings (quick: False there, True now): pass --fresh" in capsys.readouterr().err
+    assert sorted(p.name for p in done.iterdir()) == ["settings.json"]
     listing = tmp_path / "list.json"
     listing.write_text("[1]")
     with pytest.raises(SystemExit):
         calibration.main(["--json", str(listing)])
     assert f"{listing} holds no calibration run (a JSON object with a 'cases' list)" in capsys.readouterr().err
-    assert listing.read_text() == "[1]" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.json"]
+    assert listing.read_text() == "[1]" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full", "list.json"]
 
 
 def test_the_machine_is_named_by_its_cpu_model(tmp_path):

@@ -99,13 +99,13 @@ def test_resume_with_other_shared_settings_is_refused(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["command"]["device"] == "cpu"
     settings["device"] = "cuda:0"  # plans on a GPU may part from CPU ones: not mixed in
     (tmp_path / "run_settings.json").write_text(json.dumps(settings))
-    with pytest.raises(ValueError, match=r"other device \(was \['cuda:0'\]\)"):
+    with pytest.raises(ValueError, match=r"other settings \(device: 'cuda:0' there, 'cpu' now\); use another --out"):
         run_table3(["S1"], ["random"], tmp_path, knowledge="S1-acer", **kw)
     del settings["device"]  # a run from before the device was recorded was a CPU run: it resumes
     (tmp_path / "run_settings.json").write_text(json.dumps(settings))
     run_table3(["S1"], ["random"], tmp_path, knowledge="S1-acer", **kw)
     assert json.loads((tmp_path / "run_settings.json").read_text())["device"] == "cpu"
-    with pytest.raises(ValueError, match="other knowledge_sha256"):
+    with pytest.raises(ValueError, match=r"other settings \(knowledge_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}'"):
         run_table3(["S1"], ["random"], tmp_path, knowledge="S1-search", **kw)
     assert len(read_jsonl(tmp_path / "results.jsonl")) == 1
     # a folder whose run finished no episode (it failed first) has nothing to mix: other settings go

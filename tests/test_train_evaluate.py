@@ -174,7 +174,7 @@ def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tm
     with pytest.warns(RuntimeWarning, match="cannot load checkpoint .*acer_12_steps.zip"):
         train_acer("S1", out, 16, **kw)
     assert json.loads((out / "train_config.json").read_text())["resumed_from_steps"] == 8
-    with pytest.warns(RuntimeWarning, match=r"another set-up \{'scenario': \('S1', 'S3'\)\}"):
+    with pytest.warns(RuntimeWarning, match=r"another set-up \(scenario: 'S1' there, 'S3' now\): its replay"):
         train_acer("S3", out, 16, **kw)
     # the resumed run logs beside the first run's log, which it used to overwrite
     assert (out / "logs" / "progress.csv").is_file() and (out / "logs" / "resumed_8_steps" / "progress.csv").is_file()
