@@ -44,7 +44,8 @@ def run_all(out: str | Path, quick: bool = True, device: str = "cpu", fresh: boo
         shutil.rmtree(out / "table3", ignore_errors=True)
     before = read_json(settings_path, "benchmark settings file") if settings_path.is_file() else settings
     if before != settings:
-        changed = settings_changes(before, settings) if isinstance(before, dict) else [f"{before!r} there"]
+        changed = (settings_changes(before, settings) if isinstance(before, dict)
+                   else [f"{before!r} there, {settings!r} now"])
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}): pass --fresh to start "
                          "over, or another --out")
     # finished benchmarks are reused only from a run whose settings are known to match

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import device_name, speedup_spread
+from benchmarks.machine import cpu_model, device_name, speedup_spread
 from rtenv.env import TPPTuningEnv, TPPTuningVectorEnv
 from rtenv.runlog import check_output_path
 from rtenv.scenarios import SCENARIOS
@@ -88,7 +88,8 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     probe.reset(seed=0)  # build and cache the case first
     actions = _workload(max(envs), calls, int(probe.action_space.n))
     res: dict = {"scenario": scenario, "device": str(probe.core.device), "device_name": device_name(probe.core.device),
-                 "torch_threads": torch.get_num_threads(), "steps_per_env": calls, "rounds": rounds,
+                 "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(), "steps_per_env": calls,
+                 "rounds": rounds,
                  "vector_steps_per_s": {}, "vector_speedup": {}, "vector_speedup_rounds": {}, "vector_tps": {}}
     single_rates, vector_rates = [], {n: [] for n in envs}
     speedups: dict[int, list[float]] = {n: [] for n in envs}

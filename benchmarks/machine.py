@@ -11,17 +11,26 @@ import torch
 
 
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``; elsewhere :func:`platform.processor`, or the
-    architecture when that is empty)."""
+    """The CPU's model as Linux's ``/proc/cpuinfo`` gives it: its ``model name`` (x86), ``cpu``
+    (POWER), ``Model`` or ``Hardware`` (boards), else the architecture with the ARM ``CPU
+    implementer`` and ``CPU part`` codes; without that file :func:`platform.processor`, or the
+    architecture when that is empty."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
         text = ""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
+        if value.strip():
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    for key in ("model name", "cpu", "Model", "Hardware"):
+        if key in fields:
+            return fields[key]
+    arch = platform.machine() or "unknown CPU"
+    if "CPU implementer" in fields and "CPU part" in fields:
+        return f"{arch} (CPU implementer {fields['CPU implementer']}, part {fields['CPU part']})"
+    return (platform.processor() if not text else "") or arch
 
 
 def device_name(device: torch.device) -> str:

@@ -398,6 +398,8 @@ def _check_run_settings(path: Path, knowledge: str | None, llm: LLMOptions, mode
     models = {name: file_sha256(file) for name, file in model_files.items()}
     if path.is_file() and resuming:
         before = read_json(path, "Table 3 run settings file")
+        if not isinstance(before, dict):
+            raise ValueError(f"{path} is not a Table 3 run settings file (a JSON object); use another --out")
         before.setdefault("device", "cpu")  # runs before the device was recorded were CPU runs
         changed = settings_changes(before, settings, keys=settings)
         if changed:

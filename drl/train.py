@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from drl.acer import ACER
 from rtenv.case import PlanningCase
 from rtenv.env import OWN_COHORT, own_cases
-from rtenv.runlog import settings_changes, write_atomic
+from rtenv.runlog import read_json, settings_changes, write_atomic
 from rtenv.sb3 import make_sb3_vec_env
 from rtenv.tps import resolve_device
 from rtenv.validation import check_integer
@@ -300,7 +300,8 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
               "settings": settings, "resumed_from_steps": done}
     config_path = out / "train_config.json"
     if previous is not None and config_path.is_file():  # the run's own set-up, not its ACER settings
-        before = json.loads(config_path.read_text())
+        before = read_json(config_path, "training config")
+        before = before if isinstance(before, dict) else {}  # not a config: every set-up key counts as changed
         changed = settings_changes(before, config, keys=("scenario", "train_cases", "train_case_sha256", "start",
                                                           "num_envs", "seed"))
         if changed:

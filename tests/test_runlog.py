@@ -7,7 +7,7 @@ import pytest
 
 import rtenv.rollout
 from rtenv.cli import main
-from rtenv.runlog import RunLog, check_output_path, file_sha256, read_json, read_jsonl, write_atomic
+from rtenv.runlog import RunLog, check_output_path, file_sha256, read_json, read_jsonl, settings_changes, write_atomic
 
 
 def test_run_log_resumes_and_refuses_other_settings(tmp_path):
@@ -190,3 +190,11 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(path, '{"a": 2, "b": "a longer text"}')
     assert path.read_text() == '{"a": 1}' and [p.name for p in tmp_path.iterdir()] == ["settings.json"]
+
+
+def test_settings_changes_name_each_difference_once():
+    before, now = {"seed": 0, "device": None, "cases": [1, 2]}, {"seed": 1, "cases": [1, 2], "extra": True}
+    assert settings_changes(before, now) == ["device: None there, '(absent)' now", "extra: '(absent)' there, True now",
+                                             "seed: 0 there, 1 now"]
+    assert settings_changes(before, now, keys=("seed", "cases", "unknown")) == ["seed: 0 there, 1 now"]
+    assert settings_changes(now, json.loads(json.dumps(now))) == []

@@ -3,6 +3,7 @@
 import json
 import platform
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,14 +102,31 @@ def test_benchmark_outputs_are_checked_before_the_timings(tmp_path, capsys):
 
 def test_the_machine_is_named_by_its_cpu_model(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
-                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
-    assert cpu_model(info) == "AMD EPYC 7B13"
-    fallback = platform.processor() or platform.machine() or "unknown CPU"
-    assert cpu_model(tmp_path / "absent") == fallback  # not Linux
-    info.write_text("processor\t: 0\nmodel name\t:\n")  # an empty name is no name
-    assert cpu_model(info) == fallback
+    arch = platform.machine() or "unknown CPU"
+    for text, name in (
+            ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+             "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n", "AMD EPYC 7B13"),  # x86
+            ("processor\t: 0\ncpu\t\t: POWER9, altivec supported\nclock\t\t: 2300.000000MHz\n",
+             "POWER9, altivec supported"),
+            ("processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+             "CPU part\t: 0xd0c\n", f"{arch} (CPU implementer 0x41, part 0xd0c)"),  # an ARM server
+            ("processor\t: 0\nmodel name\t:\n", arch)):  # an empty name is no name
+        info.write_text(text)
+        assert cpu_model(info) == name
+    assert cpu_model(tmp_path / "absent") == (platform.processor() or arch)  # not Linux
     assert speedup_spread([7.6, 6.2, 7.0]) == "; rounds 6.2-7.6x" and speedup_spread([7.0]) == ""
+
+
+def test_tables_of_the_committed_speed_jsons_render():
+    """Every committed tps_speed JSON, the earlier benchmark versions' included (the H100 ones lack
+    stages added since), prints as a table with its device and the figures it has."""
+    files = sorted(Path(__file__).parents[1].glob("benchmarks/results/tps_speed_*.json"))
+    assert len(files) >= 7
+    for path in files:
+        res = json.loads(path.read_text())
+        text = tps_speed.table(res)
+        assert res["device_name"] in text.splitlines()[0] and f"{res['admm_ms']:9.2f} ms" in text
+        assert ("precond_every=10" in text) == ("admm_precond_every_10_ms" in res)
 
 
 @pytest.mark.slow
@@ -124,7 +142,7 @@ def test_speed_benchmarks_write_their_keys(tmp_path, capsys):
     assert 0.0 <= tps["converged_fraction"] <= 1.0
     # the machine and each round's speedup are kept beside the median (the spread is printed)
     rounds = res["vector_speedup_rounds"]["4"]
-    assert res["device_name"] == cpu_model() and len(rounds) == 2 and min(rounds) > 0
+    assert res["device_name"] == res["cpu_model"] == cpu_model() and len(rounds) == 2 and min(rounds) > 0
     assert res["vector_speedup"]["4"] == pytest.approx(statistics.median(rounds))
     assert f"rounds {min(rounds):.1f}-{max(rounds):.1f}x" in capsys.readouterr().out
     out = tmp_path / "tps.json"

@@ -108,6 +108,9 @@ def test_resume_with_other_shared_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(knowledge_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}'"):
         run_table3(["S1"], ["random"], tmp_path, knowledge="S1-search", **kw)
     assert len(read_jsonl(tmp_path / "results.jsonl")) == 1
+    (tmp_path / "run_settings.json").write_text("[1]")  # not this harness's file
+    with pytest.raises(ValueError, match=r"run_settings.json is not a Table 3 run settings file \(a JSON object\)"):
+        run_table3(["S1"], ["random"], tmp_path, knowledge="S1-acer", **kw)
     # a folder whose run finished no episode (it failed first) has nothing to mix: other settings go
     empty = tmp_path / "failed"
     broken = tmp_path / "broken.zip"  # there, so the run starts; its one episode fails loading it

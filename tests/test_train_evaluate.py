@@ -181,6 +181,9 @@ def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tm
     # runs shorter than the 10-iteration log interval log their end (their progress.csv was empty)
     rows = (out / "logs" / "resumed_8_steps" / "progress.csv").read_text().splitlines()
     assert len(rows) == 2 and "train/policy_loss" in rows[0] and "time/total_timesteps" in rows[0]
+    (out / "train_config.json").write_text("[1]")  # not a config: its set-up is unknown, so it is warned about
+    with pytest.warns(RuntimeWarning, match=r"another set-up \(num_envs: '\(absent\)' there, 2 now; scenario"):
+        train_acer("S1", out, 16, **kw)
 
 
 def test_a_run_ending_on_a_periodic_checkpoint_keeps_its_last_update(tmp_path):
