@@ -89,8 +89,8 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     actions = _workload(max(envs), calls, int(probe.action_space.n))
     res: dict = {"scenario": scenario, "device": str(probe.core.device), "device_name": device_name(probe.core.device),
                  "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(), "steps_per_env": calls,
-                 "rounds": rounds,
-                 "vector_steps_per_s": {}, "vector_speedup": {}, "vector_speedup_rounds": {}, "vector_tps": {}}
+                 "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {}, "vector_speedup_rounds": {},
+                 "vector_tps": {}}
     single_rates, vector_rates = [], {n: [] for n in envs}
     speedups: dict[int, list[float]] = {n: [] for n in envs}
     for _ in range(rounds):
