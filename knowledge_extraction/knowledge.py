@@ -15,12 +15,13 @@ per parameter and sorted, so no per-patient TPP vector can be read back from the
 file (the M2M seed's parameter-wise serialisation). Weights (``lambda_*``) also carry geometric
 statistics. ``source.target`` names the target's key in the TPP names (files without it: the one
 key not in lower case, as TPP names lower-case the organs' keys). :func:`load_knowledge` validates
-the schema, each value against its TPP's range (:data:`rtenv.tpp.RANGES`, by kind and role), and
-fails with a message naming the problem.
+the schema, each value against its TPP's range (:data:`rtenv.tpp.RANGES`, by kind and role), the
+order of the values and the statistics against them, and fails with a message naming the problem.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -34,7 +35,7 @@ import numpy as np
 
 from rtenv.case import PlanningCase
 from rtenv.rollout import EpisodeRecord, Policy, evaluate_cohort, logged_episodes
-from rtenv.runlog import RunLog, read_json
+from rtenv.runlog import RunLog, read_json, write_atomic
 from rtenv.tpp import RANGES
 
 FORMAT = "rtenv-knowledge"
@@ -80,10 +81,12 @@ def build_knowledge(records: Sequence[EpisodeRecord], source: dict[str, Any]) ->
 
 
 def save_knowledge(kb: dict[str, Any], path: str | Path) -> Path:
+    """Validate ``kb`` and write it as JSON to ``path`` (in one piece: an interrupted save leaves
+    the old file); returns the path."""
     validate_knowledge(kb)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(kb, indent=2))
+    write_atomic(path, json.dumps(kb, indent=2))
     return path
 
 
@@ -100,7 +103,13 @@ def target_key(kb: dict[str, Any]) -> str | None:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite JSON number (an integer beyond float range is not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
@@ -121,6 +130,8 @@ def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
             raise KnowledgeFormatError(f"{where}: parameter {name!r} is not a TPP name (t_*, lambda_* or V_*)")
     target = kb["source"].get("target")
     keys = {name.split("_", 1)[1] for name in kb["parameters"]}
+    if target is not None and not isinstance(target, str):
+        raise KnowledgeFormatError(f"{where}: source target must be a structure key (a string), got {target!r}")
     if target is not None and target not in keys:
         raise KnowledgeFormatError(f"{where}: source target {target!r} names no parameter's structure "
                                    f"(structures: {sorted(keys)})")
@@ -141,10 +152,22 @@ def validate_knowledge(kb: Any, where: str = "knowledge base") -> None:
             role = "target" if key == target else "organ"
             raise KnowledgeFormatError(f"{where}: parameter {name!r} has value {bad!r} outside its {role} range "
                                        f"{'[' if lo_inclusive else '('}{lo:g}, {hi:g}]")
+        if any(b < a for a, b in itertools.pairwise(vals)):
+            raise KnowledgeFormatError(f"{where}: parameter {name!r} has values that are not sorted in ascending "
+                                       "order (a base keeps them sorted, so that no per-plan TPP vector can be "
+                                       "read back)")
         for stat in ("median", "q1", "q3", "min", "max"):
             if not _is_number(p.get(stat)):
                 raise KnowledgeFormatError(f"{where}: parameter {name!r} lacks statistic {stat!r} "
                                            f"(a finite number), got {p.get(stat)!r}")
+        # the statistics are printed and plotted as stored: they must be those of the values
+        expected = _stats(vals, kind)
+        for stat, value in expected.items():
+            if stat in ("kind", "values") or stat not in p:
+                continue
+            if not (_is_number(p[stat]) and math.isclose(p[stat], value, rel_tol=1e-9, abs_tol=1e-12)):
+                raise KnowledgeFormatError(f"{where}: parameter {name!r} has {stat} {p[stat]!r}, but its values "
+                                           f"give {value:.6g}")
 
 
 BUILTIN_DIR = Path(__file__).parent / "data"

@@ -13,6 +13,7 @@ from knowledge_extraction.analysis import (
     plot_spearman,
     plot_tpp_distributions,
     spearman_table,
+    tpp_panels,
 )
 from knowledge_extraction.knowledge import (
     KnowledgeFormatError,
@@ -75,8 +76,12 @@ def test_save_load_and_validation(tmp_path):
     organ = {**kb, "source": {**kb["source"], "target": "prostate"},
              "parameters": {"t_prostate": kb["parameters"]["t_PTV"],
                             "V_prostate": kb["parameters"]["V_PTV"],
-                            "V_bladder": {**kb["parameters"]["V_PTV"], "values": [0.9]}}}
+                            "V_bladder": {**kb["parameters"]["V_PTV"], "values": [0.9], "median": 0.9, "q1": 0.9,
+                                          "q3": 0.9, "min": 0.9, "max": 0.9}}}
     save_knowledge(organ, tmp_path / "organ.json")
+    # a base without weights plots its two kinds (the CLI's plot of it failed on the empty panel)
+    organ_values = {"organ": {n: p["values"] for n, p in organ["parameters"].items()}}
+    assert plot_tpp_distributions(organ_values, tmp_path / "organ.png").stat().st_size > 5000
     from llm_policy.prompt import knowledge_guidance
 
     guide = knowledge_guidance(organ, ["PTV", "Rectum"])  # another site: pooled by role
@@ -103,6 +108,17 @@ def test_save_load_and_validation(tmp_path):
         "kind": ({**kb, "parameters": {"V_PTV": kb["parameters"]["t_PTV"]}}, "has kind 't', its name says 'V'"),
         "range": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [1.5]}}},
                   r"outside its target range \[1, 1.2\]"),
+        "target type": ({**kb, "source": {**kb["source"], "target": ["PTV"]}},
+                        r"source target must be a structure key \(a string\), got \['PTV'\]"),
+        "huge": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [10 ** 400]}}},
+                 "not finite numbers"),
+        "unsorted": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "values": [1.02, 1.01]}}},
+                     "'t_PTV' has values that are not sorted in ascending order"),
+        "stale stat": ({**kb, "parameters": {"t_PTV": {**kb["parameters"]["t_PTV"], "median": 1.1}}},
+                       "'t_PTV' has median 1.1, but its values give 1.015"),
+        "stale geometric": ({**kb, "parameters": {"lambda_PTV": {**kb["parameters"]["lambda_PTV"],
+                                                                "geometric_mean": 1.0}}},
+                            "'lambda_PTV' has geometric_mean 1.0, but its values give 2.82843"),
     }
     for name, (data, message) in bad.items():
         f = tmp_path / f"{name}.json"
@@ -133,6 +149,26 @@ def test_spearman_by_construction(tmp_path):
     assert plot_spearman(table, tmp_path / "s.png").stat().st_size > 5000
     groups = {"guided": {k: [r["final_tpp"][k] for r in recs] for k in recs[0]["final_tpp"]}}
     assert plot_tpp_distributions(groups, tmp_path / "d.png").stat().st_size > 5000
+    # records of two scenarios are refused by name, whichever comes first
+    other = {**recs[1], "case": "S2-case", "final_tpp": {**recs[1]["final_tpp"], "t_femur": 0.5}}
+    for mixed in ([*recs[:3], other], [other, *recs[:3]]):
+        with pytest.raises(ValueError, match=r"records differ in their final_tpp: .*'t_femur'"):
+            spearman_table(mixed)
+
+
+def test_distribution_plots_take_every_groups_names(tmp_path):
+    # a name only a later group has is plotted too (the first group's box there is empty)
+    assert tpp_panels(["t_PTV", "lambda_PTV", "t_femur", "V_rectum"]) == {
+        "t": ["t_PTV", "t_femur"], "lambda": ["lambda_PTV"], "V": ["V_rectum"]}
+    assert tpp_panels(["t_PTV", "V_PTV"]) == {"t": ["t_PTV"], "V": ["V_PTV"]}
+    with pytest.raises(ValueError, match="no TPP names"):
+        tpp_panels(["PTV hot spot"])
+    groups = {"S1": {"t_PTV": [1.0, 1.1]}, "S2": {"t_PTV": [1.05], "t_femur": [0.5, 0.6], "lambda_femur": [0.1]}}
+    assert plot_tpp_distributions(groups, tmp_path / "two.png").stat().st_size > 5000
+    assert plot_metric_distributions({"a": {}, "b": {"Heart mean": [3.0]}}, tmp_path / "m.png").stat().st_size > 5000
+    for plot in (plot_tpp_distributions, plot_metric_distributions):
+        with pytest.raises(ValueError, match="no groups to plot"):
+            plot({}, tmp_path / "none.png")
 
 
 def test_metric_panels_take_the_protocols_units(tmp_path):
