@@ -40,7 +40,15 @@ Defaults are SPEC section 3's generic ACER settings (stable-baselines v2): ``n_s
 ``q_coef=0.5``, ``ent_coef=0.01``, ``buffer_size=5000``, ``replay_ratio=4``,
 ``replay_start=1000``, ``truncation=10``, ``alpha=0.99``, ``delta=1``, RMSprop with
 ``learning_rate=7e-4`` and ``rms_alpha=0.99``, ``max_grad_norm=10``; the ACER planner's own
-settings differ (see SPEC) and are passed as arguments.
+settings differ (see SPEC) and are passed as arguments. Two of them are read as SB3 reads its
+algorithms' settings, not as stable-baselines v2 did:
+
+- ``buffer_size`` and ``replay_start`` count transitions over all envs (as SB3's DQN counts
+  ``buffer_size`` and ``learning_starts``); v2 counted them per env, so its 5000 and 1000 with
+  ``n`` envs are ``5000 n`` and ``1000 n`` here.
+- a float ``learning_rate`` stays constant; v2's default ``lr_schedule="linear"`` decayed it to 0
+  over training (pass ``learning_rate=lambda progress_remaining: 7e-4 * progress_remaining`` for
+  that).
 """
 
 from __future__ import annotations
@@ -388,9 +396,9 @@ class ACER(BaseAlgorithm):
         gamma: Discount factor.
         q_coef: Weight of the critic loss.
         ent_coef: Weight of the entropy bonus.
-        buffer_size: Replay capacity in transitions.
+        buffer_size: Replay capacity in transitions, summed over the envs.
         replay_ratio: Mean of the Poisson number of replay updates per on-policy update.
-        replay_start: Transitions collected before replay updates start.
+        replay_start: Transitions collected (summed over the envs) before replay updates start.
         truncation: Importance-weight truncation ``c``.
         trust_region: Use the efficient trust region.
         delta: Trust-region size.
@@ -608,9 +616,6 @@ class ACER(BaseAlgorithm):
             actions = np.minimum((cum < u[:, None]).sum(axis=1), A - 1)
             new_obs, rewards, dones, infos = env.step(actions)
             self.num_timesteps += N
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return None
             self._update_info_buffer(infos, dones)
             seg["actions"][t], seg["rewards"][t], seg["mu"][t] = actions, rewards, probs
             final_masks, next_masks = self._step_masks(infos, dones)
@@ -624,6 +629,9 @@ class ACER(BaseAlgorithm):
                         trunc_masks.append(np.asarray(final_masks[i], dtype=bool))
             self._last_obs, self._last_masks = new_obs, next_masks
             self._last_episode_starts = np.asarray(dones, dtype=bool)
+            callback.update_locals(locals())
+            if not callback.on_step():  # after the bookkeeping: a later learn() goes on from the envs' state
+                return None
         seg["obs"][T], seg["masks"][T] = self._last_obs, self._last_masks
         seg["trunc_obs"] = np.array(trunc_obs, dtype=np.float32).reshape(len(trunc_obs), *obs_shape)
         seg["trunc_masks"] = np.array(trunc_masks, dtype=bool).reshape(len(trunc_masks), A)

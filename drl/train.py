@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import inspect
 import json
@@ -34,7 +35,7 @@ from drl.acer import ACER
 from rtenv.case import PlanningCase
 from rtenv.env import OWN_COHORT, own_cases
 from rtenv.runlog import read_json, settings_changes, write_atomic
-from rtenv.sb3 import make_sb3_vec_env
+from rtenv.sb3 import env_indices, make_sb3_vec_env
 from rtenv.tps import resolve_device
 from rtenv.validation import check_integer
 
@@ -83,12 +84,16 @@ class ConcatVecEnv(VecEnv):
             p.close()
 
     def _split(self, indices) -> list[tuple[VecEnv, list[int]]]:
-        idx = range(self.num_envs) if indices is None else ([indices] if isinstance(indices, int) else indices)
-        out = []
-        for p, lo, hi in zip(self.parts, self._bounds[:-1], self._bounds[1:], strict=True):
-            local = [int(i) - lo for i in idx if lo <= i < hi]
-            if local:
-                out.append((p, local))
+        """``indices`` (as SB3 takes them: negative ones count from the end) as runs of one part's
+        local indices, in the order given, so that results come back in that order."""
+        out: list[tuple[VecEnv, list[int]]] = []
+        for i in env_indices(indices, self.num_envs):
+            k = bisect.bisect_right(self._bounds, i) - 1
+            local = i - int(self._bounds[k])
+            if out and out[-1][0] is self.parts[k]:
+                out[-1][1].append(local)
+            else:
+                out.append((self.parts[k], [local]))
         return out
 
     def get_attr(self, attr_name: str, indices=None) -> list[Any]:

@@ -17,6 +17,7 @@ is True, so ``evaluate_policy`` reads it); the new episode's info goes to ``rese
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -116,14 +117,19 @@ class SB3VecEnv(VecEnv):
         return [wrapper_class is Monitor for _ in self._indices(indices)]
 
     def _indices(self, indices) -> list[int]:
-        """Env indices as a list; negative ones count from the end, as in SB3's own VecEnvs."""
-        if indices is None:
-            return list(range(self.num_envs))
-        idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
-        bad = [i for i in idx if not -self.num_envs <= int(i) < self.num_envs]
-        if bad:
-            raise IndexError(f"env indices {bad} are outside [{-self.num_envs}, {self.num_envs - 1}]")
-        return [int(i) % self.num_envs for i in idx]
+        return env_indices(indices, self.num_envs)
+
+
+def env_indices(indices: int | Sequence[int] | None, num_envs: int) -> list[int]:
+    """A ``VecEnv`` method's ``indices`` as a list of env indices in the order given (``None``: all
+    envs); negative ones count from the end, as in SB3's own VecEnvs; ``IndexError`` outside."""
+    if indices is None:
+        return list(range(num_envs))
+    idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
+    bad = [i for i in idx if not -num_envs <= int(i) < num_envs]
+    if bad:
+        raise IndexError(f"env indices {bad} are outside [{-num_envs}, {num_envs - 1}]")
+    return [int(i) % num_envs for i in idx]
 
 
 def make_sb3_vec_env(scenario: str = "S1", num_envs: int = 8, **kwargs: Any) -> SB3VecEnv:

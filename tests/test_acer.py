@@ -95,6 +95,10 @@ def test_callbacks_can_stop_training():
     model = ACER("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), seed=0, device="cpu")
     model.learn(10_000, callback=StopAfter())
     assert model.num_timesteps == 20
+    # stopped in the middle of a segment, the model still holds the envs' current observations,
+    # so a later learn(..., reset_num_timesteps=False) goes on from where the envs are
+    for i, env in enumerate(model.env.envs):
+        np.testing.assert_allclose(model._last_obs[i], env.unwrapped.state, atol=1e-6)
 
 
 def test_trains_on_rtenv_through_the_sb3_adapter():

@@ -121,6 +121,13 @@ def test_training_on_saved_cases(tmp_path):
     venv.seed(0)
     venv.reset()
     assert {info["case"] for info in venv.reset_infos} == {"pt1", "pt2"}
+    # indices as SB3 takes them, across the two parts: in the order given, negative from the end
+    names = [c.name for c in venv.get_attr("case")]
+    assert [c.name for c in venv.get_attr("case", indices=[3, 0, 2])] == [names[3], names[0], names[2]]
+    assert venv.get_attr("case", indices=-1)[0].name == names[3]
+    assert venv.env_method("action_masks", indices=[-4])[0].shape == (venv.action_space.n,)
+    with pytest.raises(IndexError, match=r"env indices \[4\] are outside \[-4, 3\]"):
+        venv.get_attr("case", indices=[0, 4])
 
 
 def test_plan_takes_solver_settings(capsys, tmp_path):
