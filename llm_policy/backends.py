@@ -85,16 +85,44 @@ class LLMBackend(Protocol):
 def _loads_or_none(text: str) -> Any:
     try:
         return json.loads(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: nested too deep for the decoder
         return None
 
 
-def check_sampling(temperature: float, max_tokens: int) -> None:
-    """Raise ``ValueError`` unless ``temperature`` is in [0, 2] and ``max_tokens`` an integer >= 1."""
+def _answer(out: Any) -> tuple[str, int, int]:
+    """The answer's text and its prompt and completion token counts from an OpenAI-style chat
+    response (``content`` as a string, or as a list of text parts; a missing or malformed
+    ``usage`` count is 0). Raises ``KeyError``, ``IndexError`` or ``TypeError`` without an answer."""
+    content = out["choices"][0]["message"]["content"] or ""
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str):
+        raise TypeError(f"message content is a {type(content).__name__}")
+    usage = out.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+
+    def count(key: str) -> int:
+        value = usage.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    return content, count("prompt_tokens"), count("completion_tokens")
+
+
+SEED_LIMIT = 2 ** 32 - 1  # llama.cpp's seeds are 32-bit and 2**32 - 1 means "random"
+
+
+def check_sampling(temperature: float, max_tokens: int, seed: int = 0) -> tuple[float, int, int]:
+    """``temperature``, ``max_tokens`` and ``seed`` as Python numbers (numpy scalars included);
+    ``ValueError`` unless ``temperature`` is in [0, 2], ``max_tokens`` an integer >= 1 and ``seed``
+    an integer in [0, :data:`SEED_LIMIT`) (llama.cpp reads 2**32 - 1 as a random seed and wraps
+    larger ones)."""
     if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and 0.0 <= temperature <= 2.0):
         raise ValueError(f"temperature {temperature!r} is not a number in [0, 2]")
     if not (isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool) and max_tokens >= 1):
         raise ValueError(f"max_tokens {max_tokens!r} must be an integer >= 1")
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed {seed!r} must be an integer in [0, {SEED_LIMIT - 1}]")
+    return float(temperature), int(max_tokens), int(seed)
 
 
 def default_model_path() -> Path:
@@ -183,7 +211,7 @@ class LlamaCppBackend:
 
     def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
                  temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
-        check_sampling(temperature, max_tokens)
+        temperature, max_tokens, seed = check_sampling(temperature, max_tokens, seed)
         kwargs: dict[str, Any] = {}
         mode = "text"
         if schema is not None:
@@ -198,10 +226,8 @@ class LlamaCppBackend:
                                                    max_tokens=max_tokens, **kwargs)
         except ValueError as exc:  # e.g. the prompt exceeds the context
             raise BackendError(f"llama.cpp failed: {exc}") from exc
-        text = out["choices"][0]["message"]["content"] or ""
-        usage = out.get("usage", {})
-        return Completion(text, _loads_or_none(text), int(usage.get("prompt_tokens", 0)),
-                          int(usage.get("completion_tokens", 0)), time.perf_counter() - t0, mode)
+        text, prompt_tokens, completion_tokens = _answer(out)
+        return Completion(text, _loads_or_none(text), prompt_tokens, completion_tokens, time.perf_counter() - t0, mode)
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -264,14 +290,16 @@ class TransformersBackend:
             self._compiler = xgr.GrammarCompiler(info)
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            self._grammars[key] = self._compiler.compile_json_schema(key)
+            # compiled in the schema's own key order: xgrammar makes the answer keep it (the order
+            # the prompt lists the TPPs in, and "reasoning" before "tpp")
+            self._grammars[key] = self._compiler.compile_json_schema(json.dumps(schema))
         return self._grammars[key]
 
     def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
                  temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
         import torch
 
-        check_sampling(temperature, max_tokens)
+        temperature, max_tokens, seed = check_sampling(temperature, max_tokens, seed)
         t0 = time.perf_counter()
         enc = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)
@@ -327,7 +355,8 @@ class OpenAIBackend:
             (Ollama), ``https://api.openai.com/v1``.
         model: Model name the endpoint serves.
         api_key_env: Environment variable holding the key (sent as a bearer token; never logged).
-        timeout_s: Per-request timeout (s).
+        timeout_s: Time limit of one request (s): an answer still arriving after it is cut off and
+            the request retried or failed (a silent connection is noticed after the same time).
         retries: Extra attempts after a connection error, timeout, HTTP 429 or 5xx (text mode).
         backoff_s: First back-off (s), doubled per retry.
         local_only: Refuse any endpoint that is not loopback.
@@ -373,8 +402,15 @@ class OpenAIBackend:
         for attempt in range(self.retries + 1):
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
+                deadline = time.monotonic() + self.timeout_s
                 with _OPENER.open(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read().decode())
+                    # the socket timeout bounds each wait; the deadline bounds a body that trickles in
+                    chunks = []
+                    while chunk := resp.read1(1 << 16):
+                        chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"the answer took longer than {self.timeout_s:g} s")
+                    return json.loads(b"".join(chunks).decode())
             except urllib.error.HTTPError as exc:
                 if (exc.code == 429 or (exc.code >= 500 and exc.code != 501)) and attempt < self.retries:
                     time.sleep(delay)
@@ -389,13 +425,13 @@ class OpenAIBackend:
                     continue
                 kind = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "unreachable"
                 raise BackendError(f"endpoint {self.url} {kind} after {self.retries + 1} attempts ({reason})") from exc
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise BackendError(f"endpoint {self.url} returned a body that is not JSON") from exc
         raise AssertionError("unreachable")
 
     def complete(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
                  temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, max_tokens: int = 512) -> Completion:
-        check_sampling(temperature, max_tokens)
+        temperature, max_tokens, seed = check_sampling(temperature, max_tokens, seed)
         key = (self.url, self.model)
         first = OUTPUT_MODES.index(_ENDPOINT_MODE.get(key, "json_schema"))
         modes = ["text"] if schema is None else list(OUTPUT_MODES[first:])
@@ -420,14 +456,13 @@ class OpenAIBackend:
             if schema is not None:
                 _ENDPOINT_MODE[key] = mode
             try:
-                text = out["choices"][0]["message"]["content"] or ""
+                text, prompt_tokens, completion_tokens = _answer(out)
             except (KeyError, IndexError, TypeError) as exc:
                 error = out.get("error") if isinstance(out, dict) else None
                 said = f": {json.dumps(error)[:300]}" if error else ""
                 raise BackendError(f"endpoint {self.url} returned no choices[0].message.content{said}") from exc
-            usage = out.get("usage") or {}
-            return Completion(text, _loads_or_none(text), int(usage.get("prompt_tokens", 0)),
-                              int(usage.get("completion_tokens", 0)), time.perf_counter() - t0, mode)
+            return Completion(text, _loads_or_none(text), prompt_tokens, completion_tokens,
+                              time.perf_counter() - t0, mode)
         raise BackendError(f"endpoint {self.url} rejected every output mode {modes}")
 
 

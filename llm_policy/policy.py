@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_policy.backends import DEFAULT_TEMPERATURE, LLMBackend, check_sampling
+from llm_policy.backends import DEFAULT_TEMPERATURE, SEED_LIMIT, LLMBackend, check_sampling
 from llm_policy.prompt import Attempt, Message, PlanState, PromptOptions, build_messages
 from llm_policy.proposal import (
     REASONING_MAX_CHARS,
@@ -84,7 +84,8 @@ class LLMPolicy:
             ``options.guidance`` is on.
         options: Prompt switches (guidance, chain of thought, memory, action scope).
         temperature: Sampling temperature (DOLA's best, 0.4, by default).
-        seed: Base seed; each call uses ``seed``, the step and the attempt.
+        seed: Base seed, an integer in [0, 2**32 - 2]; each call uses ``seed``, the step and the
+            attempt (modulo 2**32 - 1, llama.cpp's seed range).
         max_tokens: Tokens per answer (``None``: sized from the number of TPPs asked for).
         repair_retries: Extra attempts after an invalid answer.
         constrained: Send the answer schema for constrained decoding (``False``: free text, the
@@ -108,7 +109,7 @@ class LLMPolicy:
         # chain of thought: the grammar bounds the reasoning to REASONING_MAX_CHARS one-byte
         # characters, each at least a token's worth, so this budget always sees the answer closed
         self.max_tokens = max_tokens or (24 * n + 64 + (REASONING_MAX_CHARS + 16 if options.chain_of_thought else 0))
-        check_sampling(temperature, self.max_tokens)
+        check_sampling(temperature, self.max_tokens, seed)
         self.schema = proposal_schema(self.structures, options.action_scope, options.chain_of_thought)
         self.constrained = constrained
         self.history: list[Attempt] = []
@@ -142,7 +143,8 @@ class LLMPolicy:
         proposal: dict[str, float] | None = None
         for attempt in range(self.repair_retries + 1):
             c = self.backend.complete(chat, self.schema if self.constrained else None, temperature=self.temperature,
-                                      seed=self.seed * 100_003 + step * 101 + attempt, max_tokens=self.max_tokens)
+                                      seed=(self.seed * 100_003 + step * 101 + attempt) % SEED_LIMIT,
+                                      max_tokens=self.max_tokens)
             record = {"text": c.text, "mode": c.mode, "prompt_tokens": c.prompt_tokens,
                       "completion_tokens": c.completion_tokens, "latency_s": round(c.latency_s, 4), "error": None}
             log.responses.append(record)

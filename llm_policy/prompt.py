@@ -4,7 +4,7 @@
 
 1. **Active configuration**: the optimisation problem the TPS solves, and every TPP with its
    meaning, allowed range and current value.
-2. **Dosimetric state**: the score, the cumulative DVH of each structure sampled at uniformly
+2. **Dosimetric state**: the score, the cumulative DVH of each structure sampled at nearly evenly
    spaced dose points (the same dose ranges the DRL agent observes), the clinical checkpoints
    (criterion, value, goal, limit, met) and the violated ones.
 3. **Knowledge guidance** (``guidance=True``): for each TPP, the final values of the successful
@@ -44,7 +44,8 @@ class PromptOptions:
         chain_of_thought: Ask for a ``reasoning`` field before the TPPs.
         memory_k: Number of prior attempts of this episode to show (0: none; DOLA used 3).
         action_scope: ``"all"`` TPPs or ``"weights_only"``.
-        dvh_points: DVH samples per structure (uniform in dose over the observed range).
+        dvh_points: DVH samples per structure, points of the observation's dose grid as evenly
+            spaced as it allows (11 of its 100 points: every 10th, one step of 9).
     """
 
     guidance: bool = True
@@ -144,7 +145,9 @@ def tpp_table(state: PlanState) -> str:
 
 
 def dvh_text(state: PlanState, points: int) -> str:
-    """Component 2a: each structure's cumulative DVH at ``points`` uniformly spaced doses."""
+    """Component 2a: each structure's cumulative DVH at ``points`` doses of the observation's
+    :data:`~rtenv.env.DVH_POINTS`-point grid, the nearest grid points to evenly spaced ones (so the
+    steps differ by up to one grid step: 11 points are 4.0 Gy apart on S1's organs, one step 3.6 Gy)."""
     idx = np.unique(np.round(np.linspace(0, DVH_POINTS - 1, points)).astype(int))
     lines = []
     for i, s in enumerate(state.structures):

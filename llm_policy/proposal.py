@@ -108,6 +108,8 @@ def _json_objects(text: str) -> Iterator[dict]:
                 yield obj
         except ValueError as exc:  # JSONDecodeError or a rejected constant
             last_error = str(exc)
+        except RecursionError:  # nested deeper than the decoder goes: not a proposal either
+            last_error = "JSON nested too deep"
         start = text.find("{", start + 1)
     if not found:
         raise ProposalError([f"the answer holds no JSON object ({last_error}); answer with one JSON object only"])

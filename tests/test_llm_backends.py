@@ -22,12 +22,13 @@ from llm_policy.backends import (
     LlamaCppBackend,
     OpenAIBackend,
     TransformersBackend,
+    check_sampling,
     default_model_path,
     make_backend,
 )
 from llm_policy.policy import LLMPolicy, plan_episode
 from llm_policy.prompt import PromptOptions
-from llm_policy.proposal import parse_proposal, proposal_bounds, proposal_schema
+from llm_policy.proposal import ProposalError, parse_proposal, proposal_bounds, proposal_schema
 from rtenv.cli import main
 from rtenv.env import TPPTuningEnv
 from rtenv.scenarios import load_case
@@ -172,6 +173,9 @@ def test_transformers_backend_with_xgrammar_respects_bounds():
     assert torch.equal(torch.get_rng_state(), before)  # sampling is seeded per call; the caller's state is kept
     assert policy.log[0].responses[0]["mode"] == "grammar"
     assert res.valid_first_rate == 1.0  # xgrammar enforces numeric bounds, so the first answer is valid
+    # the answer keeps the schema's key order, the order the prompt lists the TPPs in (the grammar
+    # was compiled from sorted keys once, which made the model write V_*, lambda_*, then t_*)
+    assert list(json.loads(policy.log[0].responses[0]["text"])) == list(policy.schema["properties"])
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible
@@ -334,6 +338,77 @@ def test_endpoint_retries_refuses_redirects_and_quotes_errors(monkeypatch):
             OpenAIBackend(f"http://127.0.0.1:{server.server_port}/v1").complete(msgs)
     finally:
         server.shutdown()
+
+
+class _Drip(_Always500):
+    """Answers at once but sends its body a byte at a time, each well within the socket timeout."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for byte in _completion("{}"):
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:  # the client gave up
+            pass
+
+
+class _OddAnswer(_Always500):
+    """Answers with the body a test sets: shapes of OpenAI-style responses seen in the wild."""
+
+    body = b""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(type(self).body)
+
+
+def test_odd_endpoint_answers_are_read_or_refused_clearly():
+    msgs = [{"role": "user", "content": "hi"}]
+    server = serve(_OddAnswer)
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        # content as a list of text parts, token counts null, a string or NaN: the text is read, counts are 0
+        parts = [{"type": "text", "text": '{"a": '}, {"type": "text", "text": "1}"}]
+        for usage in (None, "12 tokens", {"prompt_tokens": float("nan"), "completion_tokens": None}):
+            _OddAnswer.body = json.dumps({"choices": [{"message": {"content": parts}}], "usage": usage}).encode()
+            c = OpenAIBackend(url, retries=0).complete(msgs, temperature=np.float32(0.4), seed=np.int64(3))
+            assert (c.text, c.parsed, c.prompt_tokens, c.completion_tokens) == ('{"a": 1}', {"a": 1}, 0, 0)
+        # an answer nested deeper than Python's JSON decoder goes is an invalid answer, not a crash
+        _OddAnswer.body = _completion('{"tpp": ' + "[" * 5000)
+        c = OpenAIBackend(url, retries=0).complete(msgs, proposal_schema(S1))
+        assert c.parsed is None and c.text.startswith('{"tpp": [[[')
+        with pytest.raises(ProposalError, match="no JSON object"):
+            parse_proposal(c.text, S1)
+        _OddAnswer.body = b"[" * 5000
+        with pytest.raises(BackendError, match="a body that is not JSON"):
+            OpenAIBackend(url, retries=0).complete(msgs)
+    finally:
+        server.shutdown()
+    # a body that trickles in is cut off at the time limit, though no single wait reaches it
+    server = serve(_Drip)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(BackendError, match="timed out after 1 attempts.*longer than 0.5 s"):
+            OpenAIBackend(f"http://127.0.0.1:{server.server_port}/v1", timeout_s=0.5, retries=0).complete(msgs)
+        assert time.perf_counter() - t0 < 2.0  # the whole body would take about 6 s
+    finally:
+        server.shutdown()
+
+
+def test_sampling_settings_are_checked_and_made_plain():
+    assert check_sampling(np.float32(0.5), np.int64(64), np.uint32(7)) == (0.5, 64, 7)
+    assert all(type(v) in (float, int) for v in check_sampling(np.float32(0.5), np.int64(64), np.uint32(7)))
+    for seed in (-1, 2 ** 32 - 1, 2 ** 32, 1.0, True):  # llama.cpp: -1 and 2**32 - 1 are "random", larger ones wrap
+        with pytest.raises(ValueError, match=r"seed .* must be an integer in \[0, 4294967294\]"):
+            check_sampling(0.4, 64, seed)
+    with pytest.raises(ValueError, match="seed -1 must be"):
+        LLMPolicy(OpenAIBackend("http://127.0.0.1:9/v1"), S1, 79.2, options=PromptOptions(guidance=False), seed=-1)
 
 
 def test_endpoint_failures_give_clear_errors():
