@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 import zipfile
@@ -268,10 +269,15 @@ class PlanningCase:
                 raise CaseFormatError(f"{attr} = {value!r} must be a non-empty string")
         if not isinstance(self.site, str):  # may be empty: a protocol file need not name its disease site
             raise CaseFormatError(f"site = {self.site!r} must be a string")
-        n_grid = int(np.prod(self.grid_shape))
+        shape = tuple(self.grid_shape)
+        if len(shape) != 3 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape):
+            raise CaseFormatError(f"grid_shape = {shape!r} must be 3 voxel counts (nz, ny, nx), integers >= 1")
+        n_grid = int(np.prod(shape))
         rows = self.dose_rows
         if rows.ndim != 1 or rows.size == 0:
             raise CaseFormatError(f"dose_rows must be a non-empty 1-D array, got shape {rows.shape}")
+        if rows.dtype.kind not in "iu":
+            raise CaseFormatError(f"dose_rows must be integer grid indices, got dtype {rows.dtype}")
         if rows[0] < 0 or rows[-1] >= n_grid or np.any(np.diff(rows) <= 0):
             raise CaseFormatError(
                 f"dose_rows must be strictly increasing grid indices in [0, {n_grid - 1}]"
@@ -287,6 +293,10 @@ class PlanningCase:
             )
         if D.dtype != np.float32:
             raise CaseFormatError(f"dose_influence must be float32, got {D.dtype}")
+        try:  # column indices within the beamlets, sorted-free but in-bounds index arrays
+            D.check_format(full_check=True)
+        except ValueError as exc:
+            raise CaseFormatError(f"dose_influence is not a valid CSR matrix: {exc}") from None
         if D.nnz and (not np.all(np.isfinite(D.data)) or D.data.min() < 0):
             raise CaseFormatError("dose_influence has negative or non-finite entries")
         names = self.structure_names
@@ -308,6 +318,8 @@ class PlanningCase:
             raise CaseFormatError(
                 f"density has shape {self.density.shape}, grid_shape is {tuple(self.grid_shape)}"
             )
+        if self.density is not None and not (np.all(np.isfinite(self.density)) and self.density.min() >= 0):
+            raise CaseFormatError("density (relative electron density) has negative or non-finite values")
         try:
             check_real("prescription_gy", self.prescription_gy, 0.0, low_inclusive=False)
             check_integer("fractions", self.fractions, 1)
@@ -317,6 +329,17 @@ class PlanningCase:
                 check_real(f"voxel_mm[{axis}]", size, 0.0, low_inclusive=False)
             for st in self.structures:
                 check_real(f"voxel_cc of structure {st.name!r}", st.voxel_cc, 0.0, low_inclusive=False)
+                if not math.isclose(st.voxel_cc, self.voxel_cc, rel_tol=1e-9):  # the cc metrics use the structure's
+                    raise ValueError(f"voxel_cc of structure {st.name!r} = {st.voxel_cc!r} cc is not the grid's voxel "
+                                     f"volume, {self.voxel_cc!r} cc (voxel_mm {tuple(self.voxel_mm)})")
+            for i, beam in enumerate(self.beams):
+                for attr in ("gantry_deg", "couch_deg"):
+                    check_real(f"beam {i} {attr}", getattr(beam, attr))
+                check_real(f"beam {i} beamlet_mm", beam.beamlet_mm, 0.0, low_inclusive=False)
+                uv = np.asarray(beam.beamlet_uv_mm)
+                if uv.ndim != 2 or uv.shape[1] != 2 or not np.all(np.isfinite(uv)):
+                    raise ValueError(f"beam {i} beamlet_uv_mm must be a finite (n_beamlets, 2) array of beamlet "
+                                     f"centres in mm, got shape {uv.shape}")
         except ValueError as exc:
             raise CaseFormatError(str(exc)) from None
 

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rtenv.validation import check_integer, check_real
+from rtenv.validation import check_integer, check_real, unique_keys
 
 if TYPE_CHECKING:
     from rtenv.case import PlanningCase
@@ -627,7 +627,7 @@ class Protocol:
     def to_dict(self) -> dict[str, Any]:
         """PortPy-style dict (with rtenv's fields) that :meth:`from_dict` reads back."""
         return {"name": self.name, "description": self.description, "disease_site": self.disease_site,
-                "pres_per_fraction_gy": round(self.prescription_gy / self.fractions, 9),
+                "pres_per_fraction_gy": self.prescription_gy / self.fractions,  # unrounded: Rx reads back as it is
                 "num_of_fractions": self.fractions, "score_mode": self.score_mode,
                 "criteria": [c.to_dict() for c in self.criteria]}
 
@@ -644,9 +644,9 @@ class Protocol:
                 raise ValueError(f"unknown protocol {name_or_path!r}; shipped protocols: "
                                  f"{', '.join(available_protocols())} (or pass a path to a .json file)")
             text, stem = resource.read_text(encoding="utf-8"), str(name_or_path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        try:  # a repeated key would drop a setting silently (json keeps the last one)
+            data = json.loads(text, object_pairs_hook=unique_keys)
+        except ValueError as exc:  # invalid JSON or a repeated key
             raise ValueError(f"protocol {name_or_path}: not valid JSON ({exc})") from None
         if isinstance(data, dict) and "name" not in data and "protocol_name" not in data:
             data["name"] = stem

@@ -139,6 +139,11 @@ def test_corrupt_and_mismatched_files(s1, tmp_path):
                  "header is a JSON list, not an object"),
         "rows": (lambda a: a.__setitem__("structure_0_rows", a["structure_0_rows"] + 10**7), "structure 'PTV' rows"),
         "matrix": (lambda a: a.__setitem__("D_indptr", a["D_indptr"][:-5]), "matrix|dose_influence"),
+        # a column index past the beamlets would read past the fluence in every dose computation
+        "column": (lambda a: a["D_indices"].__setitem__(0, 10**6),
+                   "dose_influence is not a valid CSR matrix: .*indices"),
+        "voxel volume": (lambda a: header(a, structures=[{**st, "voxel_cc": 1.0} for st in json.loads(
+            a["header"].tobytes())["structures"]]), r"voxel_cc of structure 'PTV' = 1.0 cc is not the grid's"),
     }
     for key, (edit, message) in cases.items():
         bad = tmp_path / f"{key}.rtcase"
@@ -186,6 +191,21 @@ def test_structure_rows_must_be_sorted_unique_integers(s1):
 def test_case_refuses_bad_prescription_and_sizes(s1, change, match):
     with pytest.raises(CaseFormatError, match=match):
         dataclasses.replace(s1, **change)
+
+
+def test_case_refuses_a_bad_grid_rows_beam_or_density(s1):
+    for change, match in (
+        ({"grid_shape": (2.0, 3, 4)}, r"grid_shape = \(2.0, 3, 4\) must be 3 voxel counts"),
+        ({"grid_shape": (-2, -3, 4)}, "must be 3 voxel counts"),
+        ({"dose_rows": s1.dose_rows + 0.5}, "dose_rows must be integer grid indices, got dtype float64"),
+        ({"density": np.full(s1.grid_shape, np.nan, dtype=np.float32)}, "density .* non-finite"),
+        ({"beams": (dataclasses.replace(s1.beams[0], beamlet_uv_mm=s1.beams[0].beamlet_uv_mm[:, 0].copy()),
+                    *s1.beams[1:])}, r"beam 0 beamlet_uv_mm must be a finite \(n_beamlets, 2\) array"),
+        ({"beams": (dataclasses.replace(s1.beams[0], gantry_deg=float("nan")), *s1.beams[1:])},
+         "beam 0 gantry_deg = nan is invalid"),
+    ):
+        with pytest.raises(CaseFormatError, match=match):
+            dataclasses.replace(s1, **change)
 
 
 def test_case_numbers_are_stored_as_plain_python_numbers(s1, tmp_path):

@@ -229,8 +229,22 @@ def test_load_from_path(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({k: v for k, v in Protocol.load("liver4").to_dict().items() if k != "name"}))
     assert Protocol.load(path).name == "mine" and Protocol.load(str(path)).max_score == 4.0
+    # a repeated key is refused (JSON keeps the last one: "dose_gy": 80, "dose_gy": 8 scored V8Gy)
+    text = path.read_text().replace('"dose_gy": 30', '"dose_gy": 30, "dose_gy": 3', 1)
+    assert text != path.read_text()
+    path.write_text(text)
+    with pytest.raises(ValueError, match="not valid JSON \\(repeated key 'dose_gy'\\)"):
+        Protocol.load(path)
     with pytest.raises(ValueError, match="unknown protocol 'nope'.*prostate9"):
         Protocol.load("nope")
+
+
+def test_protocol_round_trip_keeps_the_prescription():
+    # the dose per fraction was written rounded to 9 decimals: 8 Gy in 3 fx came back 8.000000001 Gy
+    base = Protocol.load("liver4").to_dict()
+    for rx, fx in ((8.0, 3), (7.0, 3), (13.0, 7), (79.2, 44), (50.0, 25), (60.0, 20), (5.0, 6)):
+        p = Protocol.from_dict({**base, "pres_per_fraction_gy": rx / fx, "num_of_fractions": fx})
+        assert p.prescription_gy == rx and Protocol.from_dict(p.to_dict()) == p
 
 
 def test_score_plan_reads_an_edited_protocol_file_again(tmp_path):
