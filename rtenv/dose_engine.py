@@ -211,6 +211,8 @@ def radiological_depth(
 def _check_density(density: np.ndarray, grid: Grid) -> None:
     if np.shape(density) != tuple(grid.shape):
         raise ValueError(f"density has shape {np.shape(density)}, but the grid is (nz, ny, nx) = {tuple(grid.shape)}")
+    if not (np.all(np.isfinite(density)) and np.min(density) >= 0):
+        raise ValueError("density (relative electron density) has negative or non-finite values")
 
 
 def _check_geometry(isocenter: np.ndarray, gantry_deg: float, couch_deg: float, beamlet_mm: float) -> None:

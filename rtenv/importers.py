@@ -50,7 +50,7 @@ import scipy.sparse as sp
 
 from rtenv.case import Beam, CaseFormatError, PlanningCase, Structure
 from rtenv.dose_engine import BeamModel, Grid
-from rtenv.evaluation import Protocol, is_protocol_path
+from rtenv.evaluation import MAX_GY_PER_FRACTION, Protocol, is_protocol_path
 from rtenv.phantom import Phantom
 from rtenv.runlog import read_json
 from rtenv.scenarios import Scenario, build_case
@@ -185,6 +185,9 @@ def _resolve_protocol(protocol: str, prescription_gy: float | None, fractions: i
     rx = check_real("prescription_gy (--rx, Gy)", proto.prescription_gy if prescription_gy is None else prescription_gy,
                     0.0, low_inclusive=False)
     fx = check_integer("fractions", proto.fractions if fractions is None else fractions, 1)
+    if rx / fx > MAX_GY_PER_FRACTION:  # the protocols' own bound: a dose in cGy, or the total typed per fraction
+        raise ValueError(f"prescription_gy (--rx) = {rx:g} Gy in {fx} fractions is {rx / fx:g} Gy per fraction; valid: "
+                         f"up to {MAX_GY_PER_FRACTION:g} Gy per fraction (is it in cGy?)")
     reference = str(Path(protocol).resolve()) if is_protocol_path(protocol) else str(protocol)
     return proto, rx, fx, reference
 
@@ -594,6 +597,8 @@ def load_matrad(
     dims = cube.shape  # (ny, nx, nz)
     if hasattr(ct, "cubeDim"):
         cd = tuple(int(a) for a in np.asarray(ct.cubeDim).reshape(-1))
+        if len(cd) == 2:  # MATLAB's size() of a one-slice cube
+            cd = (*cd, 1)
         if cd != tuple(dims):
             raise CaseFormatError(f"{file.name}: ct.cubeDim {cd} does not match the cube's shape {tuple(dims)}")
 
@@ -605,16 +610,19 @@ def load_matrad(
     if cst.ndim != 2 or cst.shape[1] < 4:
         raise CaseFormatError(f"{file.name}: cst has shape {cst.shape}; expected one row per structure with at least "
                               "4 columns (index, name, type, voxel indices)")
-    rows_by_name: dict[str, tuple[str, Any]] = {}
+    rows_by_name: dict[str, tuple[str, Any, int]] = {}
     for r in range(cst.shape[0]):
         nm, typ = _unwrap(cst[r, 1]), _unwrap(cst[r, 2])
         if not isinstance(nm, str) or not isinstance(typ, str):
             raise CaseFormatError(f"{file.name}: cst row {r + 1} must have a name and a type string in columns 2-3, "
                                   f"got {nm!r}, {typ!r}")
-        rows_by_name[nm] = (typ, cst[r, 3])
+        if nm in rows_by_name:  # a second row of that name would replace the first
+            raise CaseFormatError(f"{file.name}: cst names structure {nm!r} twice (rows {rows_by_name[nm][2] + 1} and "
+                                  f"{r + 1}); give each structure its own name")
+        rows_by_name[nm] = (typ, cst[r, 3], r)
     if structures is None:
         structures = {}
-        for nm, (typ, _) in rows_by_name.items():
+        for nm, (typ, _, _) in rows_by_name.items():
             if typ.upper() not in ("TARGET", "OAR"):
                 raise CaseFormatError(f"{file.name}: cst structure {nm!r} has type {typ!r}; expected 'TARGET' or 'OAR'")
             structures[nm] = typ.lower()
@@ -797,7 +805,11 @@ def load_portpy(
     ss = _read_json(ss_path)
     if not isinstance(ss, list) or not all(isinstance(s, Mapping) for s in ss):
         raise CaseFormatError(f"{ss_path} must be a list of structure objects")
-    by_name = {str(_need(s, "name", ss_path)): s for s in ss}
+    names = [str(_need(s, "name", ss_path)) for s in ss]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a later entry of that name would replace the earlier one
+        raise CaseFormatError(f"{ss_path} names structures {twice} more than once; give each structure its own name")
+    by_name = dict(zip(names, ss, strict=True))
     mapping = _normalise_structures(structures, list(by_name), f"{ss_path.name}")
     if check_protocol:
         _check_protocol_structures(proto, [m[2] for m in mapping], protocol)
@@ -839,6 +851,9 @@ def load_portpy(
 
     # optimisation-voxel grid: blocks of k CT voxels per axis, aligned to the first block
     k_xyz = np.maximum(np.round(dose_res / ct_res).astype(np.int64), 1)
+    if not np.allclose(k_xyz * ct_res, dose_res, rtol=1e-3, atol=0.0):  # blocks of 2 and 3 voxels would pass for 2
+        raise CaseFormatError(f"{ov_path.name}: the dose voxels ({dose_res.tolist()} mm, x y z) are not whole blocks "
+                              f"of CT voxels ({ct_res.tolist()} mm); the importer needs a whole number per axis")
     k_zyx = k_xyz[::-1]
     flat = vmap.reshape(-1)
     in_rows = np.zeros(n_opt, dtype=bool)
@@ -874,7 +889,8 @@ def load_portpy(
 
     # beams
     all_beams = _portpy_beams(folder)
-    pairs = [(float(_need(m, "gantry_angle", p)), float(m.get("couch_angle", 0.0))) for _, m, p in all_beams]
+    pairs = [(check_real(f"{p.name}: gantry_angle", _need(m, "gantry_angle", p)),
+              check_real(f"{p.name}: couch_angle", m.get("couch_angle", 0.0))) for _, m, p in all_beams]
     if beam_ids is not None and beams is not None:
         raise ValueError("give beams (angles) or beam_ids, not both")
     if beam_ids is not None or (beams is None and (folder / "PlannerBeams.json").is_file()):

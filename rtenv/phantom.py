@@ -69,6 +69,26 @@ class Phantom:
     body: np.ndarray
     structures: dict[str, tuple[str, np.ndarray]]
 
+    def __post_init__(self) -> None:
+        """Check the arrays against the grid: boolean ``(nz, ny, nx)`` masks, a non-empty one per
+        structure, and a finite non-negative density (``ValueError`` naming the array)."""
+        shape = tuple(self.grid.shape)
+        density = np.asarray(self.density)
+        if density.shape != shape:
+            raise ValueError(f"density has shape {density.shape}; the grid is (nz, ny, nx) = {shape}")
+        if not (np.all(np.isfinite(density)) and density.min() >= 0):
+            raise ValueError("density (relative electron density) has negative or non-finite values")
+        for label, mask in [("body", self.body), *((f"structure {n!r}", m) for n, (_, m) in self.structures.items())]:
+            mask = np.asarray(mask)
+            if mask.dtype != bool or mask.shape != shape:
+                raise ValueError(f"{label} mask must be a boolean (nz, ny, nx) = {shape} array, got dtype "
+                                 f"{mask.dtype} shape {mask.shape}")
+        for name, (role, mask) in self.structures.items():
+            if role not in ("target", "oar"):
+                raise ValueError(f"structure {name!r} has role {role!r}; valid: 'target', 'oar'")
+            if not mask.any():
+                raise ValueError(f"structure {name!r} has an empty mask (no voxel on the grid)")
+
     def centroid_mm(self, name: str) -> np.ndarray:
         """Centroid ``(x, y, z)`` in mm of a structure."""
         idx = np.flatnonzero(self.structures[name][1])

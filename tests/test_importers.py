@@ -323,6 +323,40 @@ def test_matrad_hu_default_mapping_and_downsample(tmp_path):
         import_case("matrad", path, beams=[0], protocol="prostate9", check_protocol=False, downsample=2)
 
 
+def test_matrad_single_slice(tmp_path):
+    # MATLAB's size() of a one-slice cube has 2 entries, so its cubeDim has too
+    dims = (14, 12, 1)
+    cst = np.empty((1, 6), dtype=object)
+    cell = np.empty((1, 1), dtype=object)
+    cell[0, 0] = np.array([[_ml_index(r, c, 0, dims)] for r in range(5, 9) for c in range(4, 8)], dtype=float)
+    cst[0, :] = [0.0, "PTV", "TARGET", cell, {"Priority": 1.0}, np.empty((0, 0), dtype=object)]
+    cube = np.empty((1, 1), dtype=object)
+    cube[0, 0] = np.ones(dims[:2])
+    ct = {"cube": cube, "resolution": MR_RES, "cubeDim": np.array(dims[:2], float)}
+    sio.savemat(tmp_path / "slice.mat", {"ct": ct, "cst": cst})
+    case = import_case("matrad", tmp_path / "slice.mat", beams=[0], protocol="prostate9", check_protocol=False)
+    assert case.grid_shape == (1, 14, 12) and case.target.n_voxels == 16
+
+
+def test_own_phantom_arrays_are_checked():
+    good = _hand_phantom()
+    nz, ny, nx = good.grid.shape
+    ptv = good.structures["PTV"][1]
+    for change, match in (
+        ({"structures": {"PTV": ("target", ptv.transpose(2, 1, 0))}},
+         r"structure 'PTV' mask must be a boolean \(nz, ny, nx\) = \(8, 14, 12\) array, got dtype bool shape "
+         r"\(12, 14, 8\)"),
+        ({"structures": {"PTV": ("target", ptv.astype(float))}}, "structure 'PTV' mask must be a boolean"),
+        ({"structures": {"PTV": ("target", np.zeros_like(ptv))}}, "structure 'PTV' has an empty mask"),
+        ({"structures": {"PTV": ("tumour", ptv)}}, "structure 'PTV' has role 'tumour'"),
+        ({"density": np.full((nz, ny, nx), np.nan, np.float32)}, "density .* non-finite"),
+        ({"density": np.ones((nz, ny), np.float32)}, r"density has shape \(8, 14\)"),
+        ({"body": np.ones((nz, ny, nx), np.uint8)}, "body mask must be a boolean"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Phantom(**{**good.__dict__, **change})
+
+
 def test_matrad_malformed(tmp_path):
     one = np.empty((1, 6), dtype=object)
     one[0, :] = _cst_row(0, "PTV", "TARGET", TARGET_BOX)
@@ -352,6 +386,22 @@ def test_matrad_malformed(tmp_path):
         import_case("matrad", tmp_path / "e.mat", structures={"PTV": "target", "PTV2": "oar"}, **kw)
     with pytest.raises(ValueError, match="unknown import format"):
         import_case("dicom", path, **kw)
+    # a name twice in the cst: the second row replaced the first without a word
+    twice = _write_matrad(tmp_path / "twice.mat", structures=[("PTV", "TARGET", TARGET_BOX), ("Rectum", "OAR", [ANT]),
+                                                              ("Rectum", "OAR", [POST])])
+    with pytest.raises(CaseFormatError, match=r"cst names structure 'Rectum' twice \(rows 2 and 3\)"):
+        import_case("matrad", twice, **kw)
+    # a dose in cGy (or a total typed per fraction) is refused by the protocols' own bound
+    with pytest.raises(ValueError, match=r"--rx\) = 5000 Gy in 44 fractions is 113.636 Gy per fraction; valid: up to "
+                                         r"40 Gy per fraction \(is it in cGy\?\)"):
+        import_case("matrad", path, structures={"PTV": "target"}, prescription_gy=5000, **kw)
+    # density: NaN or negative values are refused before the dose engine runs
+    for value, name in ((np.nan, "nan"), (-1.0, "negative")):
+        data = sio.loadmat(path)
+        data["ct"][0, 0]["cube"][0, 0][0, 0, 0] = value
+        sio.savemat(tmp_path / f"{name}.mat", {"ct": data["ct"], "cst": data["cst"]})
+        with pytest.raises(ValueError, match="density .* negative or non-finite"):
+            import_case("matrad", tmp_path / f"{name}.mat", structures={"PTV": "target"}, **kw)
     good = {"structures": {"PTV": "target", "PTV2": "oar"}, "protocol": "prostate9", "check_protocol": False}
     for bad, message in (({"beams": [0, 360.0]}, r"beam 360.0 is requested twice"),
                          ({"beams": [float("nan")]}, "finite degrees"),
@@ -484,8 +534,23 @@ def test_portpy_malformed(tmp_path):
         ov_path.write_text(json.dumps({**ov, key: value}))
         with pytest.raises(CaseFormatError, match="finite"):
             import_case("portpy", folder, **kw)
+    # dose voxels of 2.5 CT voxels: blocks of 2 and 3 were taken as blocks of 2 (wrong grid, wrong volumes)
+    ov_path.write_text(json.dumps({**ov, "dose_voxel_resolution_xyz_mm": [2.5, 2.5, 2]}))
+    with pytest.raises(CaseFormatError, match=r"dose voxels \(\[2.5, 2.5, 2.0\] mm, x y z\) are not whole blocks"):
+        import_case("portpy", folder, **kw)
     ov_path.write_text(json.dumps(ov))
+    ss_path = folder / "StructureSet_MetaData.json"
+    ss = json.loads(ss_path.read_text())
+    ss_path.write_text(json.dumps([*ss, {**ss[0]}]))  # the PTV listed twice
+    with pytest.raises(CaseFormatError, match=r"names structures \['PTV'\] more than once"):
+        import_case("portpy", folder, **kw)
+    ss_path.write_text(json.dumps(ss))
     meta_path = folder / "Beams" / "Beam_0_MetaData.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "gantry_angle": None}))
+    with pytest.raises(ValueError, match="Beam_0_MetaData.json: gantry_angle = None is invalid"):
+        import_case("portpy", folder, **kw)
+    meta_path.write_text(json.dumps(meta))
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "influenceMatrixSparse_File"}))
     with pytest.raises(CaseFormatError, match="lacks field 'influenceMatrixSparse_File'"):
