@@ -63,15 +63,18 @@ def own_cases(cases: Any) -> list[PlanningCase] | None:
 RewardFn = Callable[[ProtocolResult, ProtocolResult], float]
 
 
+HOT_SPOT_TYPES = ("max_dose", "dose_volume_D")  # a target's hot spot: its maximum, or a D_x% (TG-119's D10)
+
+
 def fine_score(result: ProtocolResult) -> float:
-    """SPEC's ScoreFine: the linear score with each hot-spot ramp of the target (a ``max_dose``
-    criterion on the structure the protocol's first criterion names, with its limit above its
-    goal) replaced by a smooth arctan ramp that keeps a gradient beyond
-    the goal and the limit: ``points * (1/2 - arctan(2 (v - m) / h) / pi)`` with ``m`` the ramp's
-    midpoint and ``h`` its half-width (reconstructed: the seed lost the formula)."""
+    """SPEC's ScoreFine: the linear score with each hot-spot ramp of the target (a ``max_dose`` or
+    ``D_x`` criterion, :data:`HOT_SPOT_TYPES`, on the structure the protocol's first criterion
+    names, with its limit above its goal) replaced by a smooth arctan ramp that keeps a gradient
+    beyond the goal and the limit: ``points * (1/2 - arctan(2 (v - m) / h) / pi)`` with ``m`` the
+    ramp's midpoint and ``h`` its half-width (reconstructed: the seed lost the formula)."""
     total = 0.0
     for c in result.criteria:
-        if c.type == "max_dose" and c.structure == result.criteria[0].structure and c.limit > c.goal:
+        if c.type in HOT_SPOT_TYPES and c.structure == result.criteria[0].structure and c.limit > c.goal:
             mid, half = (c.goal + c.limit) / 2, (c.limit - c.goal) / 2
             total += c.points * (0.5 - math.atan(2 * (c.value - mid) / half) / math.pi)
         else:
@@ -176,7 +179,7 @@ class TuningCore:
             raise ValueError(f"cases = {shown} must be a number of cases, a sequence of case indices or "
                              "PlanningCase objects (one, or a sequence of them)")
         if not self.case_indices:
-            raise ValueError("cases must name at least one case")
+            raise ValueError(f"cases = {cases!r} must name at least one case (a count >= 1 or a non-empty sequence)")
         outside = [i for i in self.case_indices if i < 0 or (size is not None and i >= size)]
         if outside:
             hi = "inf" if size is None else size - 1
@@ -358,8 +361,8 @@ class TuningCore:
             tps = self.tps(key)
             for i in idx:
                 episodes[i].tps = tps
-            x0 = np.stack([episodes[i].warm_start if warm[k] and episodes[i].warm_start is not None
-                           else tps.cold_start for k, i in enumerate(idx)])
+            x0 = np.stack([episodes[i].warm_start if warm[i] and episodes[i].warm_start is not None
+                           else tps.cold_start for i in idx])
             plans = tps.optimize(np.stack([episodes[i].tpp for i in idx]), x0=x0)
             for b, i in enumerate(idx):
                 ep = episodes[i]
@@ -458,7 +461,8 @@ _DOC = """
 
     ## Rewards
     ``spec`` (default): (ScoreFine' - ScoreFine) + 4 (Score' - Score), ScoreFine being the score
-    with a smooth arctan PTV hot-spot term. ``score``: Score' - Score. Or any callable of the
+    with a smooth arctan term for the target's hot spot (its maximum dose, or TG-119's D10).
+    ``score``: Score' - Score. Or any callable of the
     previous and new :class:`~rtenv.evaluation.ProtocolResult`.
 
     ## Starting State
@@ -508,9 +512,15 @@ class TPPTuningEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        saved = copy.deepcopy(self._np_random), self._np_random_seed
         super().reset(seed=seed)
-        self._ep = self.core.new_episode(self.np_random, options)
-        self.core.reset_batch([self._ep])
+        try:
+            ep = self.core.new_episode(self.np_random, options)
+            self.core.reset_batch([ep])
+        except Exception:  # a reset that raises leaves the env as it was, its generator included
+            self._np_random, self._np_random_seed = saved
+            raise
+        self._ep = ep
         return self.core.observe(self._ep), self.core.info(self._ep)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:

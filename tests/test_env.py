@@ -1,5 +1,6 @@
 """Gymnasium environments: API conformance, dynamics, vector env, SB3 adapter and training."""
 
+import copy
 import dataclasses
 import math
 import re
@@ -445,6 +446,39 @@ def test_fine_score_is_smooth_beyond_the_ramp():
              "Rectum": np.full(100, 10.0)}
     result = Protocol.load("prostate9").evaluate(doses, 0.027)
     assert fine_score(result) == pytest.approx(8 + 0.5 + math.atan(2.0) / math.pi)
+    # TG-119's hot spot is the PTV's D10 (goal 55 Gy, limit 57.5 Gy): smoothed the same way, where the
+    # linear score was used as it is (no reward beyond its goal or limit)
+    doses = {"PTV": np.full(100, 55.0), "Core": np.full(100, 10.0)}
+    result = Protocol.load("tg119").evaluate(doses, 0.027)
+    assert result.total == 3.0 and fine_score(result) == pytest.approx(2 + 0.5 + math.atan(2.0) / math.pi)
+
+
+def test_a_failed_reset_leaves_the_env_as_it_was():
+    env = TPPTuningEnv("S1", cohort="test", start="random")
+    _, info = env.reset(seed=0)
+    state = copy.deepcopy(env.np_random.bit_generator.state)
+    for seed in (123, None):  # a new seed, or the running generator, whose draws the failed reset used
+        with pytest.raises(ValueError, match="index"):
+            env.reset(seed=seed, options={"index": 99})
+        assert env.np_random.bit_generator.state == state and env.case.name == info["case"]
+    twin = TPPTuningEnv("S1", cohort="test", start="random")
+    twin.reset(seed=0)
+    assert env.reset()[1]["tpp"] == twin.reset()[1]["tpp"]  # as if the failed resets had not happened
+
+
+def test_solve_warm_starts_each_episode_as_asked_across_cases():
+    from rtenv.env import EpisodeState, TuningCore
+    from rtenv.tpp import TPP
+
+    core = TuningCore("S1", cohort="test", cases=2)
+    episodes = [EpisodeState(("test", i), TPP.default(core.structures).values.copy()) for i in (0, 1)]
+    core.reset_batch(episodes)
+    a, b = episodes
+    b.tpp = core.apply_action(b.tpp, 9)
+    alone, pair = copy.copy(b), copy.copy(b)
+    core.solve([alone], warm=[True])
+    core.solve([copy.copy(a), pair], warm=[False, True])  # the flag of b's own position, not its place in its case
+    np.testing.assert_array_equal(pair.dose, alone.dose)
 
 
 def test_steps_warm_start_from_the_previous_solve():
