@@ -209,9 +209,12 @@ class TPP:
 
 
 def _number(name: str, value: object) -> float:
-    """``value`` as a float, or ``ValueError`` naming the TPP if it is not a real number."""
+    """``value`` as a float, or ``ValueError`` naming the TPP if it is not a real number; a
+    narrower float (``np.float32(0.3)``) is read as the decimal it prints as (0.3)."""
     if not is_real(value):
         raise ValueError(f"TPP {name} = {value!r} is not a number")
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
     try:
         return float(value)
     except OverflowError:  # an integer beyond float range
@@ -219,10 +222,15 @@ def _number(name: str, value: object) -> float:
 
 
 def _real_array(values: object) -> np.ndarray:
-    """``values`` as an array of real numbers; bools, strings, complex and objects raise."""
+    """``values`` as an array of real numbers; bools (also inside a list, where numpy would make
+    them 1.0 and 0.0), strings, complex and objects raise."""
     raw = np.asarray(values)
     if raw.dtype.kind not in "iuf":
         raise ValueError(f"TPP values must be real numbers, got dtype {raw.dtype}")
+    if not isinstance(values, np.ndarray) and raw.size:
+        bools = [x for x in np.asarray(values, dtype=object).ravel() if isinstance(x, (bool, np.bool_))]
+        if bools:
+            raise ValueError(f"TPP values must be real numbers, got the bool {bools[0]!r}")
     return raw
 
 
@@ -234,14 +242,17 @@ def check_tpp_vector(values: np.ndarray, structures: Sequence[str]) -> np.ndarra
     """The checked TPP values as float64: raise ``ValueError`` naming the first TPP that is NaN,
     infinite or out of range.
 
-    ``values`` may be one vector ``(3 n,)`` or a batch ``(B, 3 n)``. Values are compared with the
-    ranges in their own precision (a float32 ``0.3`` is V_PTV's upper bound, though it is a hair
-    above 0.3 in float64) and returned clipped to them (a no-op for float64 values in range).
+    ``values`` may be one vector ``(3 n,)`` or a batch ``(B, 3 n)``. Floats narrower than float64
+    are read as the decimals they print as (a float32 ``0.6`` is 0.6, not 0.6000000238, which would
+    admit one voxel more to a volume of 1515 voxels), are compared with the ranges in their own
+    precision too (a float32 ``0.3`` is V_PTV's upper bound), and the values are returned clipped to
+    the ranges (a no-op for float64 values in range).
     """
     raw = _real_array(values)
     if raw.ndim not in (1, 2):
         raise ValueError(f"TPP values must be one vector or a batch of vectors (1-D or 2-D), got shape {raw.shape}")
-    v = np.atleast_2d(raw.astype(np.float64))
+    narrow = raw.dtype.kind == "f" and raw.dtype.itemsize < 8
+    v = np.atleast_2d(raw.astype(str).astype(np.float64) if narrow else raw.astype(np.float64))
     names = tpp_names(structures)
     if v.shape[1] != len(names):
         raise ValueError(f"TPP vectors have {v.shape[1]} values; expected {len(names)} ({', '.join(names)})")

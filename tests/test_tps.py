@@ -119,6 +119,13 @@ def test_tpp_equality_hash_and_value_types():
     for value in ("1.1", True):
         with pytest.raises(ValueError, match=f"TPP t_PTV = {value!r} is not a number"):
             a.replace(t_PTV=value)
+    for bad in ([True, *TUNED[1:]], [*TUNED[:8], np.True_]):  # numpy would read a listed bool as 1.0
+        with pytest.raises(ValueError, match=r"must be real numbers, got the bool (np\.)?True"):
+            TPP(("PTV", "Bladder", "Rectum"), bad)
+    # a float32 value is the decimal it prints as, at a range edge too, whichever way it comes in
+    edge = a.replace(V_PTV=np.float32(0.3))
+    assert edge.values[6] == 0.3 and TPP.from_dict(a.structures, {**a.to_dict(), "V_PTV": np.float32(0.3)}) == edge
+    assert TPP(a.structures, edge.values.astype(np.float32)) == edge
     with pytest.raises(ValueError, match=r"TPP vector has shape \(1, 9\); 3 structures need shape \(9,\)"):
         TPP(("PTV", "Bladder", "Rectum"), np.ones((1, 9)))
     with pytest.raises(ValueError, match=r"same TPP names for \['bladder'\]"):
@@ -174,6 +181,10 @@ def test_volume_rank_is_exact_where_v_n_is_an_integer(s1):
                                                   t_rectum=0.05, V_rectum=0.508, lambda_rectum=1e-3)
     plan = tps.optimize(tpp)
     assert plan.active_voxels["Bladder"][0] == 909 and plan.active_voxels["Rectum"][0] == 254
+    # the same TPPs as float32 (0.6f is 0.6000000238, 909.00004 voxels) admit no voxel more
+    plan32 = tps.optimize(tpp.values.astype(np.float32))
+    assert plan32.active_voxels["Bladder"][0] == 909 and plan32.active_voxels["Rectum"][0] == 254
+    np.testing.assert_array_equal(plan32.tpps, plan.tpps)
 
 
 def test_unusable_plans_and_frozen_inputs_raise(s1):
