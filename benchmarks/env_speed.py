@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.machine import cpu_model, device_name, speedup_spread
 from rtenv.env import TPPTuningEnv, TPPTuningVectorEnv
-from rtenv.runlog import check_output_path
+from rtenv.runlog import check_output_path, write_atomic
 from rtenv.scenarios import SCENARIOS
 from rtenv.validation import check_integer, is_integer
 
@@ -89,11 +89,11 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
     actions = _workload(max(envs), calls, int(probe.action_space.n))
     res: dict = {"scenario": scenario, "device": str(probe.core.device), "device_name": device_name(probe.core.device),
                  "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(), "steps_per_env": calls,
-                 "rounds": rounds, "vector_steps_per_s": {}, "vector_speedup": {}, "vector_speedup_rounds": {},
-                 "vector_tps": {}}
+                 "rounds_requested": rounds, "rounds": 0, "vector_steps_per_s": {}, "vector_speedup": {},
+                 "vector_speedup_rounds": {}, "vector_tps": {}}
     single_rates, vector_rates = [], {n: [] for n in envs}
     speedups: dict[int, list[float]] = {n: [] for n in envs}
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         single = single_env_seconds(scenario, actions, device)
         single_rates.append(actions.size / sum(single))
         for n in envs:
@@ -102,6 +102,7 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
             res["vector_tps"][str(n)] = stats  # the same in every round (the same episodes)
             vector_rates[n].append(sps)
             speedups[n].append(sps / (n * calls / sum(single[:n])))  # same episodes on both sides
+        res["rounds"] = done  # the rounds the medians are over (a run cut short keeps the ones it finished)
         res["single_steps_per_s"] = statistics.median(single_rates)
         for n in envs:
             res["vector_steps_per_s"][str(n)] = statistics.median(vector_rates[n])
@@ -109,7 +110,7 @@ def run(scenario: str, envs: tuple[int, ...], calls: int, device: str, json_path
             res["vector_speedup_rounds"][str(n)] = speedups[n]
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(res, indent=2))
+            write_atomic(json_path, json.dumps(res, indent=2))
     return res
 
 

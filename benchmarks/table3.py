@@ -35,7 +35,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -132,6 +134,9 @@ def episode_specs(scenarios: Sequence[str], policies: Sequence[str], cases: int 
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"policies {twice} are listed more than once")
+    twice = sorted({sc for sc in scenarios if list(scenarios).count(sc) > 1})
+    if twice:  # each episode would run twice and count twice
+        raise ValueError(f"scenarios {twice} are listed more than once")
     out = []
     for sc in scenarios:
         if sc not in SCENARIO_CHOICES:
@@ -270,9 +275,47 @@ def _search_episode(env, spec: EpisodeSpec, options: dict[str, Any]) -> dict[str
 
 # ----------------------------------------------------------------------------------- execution
 def _init_worker() -> None:
+    """A pool worker: one torch thread; Ctrl-C is the main process's to handle (it stops the pool),
+    and a worker whose main process died (killed) exits instead of waiting for work for ever."""
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _pool_results(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, workers: int,
+                  device: str) -> Iterator[dict[str, Any]]:
+    """The episodes run in ``workers`` processes, as they finish. A run that is stopped (Ctrl-C,
+    SIGTERM, an error here) stops its workers at once and drops the queued episodes: what had
+    finished is written, the rest runs on resume."""
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker)
+    term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: unwind like Ctrl-C, stopping the pool
+        term = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        futures = [ex.submit(run_episode_spec, s, knowledge, llm, device) for s in todo]
+        yield from _failures_last(fut.result for fut in as_completed(futures))
+    except BaseException:
+        for proc in list(getattr(ex, "_processes", {}).values()):
+            proc.terminate()
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+    ex.shutdown()
 
 
 def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, workers: int,
@@ -309,9 +352,7 @@ def _execute(todo: list[EpisodeSpec], knowledge: str | None, llm: LLMOptions, wo
         for s in todo:
             yield run_episode_spec(s, knowledge, llm, device)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
-        futures = [ex.submit(run_episode_spec, s, knowledge, llm, device) for s in todo]
-        yield from _failures_last(fut.result for fut in as_completed(futures))
+    yield from _pool_results(todo, knowledge, llm, workers, device)
 
 
 def _failures_last(results: Iterable[Callable[[], dict[str, Any]]]) -> Iterator[dict[str, Any]]:
@@ -552,7 +593,8 @@ def write_figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         for pol, rs in groups.items():
             length = max(len(r["score_trajectory"]) for r in rs)
             padded = np.array([(t := r["score_trajectory"]) + [t[-1]] * (length - len(t)) for r in rs], dtype=float)
-            mean, sd = padded.mean(axis=0), padded.std(axis=0)
+            mean = padded.mean(axis=0)
+            sd = padded.std(axis=0, ddof=1) if len(rs) > 1 else np.zeros(length)  # the table's sample SD
             if length == 1:  # a policy that took no step (default): its score holds over the whole run
                 ax.plot([0, max(steps, 1)], [mean[0], mean[0]], ls="--", label=f"{pol} (no steps)")
                 continue

@@ -46,7 +46,7 @@ import torch
 from benchmarks.machine import cpu_model, device_name, speedup_spread
 from rtenv.env import ACTION_FACTORS
 from rtenv.reference import import_cvxpy, solve_reference
-from rtenv.runlog import check_output_path
+from rtenv.runlog import check_output_path, write_atomic
 from rtenv.scenarios import SCENARIOS, load_case
 from rtenv.tpp import RANGES, TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device, spmm
@@ -126,7 +126,7 @@ def run(scenario: str, device: str, repeats: int, json_path: str | Path | None, 
     def save() -> None:
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(res, indent=2))
+            write_atomic(json_path, json.dumps(res, indent=2))  # each stage as it finishes, never a torn file
 
     # (a) single plan, cold and warm
     res["admm_ms"], cold = _time(lambda: tps.optimize(tpp), repeats, dev)

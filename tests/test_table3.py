@@ -74,6 +74,43 @@ def test_resume_after_kill_gives_the_same_table(reference, tmp_path):
     assert (out / "table3.md").read_text() == (ref_out / "table3.md").read_text()
 
 
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs Linux /proc")
+def test_a_stopped_parallel_run_stops_its_workers(tmp_path):
+    # SIGTERM to the main process only (a scheduler's stop): it stops at once, its workers do too
+    # (they used to run on as orphans), and what had finished is kept for the resume
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "benchmarks.table3", "--scenarios", "S1", "--policies", "random", "--cases", "10",
+           "--max-steps", "20", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not read_jsonl(out / "results.jsonl"):
+        time.sleep(0.1)
+    workers = [c for c in _children(proc.pid) if "spawn" in open(f"/proc/{c}/cmdline").read()]
+    assert workers, "the pool should be running"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143 and time.time() - t0 < 30
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+    done = read_jsonl(out / "results.jsonl")
+    assert 1 <= len(done) < 10 and len({r["key"] for r in done}) == len(done)
+
+
 def test_parallel_workers_match_sequential(reference, tmp_path):
     ref_out, _ = reference
     run_table3(**ARGS, out=tmp_path, workers=2, progress=False, figures=False)
@@ -195,6 +232,8 @@ def test_specs_and_policy_names(tmp_path):
         episode_specs(["S1"], ["default"], cases=11)
     with pytest.raises(ValueError, match=r"policies \['random'\] are listed more than once"):
         episode_specs(["S1"], ["random@2", "default", "random"], cases=3)
+    with pytest.raises(ValueError, match=r"scenarios \['S1'\] are listed more than once"):  # ran and counted twice
+        episode_specs(["S1", "S3", "S1"], ["default"], cases=3)
     few = episode_specs(["S1", "S3"], ["default", "random@2"], cases=3)
     assert [(s.policy, s.case, s.start) for s in few if s.scenario == "S1"] == [
         ("default", 0, "default"), ("default", 1, "default"), ("default", 2, "default"),
