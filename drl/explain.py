@@ -233,8 +233,7 @@ def integrated_gradients(logits: ActionLogits, obs: np.ndarray, action: int, bas
         "relative_delta": |delta| / |logit(x) - logit(baseline)|}``.
     """
     ig_class = _captum_ig()
-    if n_steps < 2:
-        raise ValueError(f"n_steps = {n_steps} must be >= 2")
+    check_integer("n_steps (--ig-steps)", n_steps, 2, 10_000)
     net = copy.deepcopy(logits).to(device=device, dtype=torch.float64).eval()
     names = list(baselines)
     x = torch.as_tensor(np.asarray(obs, dtype=np.float64), device=device).reshape(1, -1).repeat(len(names), 1)

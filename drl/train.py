@@ -309,6 +309,9 @@ def train_acer(scenario: str, out: str | Path, timesteps: int, train_cases: int 
         before = before if isinstance(before, dict) else {}  # not a config: every set-up key counts as changed
         changed = settings_changes(before, config, keys=("scenario", "train_cases", "train_case_sha256", "start",
                                                           "num_envs", "seed"))
+        if changed and done >= timesteps:  # nothing would train, yet the model would be saved under the new set-up
+            raise ValueError(f"{out} holds a run finished at {done} steps with another set-up ({'; '.join(changed)}); "
+                             f"raise --timesteps past {done} to train on with this set-up, or use another --out")
         if changed:
             warnings.warn(f"resuming {previous[0]} with another set-up ({'; '.join(changed)}): its replay holds the "
                           "earlier set-up's episodes", RuntimeWarning, stacklevel=2)

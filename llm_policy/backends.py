@@ -373,8 +373,8 @@ class OpenAIBackend:
 
     def __post_init__(self) -> None:
         check_endpoint(self.base_url, self.local_only)
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s (--timeout) = {self.timeout_s!r} must be > 0 seconds")
+        if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s <= 86_400):  # inf overflows a socket
+            raise ValueError(f"timeout_s (--timeout) = {self.timeout_s!r} must be in (0, 86400] seconds")
         if not (self.retries >= 0 and self.backoff_s >= 0):
             raise ValueError(f"retries = {self.retries!r} and backoff_s = {self.backoff_s!r} must be >= 0")
         self.url = self.base_url.rstrip("/") + "/chat/completions"

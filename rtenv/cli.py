@@ -38,6 +38,7 @@ from rtenv.runlog import RunLog, check_output_path, file_sha256
 from rtenv.scenarios import COHORTS, SCENARIOS, check_case_for_scenario, load_case, scenario_for_case
 from rtenv.tpp import TPP
 from rtenv.tps import TPS, ADMMSettings, resolve_device
+from rtenv.validation import check_integer, check_real
 
 
 def _add_case_args(p: argparse.ArgumentParser, cohort: str = "test", positional: bool = True) -> None:
@@ -348,6 +349,12 @@ def _llm_plan(args: argparse.Namespace) -> int:
     from rtenv.env import TPPTuningEnv
 
     guided = not args.no_guidance
+    if args.backend != "openai":
+        unused = [flag for flag, given in (("--base-url", args.base_url is not None), ("--local-only", args.local_only),
+                                           ("--timeout", args.timeout != 60.0)) if given]
+        if unused:
+            _warn(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the {args.backend} backend "
+                  "runs the model in this process (they are for --backend openai)")
     if not guided and args.knowledge:
         _warn(f"--knowledge {args.knowledge} is not used: --no-guidance plans without knowledge in the prompt")
     if guided and not args.knowledge:
@@ -457,9 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: S1, or the one whose structures --case-file has")
     train.add_argument("--train-cases", type=int, default=None, help="first N cases of the train cohort (default 1)")
     _add_case_files_arg(train, {"train_cases": 1})
-    train.add_argument("--timesteps", type=int, required=True, help="environment steps in all (>= 1)")
+    train.add_argument("--timesteps", type=int, required=True,
+                       help="environment steps in all (>= 1; rounded up to whole rollouts of 20 x --num-envs steps)")
     train.add_argument("--num-envs", type=int, default=16, help="parallel environments of the vector env (default 16)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the envs, network and replay (>= 0; default 0)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the envs, network and replay (0 .. 2**32 - 1; "
+                       "default 0)")
     train.add_argument("--checkpoint-every", type=int, default=25_000,
                        help="environment steps between checkpoints (default 25000)")
     train.add_argument("--start", default="mixed", choices=["default", "random", "mixed"],
@@ -576,8 +585,16 @@ def _warn(message: str) -> None:
 def _check_common(args: argparse.Namespace) -> None:
     """Checks every command shares, made before any work: a seed >= 0, a device torch knows, and
     output paths that can be written (:func:`rtenv.runlog.check_output_path`)."""
-    if getattr(args, "seed", None) is not None and args.seed < 0:
-        raise ValueError(f"--seed {args.seed} must be an integer >= 0")
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 32:  # numpy's and torch's seed range
+        raise ValueError(f"--seed {args.seed} must be an integer in [0, {2 ** 32 - 1}]")
+    for attr in ("case_file", "tpp", "name", "model", "knowledge", "base_url"):  # "" is not "not given"
+        value = getattr(args, attr, None)
+        if any(v is not None and not str(v).strip() for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"--{attr.replace('_', '-')} is empty; give a value or leave the option out")
+    if getattr(args, "ig_steps", None) is not None:
+        check_integer("--ig-steps", args.ig_steps, 2, 10_000)
+    if getattr(args, "timeout", None) is not None:
+        check_real("--timeout (seconds)", args.timeout, 0.0, 86_400.0, low_inclusive=False)
     if getattr(args, "device", None) is not None:
         args.device = str(resolve_device(args.device))  # one name per device in run logs: "cuda" is "cuda:0"
     for attr, kind in getattr(args, "outputs", ()):

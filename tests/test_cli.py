@@ -116,6 +116,11 @@ def test_training_on_saved_cases(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"another set-up \(train_case_sha256: \[.+\] there, \[.+\] now\)"):
         train_acer("S1", out, 60, train_cases=[other, PlanningCase.load(paths[1])], num_envs=2, checkpoint_every=40,
                    progress=False)
+    # a finished run asked again with another set-up has nothing to train: refused, not relabelled
+    before = (out / "train_config.json").read_text()
+    assert main(["train", "acer", "--case-file", paths[0], "--case-file", paths[1], "--timesteps", "60",
+                 "--num-envs", "2", "--out", str(out)]) == 2
+    assert (out / "train_config.json").read_text() == before
     # the envs it trains on are those cases' (mixed starts: two vector envs)
     venv = make_train_env("S1", 4, train_cases=[PlanningCase.load(p) for p in paths])
     venv.seed(0)
@@ -172,7 +177,20 @@ def test_every_command_checks_seed_device_and_outputs_before_work(capsys, tmp_pa
     taken = tmp_path / "afile"
     taken.write_text("")
     for argv, message in (
-            (["evaluate", "--policy", "acer:default", "--seed", "-1"], "--seed -1 must be an integer >= 0"),
+            (["evaluate", "--policy", "acer:default", "--seed", "-1"],
+             "--seed -1 must be an integer in [0, 4294967295]"),
+            (["train", "acer", "--out", str(tmp_path / "x"), "--timesteps", "40", "--seed", str(2 ** 32)],
+             f"--seed {2 ** 32} must be"),
+            # an empty value is not "not given": it planned the default case and recorded the cwd as its file
+            (["plan", "S1", "--case-file", "", "--out", str(tmp_path / "x")], "--case-file is empty"),
+            (["plan", "S1", "--tpp", "", "--out", str(tmp_path / "x")], "--tpp is empty"),
+            (["llm", "plan", "S1", "--knowledge", "S1-acer", "--model", "", "--out", str(tmp_path / "x")],
+             "--model is empty"),
+            (["explain", "--policy", "acer:default", "--out", str(tmp_path / "x"), "--ig-steps", "99999999999"],
+             "--ig-steps = 99999999999 must be an integer in [2, 10000]"),
+            (["llm", "plan", "S1", "--knowledge", "S1-acer", "--backend", "openai", "--base-url",
+              "http://127.0.0.1:1/v1", "--timeout", "inf", "--out", str(tmp_path / "x")],
+             "--timeout (seconds) = inf is invalid; expected a finite number in (0, 86400]"),
             (["explain", "--policy", "acer:default", "--out", str(tmp_path / "x"), "--seed", "-3"], "--seed -3"),
             (["evaluate", "--policy", "acer:default", "--device", "gpu"], "device 'gpu' is not a device"),
             (["explain", "--policy", "acer:default", "--out", str(tmp_path / "x"), "--device", "cuda:7"],
@@ -307,3 +325,11 @@ def test_a_missing_optional_package_names_its_extra():
         assert _install_hint(exc) == "drl.explain needs captum: pip install captum"
     from rtenv.tg119 import PyRadPlanMissing
     assert _install_hint(PyRadPlanMissing("the TG119 scenario needs pyradplan")) == "the TG119 scenario needs pyradplan"
+
+
+def test_llm_plan_says_which_endpoint_options_a_local_backend_does_not_use(capsys, tmp_path):
+    argv = ["llm", "plan", "S1", "--knowledge", str(tmp_path / "none.json"), "--base-url", "http://127.0.0.1:1/v1",
+            "--timeout", "5", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2  # the missing knowledge base stops it after the warning
+    err = capsys.readouterr().err
+    assert "--base-url, --timeout are not used: the llama_cpp backend runs the model in this process" in err

@@ -174,8 +174,13 @@ def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tm
     with pytest.warns(RuntimeWarning, match="cannot load checkpoint .*acer_12_steps.zip"):
         train_acer("S1", out, 16, **kw)
     assert json.loads((out / "train_config.json").read_text())["resumed_from_steps"] == 8
-    with pytest.warns(RuntimeWarning, match=r"another set-up \(scenario: 'S1' there, 'S3' now\): its replay"):
+    # asked again with another set-up, the finished run has nothing to train: refused (its model was
+    # saved again under the new scenario); with more steps it trains on, warned
+    with pytest.raises(ValueError, match=r"finished at 16 steps with another set-up \(scenario: 'S1' there, 'S3' "
+                                         r"now\); raise --timesteps past 16"):
         train_acer("S3", out, 16, **kw)
+    with pytest.warns(RuntimeWarning, match=r"another set-up \(scenario: 'S1' there, 'S3' now\): its replay"):
+        train_acer("S3", out, 20, **kw)
     # the resumed run logs beside the first run's log, which it used to overwrite
     assert (out / "logs" / "progress.csv").is_file() and (out / "logs" / "resumed_8_steps" / "progress.csv").is_file()
     # runs shorter than the 10-iteration log interval log their end (their progress.csv was empty)
@@ -183,7 +188,7 @@ def test_a_finished_run_stays_finished_and_a_broken_checkpoint_is_passed_over(tm
     assert len(rows) == 2 and "train/policy_loss" in rows[0] and "time/total_timesteps" in rows[0]
     (out / "train_config.json").write_text("[1]")  # not a config: its set-up is unknown, so it is warned about
     with pytest.warns(RuntimeWarning, match=r"another set-up \(num_envs: '\(absent\)' there, 2 now; scenario"):
-        train_acer("S1", out, 16, **kw)
+        train_acer("S1", out, 24, **kw)
 
 
 def test_a_run_ending_on_a_periodic_checkpoint_keeps_its_last_update(tmp_path):
