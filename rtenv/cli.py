@@ -583,8 +583,9 @@ def _warn(message: str) -> None:
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    """Checks every command shares, made before any work: a seed >= 0, a device torch knows, and
-    output paths that can be written (:func:`rtenv.runlog.check_output_path`)."""
+    """Checks every command shares, made before any work: a seed in [0, 2**32 - 1], no empty
+    file, name, model or URL option, the IG step count and request timeout in range, a device
+    torch knows, and output paths that can be written (:func:`rtenv.runlog.check_output_path`)."""
     if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 32:  # numpy's and torch's seed range
         raise ValueError(f"--seed {args.seed} must be an integer in [0, {2 ** 32 - 1}]")
     for attr in ("case_file", "tpp", "name", "model", "knowledge", "base_url"):  # "" is not "not given"
