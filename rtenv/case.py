@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from rtenv.evaluation import dose_at_volume_percent
-from rtenv.validation import check_integer, check_real
+from rtenv.validation import check_density, check_integer, check_real
 
 FORMAT_NAME = "rtenv-case"
 FORMAT_VERSION = 1
@@ -318,8 +318,11 @@ class PlanningCase:
             raise CaseFormatError(
                 f"density has shape {self.density.shape}, grid_shape is {tuple(self.grid_shape)}"
             )
-        if self.density is not None and not (np.all(np.isfinite(self.density)) and self.density.min() >= 0):
-            raise CaseFormatError("density (relative electron density) has negative or non-finite values")
+        if self.density is not None:
+            try:
+                check_density(self.density)
+            except ValueError as exc:
+                raise CaseFormatError(str(exc)) from None
         try:
             check_real("prescription_gy", self.prescription_gy, 0.0, low_inclusive=False)
             check_integer("fractions", self.fractions, 1)

@@ -48,7 +48,7 @@ from scipy.ndimage import map_coordinates
 from scipy.optimize import brentq
 from scipy.special import erf
 
-from rtenv.validation import check_real
+from rtenv.validation import check_density, check_real
 
 ENGINE_VERSION = 1
 
@@ -211,8 +211,7 @@ def radiological_depth(
 def _check_density(density: np.ndarray, grid: Grid) -> None:
     if np.shape(density) != tuple(grid.shape):
         raise ValueError(f"density has shape {np.shape(density)}, but the grid is (nz, ny, nx) = {tuple(grid.shape)}")
-    if not (np.all(np.isfinite(density)) and np.min(density) >= 0):
-        raise ValueError("density (relative electron density) has negative or non-finite values")
+    check_density(density)
 
 
 def _check_geometry(isocenter: np.ndarray, gantry_deg: float, couch_deg: float, beamlet_mm: float) -> None:

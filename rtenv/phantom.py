@@ -29,7 +29,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 
 from rtenv.dose_engine import Grid
-from rtenv.validation import check_integer, check_real
+from rtenv.validation import check_density, check_integer, check_real
 
 SOFT_TISSUE = 1.0
 BONE = 1.4  # femoral head / vertebral body: trabecular bone inside a cortical shell, averaged
@@ -76,8 +76,7 @@ class Phantom:
         density = np.asarray(self.density)
         if density.shape != shape:
             raise ValueError(f"density has shape {density.shape}; the grid is (nz, ny, nx) = {shape}")
-        if not (np.all(np.isfinite(density)) and density.min() >= 0):
-            raise ValueError("density (relative electron density) has negative or non-finite values")
+        check_density(density)
         for label, mask in [("body", self.body), *((f"structure {n!r}", m) for n, (_, m) in self.structures.items())]:
             mask = np.asarray(mask)
             if mask.dtype != bool or mask.shape != shape:

@@ -59,3 +59,9 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"repeated key {key!r}")
         obj[key] = value
     return obj
+
+
+def check_density(density: Any) -> None:
+    """``ValueError`` unless a relative electron density array is finite and non-negative."""
+    if not (np.all(np.isfinite(density)) and np.min(density) >= 0):
+        raise ValueError("density (relative electron density) has negative or non-finite values")
