@@ -36,8 +36,8 @@ def _same_keys(records: Sequence[Mapping[str, Any]], field: str) -> list[str]:
     names = list(records[0][field])
     for i, r in enumerate(records):
         if set(r[field]) != set(names):
-            label = lambda k: repr(records[k].get("case", f"record {k}"))  # noqa: E731
-            raise ValueError(f"records differ in their {field}: {label(i)} has {sorted(r[field])}, {label(0)} has "
+            first, this = (repr(records[k].get("case", f"record {k}")) for k in (0, i))
+            raise ValueError(f"records differ in their {field}: {this} has {sorted(r[field])}, {first} has "
                              f"{sorted(names)}; correlate the plans of one scenario at a time")
     return names
 
